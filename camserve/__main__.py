@@ -1,0 +1,3 @@
+from camserve.cli import main
+import sys
+sys.exit(main())
