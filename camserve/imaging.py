@@ -16,8 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from camserve.errors import InvalidArgument
 
-class ImageError(ValueError):
+
+class ImageError(InvalidArgument):
     """Bytes that are not a decodable image, or an image camserve cannot use."""
 
 

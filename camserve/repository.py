@@ -16,12 +16,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from camserve.errors import NotFound
 from camserve.imaging import PREPROCESSORS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
     """An unknown model name or version (a gRPC NOT_FOUND)."""
 
 
