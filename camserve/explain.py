@@ -1,0 +1,485 @@
+"""The batched explanation engine behind :class:`Explainer`.
+
+One compiled pass per batch computes the layer's activations, the logits and, for every
+requested target, the gradient of the target's logit with respect to the activations;
+every method in :data:`camserve.methods.METHODS` then reads what it needs from that
+pass. Batches are padded to a few bucket sizes so that N = 1 … ``max_batch_size``
+reuses a handful of compiled graphs, and nothing is copied to the host before the end.
+
+>>> ex = Explainer(model, class_names=["cat", "dog"])                 # doctest: +SKIP
+>>> [e.label for e in ex.explain(images, methods=("gradcam", "cam"))[0]]  # doctest: +SKIP
+['dog', 'dog']
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from camserve import graph
+from camserve.errors import InvalidArgument, NotFound
+from camserve.imaging import heatmap_box
+from camserve.methods import METHODS, weighted_sum
+
+Target = int | str
+Targets = Sequence[Target | Sequence[Target]] | None
+
+
+class Explanation(NamedTuple):
+    """One heatmap for one (image, target class, method)."""
+
+    method: str
+    class_index: int
+    label: str
+    score: float  # the model's own output for the class (a probability for softmax heads)
+    raw: np.ndarray  # float32 (h, w) at the layer's resolution, after ReLU, not normalised
+    heatmap: np.ndarray  # float32 (H, W) in [0, 1] at the input's resolution
+    box: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), x1/y1 exclusive; None if all zero
+
+
+class UnknownClass(NotFound):
+    """A target that names no class of the model."""
+
+
+class UnknownMethod(InvalidArgument):
+    """A method name that is not in :data:`camserve.methods.METHODS`."""
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Batch sizes compiled graphs are built for: powers of two up to the maximum.
+
+    >>> bucket_sizes(48)
+    (1, 2, 4, 8, 16, 32, 48)
+    """
+    if max_batch_size < 1:
+        raise InvalidArgument(f"max_batch_size must be ≥ 1, got {max_batch_size}")
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return tuple(sizes + [max_batch_size])
+
+
+def _activation_name(layer: keras.layers.Layer) -> str:
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+class Explainer:
+    """Explain a Keras image classifier with the CAM family.
+
+    ``layer``: None (the last 4-D activation before the head) or a name, ``outer/inner`` for
+    a layer of a nested model. ``chunk_size``: masked inputs per forward pass for Score-CAM
+    and Ablation-CAM. ``max_channels``: score only the highest-variance channels
+    (Faster-Score-CAM); None scores all.
+
+    >>> ex = Explainer(keras.applications.ResNet50(weights=None))            # doctest: +SKIP
+    >>> ex.layer_name                                                        # doctest: +SKIP
+    'conv5_block3_out'
+    """
+
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str | None = None,
+        class_names: Sequence[str] | None = None,
+        chunk_size: int = 32,
+        max_channels: int | None = None,
+        max_batch_size: int = 64,
+    ):
+        self.model = model
+        self.layer_path = graph.resolve_layer(model, layer)
+        self.layer_name = graph.layer_path_name(self.layer_path)
+        self._output_layer = graph.output_layer_path(model)[-1]
+        self.num_classes = int(model.output_shape[-1])
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise InvalidArgument(
+                f"{len(class_names)} class names given for a model with {self.num_classes} outputs"
+            )
+        self.class_names = tuple(class_names) if class_names is not None else None
+        if chunk_size < 1:
+            raise InvalidArgument(f"chunk_size must be ≥ 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.max_channels = max_channels
+        self.buckets = bucket_sizes(max_batch_size)
+        self.input_shape = tuple(model.input_shape[1:])
+        self.head = graph.head_after(model, self.layer_path)
+        self.trace_count = 0  # graphs traced so far: a test checks that buckets stop retracing
+        self._graphs: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- public API
+    def explain(
+        self,
+        images: np.ndarray,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Targets = None,
+        top_k: int = 1,
+    ) -> list[list[Explanation]]:
+        """Explain a batch of preprocessed images (N, H, W, C).
+
+        ``targets``: None (the ``top_k`` predicted classes) or, per image, a class index, a
+        class name or a list of them. Returns, per image, one :class:`Explanation` per
+        (target, method), targets outer, methods inner.
+        """
+        images = self._check_images(images)
+        methods = self._check_methods(methods)
+        encoded, valid = self._encode_targets(len(images), targets, top_k)
+        fn = self._graph(("explain", methods, encoded.shape[1]))
+        results: list[list[Explanation]] = []
+        for start, batch, n in self._batches(images):
+            out = fn(batch, tf.constant(self._pad(encoded[start : start + n], len(batch))))
+            out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
+            for i in range(n):
+                results.append(self._collect(out, i, methods, valid[start + i]))
+        return results
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The model's outputs (N, classes), batched in the same buckets as :meth:`explain`."""
+        images = self._check_images(images)
+        fn = self._graph(("predict",))
+        parts = [fn(batch).numpy()[:n] for _, batch, n in self._batches(images)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+
+    def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
+        """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic."""
+        shape = tuple(image_shape or self.input_shape)
+        if None in shape:
+            raise InvalidArgument(f"warm_up needs a concrete image shape; the model takes {shape}")
+        for size in self.buckets:
+            zeros = np.zeros((size,) + shape, np.float32)
+            self.predict(zeros)
+            self.explain(zeros, methods=methods, top_k=top_k)
+
+    # ----------------------------------------------------------------- checks
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        expected = self.input_shape
+        if images.ndim != 4 or any(e is not None and e != s for e, s in zip(expected, images.shape[1:])):
+            raise InvalidArgument(
+                f"images must have shape (N, {', '.join(str(e) if e else '*' for e in expected)}), "
+                f"got {images.shape}"
+            )
+        if not np.isfinite(images).all():
+            raise InvalidArgument("images contain NaN or Inf values; only finite values are allowed")
+        return images
+
+    def _check_methods(self, methods: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(methods, str):
+            methods = (methods,)
+        methods = tuple(dict.fromkeys(methods))
+        if not methods:
+            raise InvalidArgument(f"no method given; allowed: {', '.join(METHODS)}")
+        for m in methods:
+            if m not in METHODS:
+                raise UnknownMethod(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+        if "cam" in methods:
+            self.cam_head()  # raises with the head it found
+        return methods
+
+    def class_index(self, target: Target) -> int:
+        """A class index from an index or a class name; :class:`UnknownClass` otherwise."""
+        if isinstance(target, (str, np.str_)):
+            if self.class_names and target in self.class_names:
+                return self.class_names.index(target)
+            allowed = f"one of {list(self.class_names)}" if self.class_names else "an integer index"
+            raise UnknownClass(f"unknown class {target!r}; use {allowed}")
+        if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
+            raise InvalidArgument(f"a target must be a class index or name, got {target!r}")
+        if not 0 <= int(target) < self.num_classes:
+            raise UnknownClass(f"class index {target} out of range; the model has classes 0..{self.num_classes - 1}")
+        return int(target)
+
+    def _encode_targets(self, n: int, targets: Targets, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, T) int32 targets, where t ≥ 0 is a class and -(r + 1) the r-th predicted class,
+        and a (N, T) mask of the entries that are real (images may ask for fewer targets)."""
+        if targets is None:
+            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
+                raise InvalidArgument(f"top_k must be between 1 and {self.num_classes} (the class count), got {top_k}")
+            encoded = np.tile(-np.arange(1, top_k + 1, dtype=np.int32), (n, 1))
+            return encoded, np.ones_like(encoded, bool)
+        if isinstance(targets, (int, np.integer, str)):
+            targets = [targets] * n
+        if len(targets) != n:
+            raise InvalidArgument(f"got {len(targets)} targets for {n} images; give one entry per image")
+        per_image = [
+            [self.class_index(t) for t in (entry if isinstance(entry, (list, tuple, np.ndarray)) else [entry])]
+            for entry in targets
+        ]
+        if any(not p for p in per_image):
+            raise InvalidArgument("an image has an empty target list; give at least one class per image")
+        width = max(len(p) for p in per_image)
+        encoded = np.zeros((n, width), np.int32)
+        valid = np.zeros((n, width), bool)
+        for i, p in enumerate(per_image):
+            encoded[i, : len(p)] = p
+            valid[i, : len(p)] = True
+        return encoded, valid
+
+    # ----------------------------------------------------------------- batching
+    def _batches(self, images: np.ndarray):
+        """(start, padded batch, real count) over chunks of at most the largest bucket."""
+        largest = self.buckets[-1]
+        for start in range(0, len(images), largest):
+            part = images[start : start + largest]
+            size = next(b for b in self.buckets if b >= len(part))
+            yield start, tf.constant(self._pad(part, size)), len(part)
+
+    @staticmethod
+    def _pad(array: np.ndarray, size: int) -> np.ndarray:
+        if len(array) == size:
+            return array
+        pad = np.zeros((size - len(array),) + array.shape[1:], array.dtype)
+        return np.concatenate([array, pad])
+
+    def _graph(self, key: tuple):
+        with self._lock:
+            if key not in self._graphs:
+                if key[0] == "predict":
+                    self._graphs[key] = tf.function(self._predict_graph)
+                else:
+                    _, methods, width = key
+                    self._graphs[key] = tf.function(
+                        lambda images, targets: self._explain_graph(images, targets, methods, width)
+                    )
+            return self._graphs[key]
+
+    # ----------------------------------------------------------------- the model, re-run with hooks
+    def _forward(self, images, on_activations=None, replace_activations=None, need_activations=True):
+        """(activations, logits, outputs) of one pass. ``replace_activations(a)`` substitutes
+        the layer's output (Ablation-CAM); ``on_activations(a)`` sees it (the tape's watch)."""
+        captured: dict[str, tf.Tensor] = {}
+        out_layer = self._output_layer
+
+        def layer_hook(call):
+            def hooked(*args, **kwargs):
+                a = call(*args, **kwargs) if replace_activations is None else replace_activations()
+                if on_activations is not None:
+                    on_activations(a)
+                captured["activations"] = a
+                return a
+
+            return hooked
+
+        def logits_hook(call):
+            act = _activation_name(out_layer)
+
+            def hooked(x, *args, **kwargs):
+                # Gradients must see the pre-activation score even behind softmax/sigmoid.
+                if isinstance(out_layer, keras.layers.Dense) and act != "linear":
+                    logits = tf.matmul(x, out_layer.kernel)
+                    if out_layer.use_bias:
+                        logits = logits + out_layer.bias
+                    captured["outputs"] = out_layer.activation(logits)
+                    return logits
+                if isinstance(out_layer, (keras.layers.Softmax, keras.layers.Activation)):
+                    captured["outputs"] = call(x, *args, **kwargs)
+                    return x
+                return call(x, *args, **kwargs)
+
+            return hooked
+
+        hooks = {id(out_layer): logits_hook}
+        if need_activations:
+            hooks[id(self.layer_path[-1])] = layer_hook
+        logits = graph.run_with_hooks(self.model, images, hooks)
+        logits = tf.cast(logits, tf.float32)
+        outputs = tf.cast(captured.get("outputs", logits), tf.float32)
+        activations = captured.get("activations")
+        return activations, logits, outputs
+
+    def _probabilities(self, logits: tf.Tensor) -> tf.Tensor:
+        """Class probabilities for Score-CAM: sigmoid for a single logit or a sigmoid head,
+        softmax otherwise (never softmax over one logit: that is 1 for every mask)."""
+        if self.num_classes == 1 or _activation_name(self._output_layer) == "sigmoid":
+            return tf.sigmoid(logits)
+        return tf.nn.softmax(logits)
+
+    def _predict_graph(self, images):
+        self.trace_count += 1
+        return self._forward(images, need_activations=False)[2]
+
+    def _explain_graph(self, images, targets, methods: tuple[str, ...], width: int):
+        self.trace_count += 1
+        need_gradients = any(METHODS[m].needs_gradients for m in methods)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            activations, logits, outputs = self._forward(
+                images, on_activations=tape.watch if need_gradients else None
+            )
+            ranked = tf.math.top_k(logits, k=width).indices
+            classes = tf.where(targets >= 0, targets, tf.gather(ranked, tf.maximum(-targets - 1, 0), batch_dims=1))
+            target_logits = [
+                tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)
+            ]
+        shared = _Pass(self, images, activations, logits, classes)
+        maps = []
+        for t in range(width):
+            gradients = tape.gradient(target_logits[t], activations) if need_gradients else None
+            view = shared.for_target(t, gradients)
+            maps.append(tf.stack([tf.nn.relu(METHODS[m].fn(view)) for m in methods], axis=1))
+        raw = tf.stack(maps, axis=1)  # (B, T, M, h, w)
+        b, h, w = tf.shape(raw)[0], tf.shape(raw)[3], tf.shape(raw)[4]
+        size = tf.shape(images)[1:3]
+        up = tf.image.resize(tf.reshape(raw, (-1, h, w, 1)), size, method="bilinear")[..., 0]
+        peak = tf.reduce_max(up, axis=(1, 2), keepdims=True)
+        heat = tf.where(peak > 0.0, up / tf.where(peak > 0.0, peak, 1.0), 0.0)
+        heat = tf.reshape(heat, (b, width, len(methods), size[0], size[1]))
+        return {"outputs": outputs, "classes": classes, "raw": raw, "heatmap": heat}
+
+    # ----------------------------------------------------------------- CAM head
+    def cam_head(self) -> tuple[keras.layers.GlobalAveragePooling2D, list, keras.layers.Dense]:
+        """(GAP, BatchNorms between, Dense) after the layer; InvalidArgument naming the head
+        found when it is not GlobalAveragePooling2D → (BatchNorm/Dropout)* → Dense."""
+        head = [l for l in self.head if not isinstance(l, graph.PASSTHROUGH_LAYERS)]
+        head = [l for l in head if not (isinstance(l, keras.layers.Activation) and _activation_name(l) == "linear")]
+        if (
+            len(head) >= 2
+            and isinstance(head[0], keras.layers.GlobalAveragePooling2D)
+            and isinstance(head[-1], keras.layers.Dense)
+            and all(isinstance(l, keras.layers.BatchNormalization) for l in head[1:-1])
+            and not getattr(head[0], "keepdims", False)
+        ):
+            return head[0], head[1:-1], head[-1]
+        raise InvalidArgument(
+            f"'cam' needs a GlobalAveragePooling2D → Dense head after layer {self.layer_name!r} "
+            f"(BatchNormalization/Dropout between allowed); found {graph.describe_layers(self.head)}. "
+            "Use gradcam (equal to CAM up to scale on GAP heads) or another method."
+        )
+
+    def cam_weights(self) -> tf.Tensor:
+        """(K, classes) Dense kernel with the BatchNorm scales between GAP and Dense folded in."""
+        _, norms, dense = self.cam_head()
+        kernel = tf.cast(dense.kernel, tf.float32)
+        for bn in norms:
+            scale = tf.math.rsqrt(tf.cast(bn.moving_variance, tf.float32) + bn.epsilon)
+            if bn.gamma is not None:
+                scale = scale * tf.cast(bn.gamma, tf.float32)
+            kernel = scale[:, None] * kernel
+        return kernel
+
+    # ----------------------------------------------------------------- results
+    def _collect(self, out: dict[str, np.ndarray], i: int, methods, valid: np.ndarray) -> list[Explanation]:
+        found = []
+        for t in np.flatnonzero(valid):
+            c = int(out["classes"][i, t])
+            label = self.class_names[c] if self.class_names else str(c)
+            for m, method in enumerate(methods):
+                heat = out["heatmap"][i, t, m]
+                found.append(
+                    Explanation(
+                        method=method,
+                        class_index=c,
+                        label=label,
+                        score=float(out["outputs"][i, c]),
+                        raw=out["raw"][i, t, m],
+                        heatmap=heat,
+                        box=heatmap_box(heat),
+                    )
+                )
+        return found
+
+
+class _Pass:
+    """What one compiled pass shares between targets and methods. The masked-input and
+    ablation scores are computed once for all targets, in chunks of ``chunk_size``."""
+
+    def __init__(self, ex: Explainer, images, activations, logits, classes):
+        self.ex, self.images, self.logits, self.classes_all = ex, images, logits, classes
+        self.activations = tf.cast(activations, tf.float32)
+        self._cache: dict[str, tf.Tensor] = {}
+
+    def for_target(self, t: int, gradients) -> "_TargetView":
+        grads = None if gradients is None else tf.cast(gradients, tf.float32)
+        return _TargetView(self, t, grads)
+
+    def cached(self, key: str, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def selected_channels(self) -> tf.Tensor:
+        def compute():
+            a = self.activations
+            b, k = a.shape[0], a.shape[-1]
+            cap = self.ex.max_channels
+            if cap is None or cap >= k:
+                return tf.tile(tf.range(k)[None, :], (b, 1))
+            spread = tf.math.reduce_std(a, axis=(1, 2))
+            return tf.math.top_k(spread, k=cap).indices
+
+        return self.cached("channels", compute)
+
+    def _chunked(self, per_chunk) -> tf.Tensor:
+        """Run ``per_chunk(image_index, channel)`` -> (S, T) over every (image, selected
+        channel) pair in chunks of ``chunk_size``; (B, K', T) out."""
+        channels = self.selected_channels()
+        b, k_sel = channels.shape
+        total, size = b * k_sel, self.ex.chunk_size
+        n_chunks = -(-total // size)
+        flat = tf.minimum(tf.range(n_chunks * size), total - 1)
+        image_index = flat // k_sel
+        channel = tf.gather(tf.reshape(channels, (-1,)), flat)
+        scores = tf.map_fn(
+            lambda args: per_chunk(args[0], args[1]),
+            (tf.reshape(image_index, (n_chunks, size)), tf.reshape(channel, (n_chunks, size))),
+            fn_output_signature=tf.TensorSpec((size, self.classes_all.shape[1]), tf.float32),
+            parallel_iterations=1,
+        )
+        return tf.reshape(tf.reshape(scores, (-1, self.classes_all.shape[1]))[:total], (b, k_sel, -1))
+
+    def _target_columns(self, values, image_index) -> tf.Tensor:
+        return tf.gather(values, tf.gather(self.classes_all, image_index), batch_dims=1)
+
+    def masked_input_scores(self) -> tf.Tensor:
+        def per_chunk(image_index, channel):
+            a = tf.transpose(self.activations, (0, 3, 1, 2))  # (B, K, h, w)
+            maps = tf.gather_nd(a, tf.stack([image_index, channel], axis=1))[..., None]
+            maps = tf.image.resize(maps, tf.shape(self.images)[1:3], method="bilinear")
+            low = tf.reduce_min(maps, axis=(1, 2, 3), keepdims=True)
+            high = tf.reduce_max(maps, axis=(1, 2, 3), keepdims=True)
+            masks = (maps - low) / tf.maximum(high - low, 1e-7)
+            masked = tf.gather(self.images, image_index) * tf.cast(masks, self.images.dtype)
+            _, logits, _ = self.ex._forward(masked, need_activations=False)
+            return self._target_columns(self.ex._probabilities(logits), image_index)
+
+        return self.cached("scorecam", lambda: self._chunked(per_chunk))
+
+    def ablated_logits(self) -> tf.Tensor:
+        def per_chunk(image_index, channel):
+            a = tf.gather(self.activations, image_index)
+            keep = 1.0 - tf.one_hot(channel, a.shape[-1], dtype=a.dtype)
+            ablated = a * keep[:, None, None, :]
+            # The ablated activations replace the layer's output; what feeds the layer is unused.
+            _, logits, _ = self.ex._forward(tf.gather(self.images, image_index), replace_activations=lambda: ablated)
+            return self._target_columns(logits, image_index)
+
+        return self.cached("ablation", lambda: self._chunked(per_chunk))
+
+
+class _TargetView:
+    """The pass as one target sees it (the :class:`camserve.methods.LayerPass` protocol)."""
+
+    def __init__(self, shared: _Pass, t: int, gradients):
+        self._shared, self._t = shared, t
+        self.activations = shared.activations
+        self.gradients = gradients
+        self.logits = shared.logits
+        self.classes = shared.classes_all[:, t]
+
+    def head_weights(self) -> tf.Tensor:
+        return self._shared.cached("cam_weights", self._shared.ex.cam_weights)
+
+    def selected_channels(self) -> tf.Tensor:
+        return self._shared.selected_channels()
+
+    def masked_input_scores(self) -> tf.Tensor:
+        return self._shared.masked_input_scores()[:, :, self._t]
+
+    def ablated_logits(self) -> tf.Tensor:
+        return self._shared.ablated_logits()[:, :, self._t]
+
+
+__all__ = ["Explainer", "Explanation", "UnknownClass", "UnknownMethod", "bucket_sizes", "weighted_sum"]
