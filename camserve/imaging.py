@@ -125,6 +125,15 @@ def preprocess(rgb: np.ndarray, mode: str) -> np.ndarray:
     return np.asarray(fn(np.asarray(rgb, np.float32)), np.float32)
 
 
+def prepare(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize RGB pixels to a model's (height, width) and apply its preprocessing.
+
+    >>> prepare(np.zeros((10, 20, 3), np.uint8), (4, 4), "scale_0_1").shape
+    (4, 4, 3)
+    """
+    return preprocess(resize(rgb, size), mode)
+
+
 def heatmap_box(heatmap: np.ndarray, threshold: float = 0.2) -> tuple[int, int, int, int] | None:
     """Bounding box of the CAM paper (Zhou et al. 2016): keep pixels above
     ``threshold`` x the map's maximum, take the largest connected component.
