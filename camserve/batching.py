@@ -9,7 +9,9 @@ batch is as large as the load allows (the Triton "dynamic batcher" behaviour).
 
 The queue is bounded: :meth:`Batcher.submit` raises :class:`QueueFull` at once when
 ``max_queued`` requests are waiting. A request whose deadline has passed is dropped before
-compute (:class:`DeadlineExpired`); a cancelled request leaves the queue at once.
+compute (:class:`DeadlineExpired`); a cancelled request leaves the queue at once. Padding
+to fixed batch sizes is the compute function's business (:class:`camserve.Explainer`
+buckets its batches itself).
 
 >>> async def demo():
 ...     b = Batcher(lambda key, items: [x * 10 for x in items], max_batch_size=8, batch_timeout=0.01)
@@ -52,34 +54,6 @@ class DeadlineExpired(BatcherError):
 
 class BatcherClosed(BatcherError):
     """The batcher is draining or closed and accepts no new work (UNAVAILABLE)."""
-
-
-def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """Allowed padded batch sizes: powers of two below ``max_batch_size``, then it.
-
-    >>> bucket_sizes(20)
-    (1, 2, 4, 8, 16, 20)
-    """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch_size)
-    return tuple(sizes)
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``n`` (``n`` itself when none does).
-
-    >>> bucket_for(3, (1, 2, 4, 8))
-    4
-    """
-    for b in buckets:
-        if b >= n:
-            return b
-    return n
 
 
 @dataclasses.dataclass

@@ -136,3 +136,136 @@ def load_model_dir(model_dir: str | Path, version: int | None = None) -> ModelEn
     path = model_dir / str(v) / "model.keras"
     model = keras.models.load_model(path, compile=False, safe_mode=True)
     return ModelEntry(name=model_dir.name, version=v, path=path, config=config, model=model)
+
+
+# ---------------------------------------------------------------------------- a whole repository
+
+
+class ModelUnavailable(RuntimeError):
+    """A model (or version) that exists but failed to load or is still loading (UNAVAILABLE)."""
+
+
+@dataclasses.dataclass
+class ModelStatus:
+    """One model folder of a :class:`ModelRepository`: what is on disk, what loaded, why not.
+
+    ``entries`` maps loaded versions to their :class:`ModelEntry`; ``errors`` maps versions
+    (0 for the model as a whole, e.g. a bad ``config.toml``) to the reason they failed.
+    """
+
+    name: str
+    path: Path
+    versions: list[int]
+    config: ModelConfig | None = None
+    entries: dict[int, ModelEntry] = dataclasses.field(default_factory=dict)
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+    loaded: bool = False  # load attempted
+
+    @property
+    def available(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def default_version(self) -> int | None:
+        """The newest version that loaded."""
+        return max(self.entries) if self.entries else None
+
+    @property
+    def reason(self) -> str:
+        """Why (some of) the model is unavailable; empty when everything loaded."""
+        if not self.loaded:
+            return "loading"
+        return "; ".join(
+            (f"version {v}: {msg}" if v else msg) for v, msg in sorted(self.errors.items())
+        )
+
+
+class ModelRepository:
+    """Every model under a root folder (``<root>/<name>/<version>/model.keras`` plus
+    ``<root>/<name>/config.toml``), loaded with Keras ``safe_mode=True``.
+
+    A model or version that fails to load is recorded with its reason and the others serve.
+    Requests name models only through :meth:`get`, which looks names up among the folders
+    found by the scan: no request string is ever joined into a path.
+    ``version_policy``: "all" loads every version, "latest" only the newest on disk.
+
+    >>> repo = ModelRepository("models"); repo.load()                 # doctest: +SKIP
+    >>> repo.get("shapes_gap").version                                 # doctest: +SKIP
+    1
+    """
+
+    def __init__(self, root: str | Path, version_policy: str = "all") -> None:
+        if version_policy not in ("all", "latest"):
+            raise ValueError(f"version_policy must be 'all' or 'latest', got {version_policy!r}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a folder")
+        self.version_policy = version_policy
+        self.models: dict[str, ModelStatus] = {}
+        self.scan()
+
+    def scan(self) -> None:
+        """Find model folders: valid names holding a config.toml or numbered versions."""
+        found: dict[str, ModelStatus] = {}
+        for d in sorted(self.root.iterdir()):
+            if not d.is_dir() or not _NAME_RE.match(d.name) or ".." in d.name:
+                continue
+            has_versions = any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+            if not (d / "config.toml").is_file() and not has_versions:
+                continue
+            found[d.name] = self.models.get(d.name) or ModelStatus(d.name, d, list_versions(d))
+        self.models = found
+
+    def load(self, names: list[str] | None = None) -> None:
+        """Load (or reload) the named models, all by default; failures are recorded."""
+        for name in names if names is not None else list(self.models):
+            self.models[name] = self._load_one(self.models[name].path)
+
+    def _load_one(self, model_dir: Path) -> ModelStatus:
+        status = ModelStatus(model_dir.name, model_dir, list_versions(model_dir))
+        try:
+            status.config = ModelConfig.from_toml(model_dir / "config.toml")
+        except FileNotFoundError:
+            status.errors[0] = f"{model_dir / 'config.toml'} is missing"
+        except (ValueError, OSError, tomllib.TOMLDecodeError) as e:
+            status.errors[0] = f"bad config.toml: {e}"
+        if not status.versions and not status.errors:
+            status.errors[0] = f"no version folder with a model.keras under {model_dir}"
+        versions = status.versions if self.version_policy == "all" else status.versions[-1:]
+        if status.config is not None:
+            for v in versions:
+                try:
+                    status.entries[v] = load_model_dir(model_dir, v)
+                except Exception as e:  # noqa: BLE001 - any broken file makes only this version unavailable
+                    status.errors[v] = f"failed to load {model_dir / str(v) / 'model.keras'}: {type(e).__name__}: {e}"
+        status.loaded = True
+        return status
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def status(self, name: str) -> ModelStatus:
+        """The :class:`ModelStatus` of ``name``; ModelNotFound lists the known names."""
+        check_model_name(name)
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}; available: {self.names()}") from None
+
+    def get(self, name: str, version: int | None = None) -> ModelEntry:
+        """The loaded entry of ``name`` (newest loaded version when ``version`` is None or 0).
+
+        ModelNotFound for unknown names / versions; ModelUnavailable when it did not load.
+        """
+        st = self.status(name)
+        if not version:
+            if st.default_version is None:
+                raise ModelUnavailable(f"model {name!r} is unavailable: {st.reason or 'no version loaded'}")
+            return st.entries[st.default_version]
+        if version in st.entries:
+            return st.entries[version]
+        if version in st.errors:
+            raise ModelUnavailable(f"model {name!r} version {version} is unavailable: {st.errors[version]}")
+        if not st.loaded and version in st.versions:
+            raise ModelUnavailable(f"model {name!r} version {version} is still loading")
+        raise ModelNotFound(f"model {name!r} has no version {version}; available: {sorted(st.entries)}")

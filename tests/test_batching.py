@@ -16,8 +16,6 @@ from camserve.batching import (
     BatcherMetrics,
     DeadlineExpired,
     QueueFull,
-    bucket_for,
-    bucket_sizes,
 )
 
 
@@ -41,15 +39,6 @@ class Recorder:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def test_bucket_sizes() -> None:
-    assert bucket_sizes(1) == (1,)
-    assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32)
-    assert bucket_for(17, bucket_sizes(32)) == 32
-    assert bucket_for(40, bucket_sizes(32)) == 40
-    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
-        bucket_sizes(0)
 
 
 def test_same_key_merges_different_keys_do_not() -> None:

@@ -1,0 +1,65 @@
+"""Tiny model repositories for the serving tests (a few conv layers, 32 px inputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CLASSES = ("circle", "square", "triangle", "star")
+
+
+def tiny_gap(seed: int = 0, size: int = 32):
+    """conv → pool → conv → GAP → Dense(softmax)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name=f"tiny_gap_{seed}")
+
+
+def tiny_fc(seed: int = 0, size: int = 32):
+    """valid conv → pool → valid conv → Flatten → Dense → Dense (convertible to an FCN)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="last_conv")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, activation="relu")(x)
+    out = keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name=f"tiny_fc_{seed}")
+
+
+def write_config(model_dir: Path, name: str, size: int = 32, layer: str = "") -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    names = ", ".join(f'"{c}"' for c in CLASSES)
+    (model_dir / "config.toml").write_text(
+        f'name = "{name}"\nclass_names = [{names}]\ninput_size = [{size}, {size}]\nchannels = 3\n'
+        f'preprocessing = "scale_0_1"\ndefault_layer = "{layer}"\n'
+    )
+
+
+def save_model(root: Path, name: str, version: int, model, size: int = 32) -> Path:
+    write_config(root / name, name, size)
+    path = root / name / str(version) / "model.keras"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def make_repository(root: Path, corrupt: bool = True) -> Path:
+    """gap (versions 1, 2), fc (version 1) and, when ``corrupt``, a model whose file is garbage."""
+    save_model(root, "gap", 1, tiny_gap(1))
+    save_model(root, "gap", 2, tiny_gap(2))
+    save_model(root, "fc", 1, tiny_fc(0))
+    if corrupt:
+        write_config(root / "broken", "broken")
+        (root / "broken" / "1").mkdir(parents=True)
+        (root / "broken" / "1" / "model.keras").write_bytes(b"this is not a zip file")
+    return root
