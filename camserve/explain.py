@@ -417,7 +417,8 @@ class _Pass:
         channel) pair in chunks of ``chunk_size``; (B, K', T) out."""
         channels = self.selected_channels()
         b, k_sel = channels.shape
-        total, size = b * k_sel, self.ex.chunk_size
+        total = b * k_sel
+        size = min(self.ex.chunk_size, total)  # never pad a small job up to a full chunk
         n_chunks = -(-total // size)
         flat = tf.minimum(tf.range(n_chunks * size), total - 1)
         image_index = flat // k_sel

@@ -1,0 +1,45 @@
+"""Shared benchmark helpers: timing, machine description, Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def machine() -> str:
+    """A one-line description of the machine the figures come from."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    accel = f"{len(gpus)} GPU(s): " + ", ".join(tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus) if gpus else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {accel}; TensorFlow {tf.__version__}, Python {platform.python_version()}"
+
+
+def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
