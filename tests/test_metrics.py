@@ -433,7 +433,8 @@ def test_randomized_copy_layers_and_initializers(tiny_model) -> None:
     assert names == ("conv_a",)
     k = normal.get_layer("conv_a").get_weights()[0]
     assert k.std() == pytest.approx(0.05, rel=0.25)
-    np.testing.assert_array_equal(normal.get_layer("head").get_weights()[0], model.get_layer("head").get_weights()[0])
+    head = model.get_layer("head").get_weights()[0]
+    np.testing.assert_array_equal(normal.get_layer("head").get_weights()[0], head)
 
 
 def test_randomized_copy_nested_model() -> None:
@@ -442,13 +443,16 @@ def test_randomized_copy_nested_model() -> None:
     keras.utils.set_random_seed(1)
     inner_in = keras.Input((8, 8, 3))
     inner = keras.Model(inner_in, keras.layers.Conv2D(4, 3, name="conv")(inner_in), name="backbone")
-    outer = keras.Sequential([keras.Input((8, 8, 3)), inner, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, name="head")])
+    outer = keras.Sequential(
+        [keras.Input((8, 8, 3)), inner, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, name="head")]
+    )
     copy, names = randomized_copy(outer, ["backbone/conv"], seed=0)
     assert names == ("backbone/conv",)
     conv0 = outer.get_layer("backbone").get_layer("conv").get_weights()[0]
     conv1 = copy.layers[0].layers[-1].get_weights()[0]
     assert not np.allclose(conv0, conv1)
-    np.testing.assert_array_equal(copy.get_layer("head").get_weights()[0], outer.get_layer("head").get_weights()[0])
+    head = outer.get_layer("head").get_weights()[0]
+    np.testing.assert_array_equal(copy.get_layer("head").get_weights()[0], head)
     assert randomized_copy(outer, 2)[1] == ("head", "backbone/conv")
 
 
