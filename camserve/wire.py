@@ -358,8 +358,7 @@ def explanation_to_proto(
 
 def explanation_from_proto(m: pb.Explanation) -> "Explanation":
     """A wire Explanation as the library's :class:`~camserve.explain.Explanation`;
-    maps that were not sent are None. The overlay PNG, when sent, is in ``m.overlay_png``
-    (see :func:`camserve.client.RemoteExplanation`)."""
+    maps that were not sent are None. The overlay PNG, when sent, stays in ``m.overlay_png``."""
     from camserve.explain import Explanation
 
     return Explanation(**_explanation_fields(m))

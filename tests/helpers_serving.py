@@ -63,3 +63,66 @@ def make_repository(root: Path, corrupt: bool = True) -> Path:
         (root / "broken" / "1").mkdir(parents=True)
         (root / "broken" / "1" / "model.keras").write_bytes(b"this is not a zip file")
     return root
+
+
+class RunningServer:
+    """A CamServer on its own event loop in a background thread, for blocking tests.
+
+    >>> with RunningServer(config) as rs: Client(rs.target).models()   # doctest: +SKIP
+    """
+
+    def __init__(self, config, repository=None, ready_timeout: float = 300.0) -> None:
+        import asyncio
+        import threading
+
+        from camserve.server import CamServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(self._make(CamServer, config, repository))
+        self.port = self.run(self.server.start())
+        self.run(self.server.wait_ready(ready_timeout))
+
+    @staticmethod
+    async def _make(cls, config, repository):
+        return cls(config, repository)
+
+    def run(self, coro, timeout: float | None = 600):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics.port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.loop.is_running():
+            self.run(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

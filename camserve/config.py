@@ -1,0 +1,186 @@
+"""Server configuration: defaults < TOML file < ``CAMSERVE_*`` environment variables < flags.
+
+Every field of :class:`ServerConfig` is a flag (``--max-batch-size``), an environment
+variable (``CAMSERVE_MAX_BATCH_SIZE``) and a TOML key (``max_batch_size``).
+
+>>> cfg = ServerConfig.load(env={"CAMSERVE_PORT": "9000"}, overrides={"max_batch_size": 8})
+>>> cfg.port, cfg.max_batch_size, cfg.batch_timeout_ms
+(9000, 8, 5.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CAMSERVE_"
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything ``camserve serve`` can be told (TF Serving / Triton names in the help)."""
+
+    models: str = _field("models", "model repository root: <root>/<name>/<version>/model.keras + config.toml")
+    host: str = _field("[::]", "address to listen on")
+    port: int = _field(8500, "gRPC port (0: pick a free one)")
+    metrics_port: int = _field(8501, "Prometheus /metrics HTTP port (-1: off; 0: pick a free one)")
+    max_batch_size: int = _field(32, "images per merged batch (Triton max_batch_size)")
+    batch_timeout_ms: float = _field(5.0, "how long a forming batch waits for more requests (TF Serving batch_timeout_micros / 1000)")
+    max_queued: int = _field(1024, "requests waiting before RESOURCE_EXHAUSTED (TF Serving max_enqueued_batches x batch size)")
+    workers: int = _field(1, "batches computed concurrently (TF Serving num_batch_threads)")
+    max_images: int = _field(64, "images per request")
+    max_pixels: int = _field(4096 * 4096, "pixels per image, checked from the header before decoding")
+    max_message_mb: float = _field(64.0, "largest request or response message, MiB")
+    warmup_methods: list[str] = _field(["gradcam"], "methods compiled for every batch bucket at start-up")
+    version_policy: str = _field("all", "model versions to load: all | latest")
+    chunk_size: int = _field(32, "masked inputs per pass for Score-CAM / Ablation-CAM")
+    max_channels: int = _field(0, "Score-CAM channels (highest variance first; 0: all)")
+    stream_inflight: int = _field(16, "requests of one ExplainStream processed at once")
+    tls_cert: str = _field("", "PEM certificate chain: serve TLS when set (with --tls-key)")
+    tls_key: str = _field("", "PEM private key for --tls-cert")
+    token: str = _field("", "bearer token required in 'authorization: Bearer <token>' (empty: no auth)", secret=True)
+    token_file: str = _field("", "file holding the bearer token (instead of --token)")
+    drain_timeout_s: float = _field(30.0, "on SIGTERM: longest wait for in-flight requests")
+    log_level: str = _field("INFO", "DEBUG | INFO | WARNING | ERROR")
+    log_format: str = _field("json", "json | text")
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def batch_timeout(self) -> float:
+        return self.batch_timeout_ms / 1000.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+    def bearer_token(self) -> str:
+        """The token from ``token`` or ``token_file`` (stripped); empty when auth is off."""
+        if self.token_file:
+            return Path(self.token_file).read_text().strip()
+        return self.token
+
+    def validate(self) -> "ServerConfig":
+        """Raise ValueError naming the bad setting and what is allowed."""
+        positive = ("max_batch_size", "max_queued", "workers", "max_images", "max_pixels", "chunk_size", "stream_inflight")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_timeout_ms < 0 or self.max_message_mb <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("batch_timeout_ms and drain_timeout_s must be >= 0 and max_message_mb > 0")
+        if self.max_channels < 0:
+            raise ValueError(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
+        if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"ports must be in 0..65535 (metrics_port -1: off); got {self.port}, {self.metrics_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.version_policy not in ("all", "latest"):
+            raise ValueError(f"version_policy must be 'all' or 'latest', got {self.version_policy!r}")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings with secrets masked (for the start-up log)."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("secret") and out[f.name]:
+                out[f.name] = "***"
+        return out
+
+    # ------------------------------------------------------------------ sources
+
+    @classmethod
+    def load(
+        cls,
+        toml_path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> "ServerConfig":
+        """Merge the sources, later ones winning: defaults, TOML, environment, overrides.
+
+        ``env`` defaults to ``os.environ``; ``CAMSERVE_CONFIG`` names a TOML file when
+        ``toml_path`` is None. Unknown TOML keys are errors (typos must not pass silently).
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        toml_path = toml_path or env.get(f"{ENV_PREFIX}CONFIG") or None
+        if toml_path:
+            with open(toml_path, "rb") as f:
+                data = tomllib.load(f)
+            data = data.get("serve", data)  # either top-level keys or a [serve] table
+            for key, value in data.items():
+                values[_check_key(key, f"{toml_path}")] = _coerce(key, value, f"{toml_path}: {key}")
+        for f in dataclasses.fields(cls):
+            name = f"{ENV_PREFIX}{f.name.upper()}"
+            if name in env:
+                values[f.name] = _coerce(f.name, env[name], name)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[_check_key(key, "overrides")] = _coerce(key, value, f"--{key.replace('_', '-')}")
+        return cls(**values).validate()
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(ServerConfig)
+
+
+def _check_key(key: str, where: str) -> str:
+    if key not in _types():
+        raise ValueError(f"{where}: unknown setting {key!r}; known: {sorted(_types())}")
+    return key
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    kind = _types()[key]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind == list[str]:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per setting (default None: unset flags do not override other sources)."""
+    parser.add_argument("--config", dest="config_file", default=None, help="TOML file with settings (also CAMSERVE_CONFIG)")
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "" if f.metadata.get("secret") else f" (default: {default})"
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']}{shown}; env {ENV_PREFIX}{f.name.upper()}",
+        )
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """The configuration for parsed ``camserve serve`` arguments."""
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return ServerConfig.load(getattr(args, "config_file", None), env=env, overrides=overrides)
