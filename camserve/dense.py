@@ -1,0 +1,362 @@
+"""Dense sliding-window class scores: one FCN pass, shift-and-stitch, or batched crops.
+
+>>> results = dense_scores(model, image, stride=16, scales=(1.0, 0.5))   # doctest: +SKIP
+>>> r = results[0]; r.scores.shape, r.boxes[0, 1], r.exact               # doctest: +SKIP
+((11, 11, 5), array([16., 0., 80., 64.], dtype=float32), True)
+>>> detections(results, threshold=0.9)[0].label                          # doctest: +SKIP
+'circle'
+
+``image`` is one preprocessed float32 (H, W, C) array in the model's input space. Cell (i, j)
+of a scale's grid scores the window at (j·sx, i·sy) of the classifier's input size in the
+resized image; ``boxes`` give that window in pixels of the original ``image``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from camserve.fcn import FullyConvolutional, analyze, to_fully_convolutional
+
+__all__ = ["MODES", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
+
+MODES = ("fcn", "crops")
+
+_FCN_CACHE: "weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]]" = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class DenseScores:
+    """Scores of every window at one scale.
+
+    ``scores`` (gh, gw, classes) float32; ``boxes`` (gh, gw, 4) float32 (x0, y0, x1, y1), x1/y1
+    exclusive, in pixels of the original image; ``stride`` (sy, sx) and ``window`` (h, w) in
+    pixels of the image resized by ``scale``; ``exact``: the scores equal the classifier on
+    each crop (always True for ``mode="crops"``).
+    """
+
+    scale: float
+    scores: np.ndarray
+    boxes: np.ndarray
+    stride: tuple[int, int]
+    window: tuple[int, int]
+    exact: bool
+    mode: str
+    image_size: tuple[int, int]  # (height, width) of the resized image
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """A window whose class score passed the threshold and survived per-class NMS."""
+
+    class_index: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    scale: float
+
+
+def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
+    if isinstance(model, FullyConvolutional):
+        if model.head != "window":
+            raise ValueError("dense_scores needs a window model; got a class-map model (head='classmap')")
+        if model.logits != logits:
+            raise ValueError(
+                f"the given FullyConvolutional has logits={model.logits} but logits={logits} was asked"
+            )
+        return model
+    per_model = _FCN_CACHE.setdefault(model, {})
+    if logits not in per_model:
+        per_model[logits] = to_fully_convolutional(model, head="window", logits=logits)
+    return per_model[logits]
+
+
+def _stride_pair(stride: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    if stride is None:
+        return default
+    pair = (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
+    if len(pair) != 2 or any(int(s) != s or s < 1 for s in pair):
+        raise ValueError(f"stride must be a positive integer or a pair of them; got {stride!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
+def _input_size(model: Any) -> tuple[int, int]:
+    shape = model.input_shape
+    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+        raise ValueError(
+            f"model input {shape} has no fixed (H, W); mode='crops' needs the classifier's window size"
+        )
+    return (int(shape[1]), int(shape[2]))
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    out = cv2.resize(image, size, interpolation=interp)
+    return out.reshape(size[1], size[0], image.shape[2])
+
+
+def _grid_boxes(
+    grid: tuple[int, int], stride: tuple[int, int], window: tuple[int, int], to_original: tuple[float, float]
+) -> np.ndarray:
+    ys = np.arange(grid[0], dtype=np.float64) * stride[0]
+    xs = np.arange(grid[1], dtype=np.float64) * stride[1]
+    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+    fy, fx = to_original
+    boxes = np.stack([x0 * fx, y0 * fy, (x0 + window[1]) * fx, (y0 + window[0]) * fy], axis=-1)
+    return boxes.astype(np.float32)
+
+
+def _predict(model: Any, batches: list[np.ndarray], batch_size: int) -> np.ndarray:
+    outs = []
+    for batch in batches:
+        for i in range(0, len(batch), batch_size):
+            outs.append(np.asarray(model.predict_on_batch(batch[i : i + batch_size])))
+    return np.concatenate(outs)
+
+
+def _fcn_scores(
+    fcn: FullyConvolutional, image: np.ndarray, stride: tuple[int, int], batch_size: int
+) -> np.ndarray:
+    """Shift-and-stitch: one FCN pass per shift (a·sy, b·sx), interleaved into the fine grid."""
+    total = fcn.stride
+    for s, t, axis in zip(stride, total, ("y", "x")):
+        if t % s:
+            allowed = [d for d in range(1, t + 1) if t % d == 0]
+            raise ValueError(
+                f"stride {s} along {axis} does not divide the total stride {t}; allowed in mode='fcn': "
+                f"{allowed} (mode='crops' takes any stride)"
+            )
+    fy, fx = total[0] // stride[0], total[1] // stride[1]
+    h, w = image.shape[:2]
+    win = fcn.window
+    grid = ((h - win[0]) // stride[0] + 1, (w - win[1]) // stride[1] + 1)
+    out: np.ndarray | None = None
+    # Group the shifted copies by size so equal-sized ones share a batch.
+    groups: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+    for a in range(fy):
+        for b in range(fx):
+            ny = (h - a * stride[0] - win[0]) // total[0] + 1
+            nx = (w - b * stride[1] - win[1]) // total[1] + 1
+            if ny <= 0 or nx <= 0 or a >= grid[0] or b >= grid[1]:
+                continue
+            y0, x0 = a * stride[0], b * stride[1]
+            crop = image[y0 : y0 + (ny - 1) * total[0] + win[0], x0 : x0 + (nx - 1) * total[1] + win[1]]
+            groups.setdefault(crop.shape[:2], []).append((a, b, crop))
+    for items in groups.values():
+        preds = _predict(fcn.model, [np.stack([c for _, _, c in items])], batch_size)
+        for (a, b, crop), pred in zip(items, preds):
+            ny = (crop.shape[0] - win[0]) // total[0] + 1
+            nx = (crop.shape[1] - win[1]) // total[1] + 1
+            if pred.shape[0] < ny or pred.shape[1] < nx:
+                raise RuntimeError(
+                    f"FCN grid {pred.shape[:2]} is smaller than the {ny}x{nx} windows of a "
+                    f"{crop.shape[0]}x{crop.shape[1]} input"
+                )
+            if out is None:
+                out = np.zeros(grid + (pred.shape[-1],), np.float32)
+            out[a::fy, b::fx] = pred[:ny, :nx]
+    assert out is not None
+    return out
+
+
+def _crop_scores(
+    model: Any, image: np.ndarray, stride: tuple[int, int], window: tuple[int, int], batch_size: int
+) -> np.ndarray:
+    """The reference: every window cropped and classified, in batches."""
+    h, w = image.shape[:2]
+    grid = ((h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1)
+    origins = [(i * stride[0], j * stride[1]) for i in range(grid[0]) for j in range(grid[1])]
+    outs = []
+    for k in range(0, len(origins), batch_size):
+        batch = np.stack([image[y : y + window[0], x : x + window[1]] for y, x in origins[k : k + batch_size]])
+        outs.append(np.asarray(model.predict_on_batch(batch)))
+    scores = np.concatenate(outs)
+    return scores.reshape(grid + scores.shape[1:]).astype(np.float32)
+
+
+def dense_scores(
+    model: Any,
+    image: np.ndarray,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    mode: str = "fcn",
+    batch_size: int = 32,
+    logits: bool = False,
+    pad: bool = False,
+) -> list[DenseScores]:
+    """Class scores of every window of the classifier's input size, one result per scale.
+
+    ``model``: a Keras classifier (converted once and cached) or a window
+    :class:`~camserve.fcn.FullyConvolutional`. ``stride=None``: the total stride; a divisor
+    of it uses shift-and-stitch. ``mode="crops"`` classifies batched crops (any stride, exact
+    for padded backbones too). ``logits=True`` scores before the final activation (fcn mode
+    only). An image smaller than the window at some scale raises ValueError unless
+    ``pad=True``, which zero-pads it at the bottom/right up to the window.
+
+    >>> [r.scores.shape for r in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
+    [(9, 9, 5)]
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"image must be one (H, W, C) array; got shape {image.shape}")
+    if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f"scales must be positive numbers; got {tuple(scales)!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1; got {batch_size}")
+    if mode == "crops" and logits:
+        raise ValueError("logits=True needs mode='fcn' (crops run the classifier as it is)")
+    fcn: FullyConvolutional | None = None
+    if mode == "fcn":
+        fcn = _as_fcn(model, logits)
+        window, default_stride, exact = fcn.window, fcn.stride, fcn.exact
+    else:
+        classifier = model.source if isinstance(model, FullyConvolutional) else model
+        window = _input_size(classifier)
+        exact = True
+        default_stride = model.stride if isinstance(model, FullyConvolutional) else None
+        if stride is None and default_stride is None:
+            default_stride = analyze(classifier).stride
+    step = _stride_pair(stride, default_stride)  # type: ignore[arg-type]
+    h0, w0 = image.shape[:2]
+    results = []
+    for scale in scales:
+        scaled = _resize(image, float(scale))
+        sh, sw = scaled.shape[:2]
+        if sh < window[0] or sw < window[1]:
+            if not pad:
+                raise ValueError(
+                    f"image {h0}x{w0} at scale {scale} is {sh}x{sw}, smaller than the "
+                    f"{window[0]}x{window[1]} window; use larger scales or pad=True"
+                )
+            scaled = np.pad(scaled, ((0, max(0, window[0] - sh)), (0, max(0, window[1] - sw)), (0, 0)))
+        if mode == "fcn":
+            scores = _fcn_scores(fcn, scaled, step, batch_size)  # type: ignore[arg-type]
+        else:
+            scores = _crop_scores(classifier, scaled, step, window, batch_size)
+        boxes = _grid_boxes(scores.shape[:2], step, window, (h0 / sh, w0 / sw))
+        results.append(
+            DenseScores(
+                scale=float(scale),
+                scores=scores,
+                boxes=boxes,
+                stride=step,
+                window=window,
+                exact=True if mode == "crops" else exact,
+                mode=mode,
+                image_size=(sh, sw),
+            )
+        )
+    return results
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Greedy non-maximum suppression; indices kept, best first.
+
+    >>> nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]), np.array([0.9, 0.8, 0.7]), 0.5)
+    [0, 2]
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        ix0 = np.maximum(boxes[i, 0], boxes[rest, 0])
+        iy0 = np.maximum(boxes[i, 1], boxes[rest, 1])
+        ix1 = np.minimum(boxes[i, 2], boxes[rest, 2])
+        iy1 = np.minimum(boxes[i, 3], boxes[rest, 3])
+        inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+        union = area[i] + area[rest] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        order = rest[iou <= iou_threshold]
+    return keep
+
+
+def detections(
+    results: Sequence[DenseScores],
+    threshold: float = 0.5,
+    iou_threshold: float = 0.3,
+    class_names: Sequence[str] | None = None,
+    classes: Sequence[int] | None = None,
+    max_detections: int = 100,
+) -> list[Detection]:
+    """Windows whose class score is ≥ ``threshold``, after per-class NMS over all scales;
+    best first. ``classes`` restricts the classes considered (e.g. to drop a background).
+
+    >>> [d.label for d in detections(dense_scores(model, image), 0.9, class_names=names)]  # doctest: +SKIP
+    ['star', 'circle']
+    """
+    if not results:
+        return []
+    n_classes = results[0].scores.shape[-1]
+    if class_names is not None and len(class_names) != n_classes:
+        raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
+    found: list[Detection] = []
+    for c in range(n_classes) if classes is None else classes:
+        if not 0 <= c < n_classes:
+            raise ValueError(f"class index {c} out of range; allowed: 0..{n_classes - 1}")
+        boxes, scores, scale_of = [], [], []
+        for r in results:
+            s = r.scores[..., c].reshape(-1)
+            mask = s >= threshold
+            boxes.append(r.boxes.reshape(-1, 4)[mask])
+            scores.append(s[mask])
+            scale_of.append(np.full(int(mask.sum()), r.scale))
+        b, s, sc = np.concatenate(boxes), np.concatenate(scores), np.concatenate(scale_of)
+        label = class_names[c] if class_names is not None else str(c)
+        for i in nms(b, s, iou_threshold):
+            found.append(Detection(c, label, float(s[i]), tuple(float(v) for v in b[i]), float(sc[i])))
+    found.sort(key=lambda d: -d.score)
+    return found[:max_detections]
+
+
+def score_map(
+    results: Sequence[DenseScores], image_shape: Sequence[int], class_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image-sized maps: each pixel takes the score of the window whose centre is nearest,
+    the maximum over scales. Returns (score, class) maps of shape (H, W): for ``class_index``
+    that class's score, else the best class's score and index (the arg-max class map).
+
+    >>> score, cls = score_map(dense_scores(model, image), image.shape)   # doctest: +SKIP
+    """
+    h, w = int(image_shape[0]), int(image_shape[1])
+    best = np.full((h, w), -np.inf, np.float32)
+    best_cls = np.zeros((h, w), np.int64)
+    for r in results:
+        cy = (r.boxes[:, 0, 1] + r.boxes[:, 0, 3]) / 2.0
+        cx = (r.boxes[0, :, 0] + r.boxes[0, :, 2]) / 2.0
+        rows = _nearest(cy, np.arange(h) + 0.5)
+        cols = _nearest(cx, np.arange(w) + 0.5)
+        if class_index is None:
+            cell_cls = np.argmax(r.scores, axis=-1)
+            cell_score = np.take_along_axis(r.scores, cell_cls[..., None], -1)[..., 0]
+        else:
+            cell_cls = np.full(r.scores.shape[:2], class_index)
+            cell_score = r.scores[..., class_index]
+        s = cell_score[rows][:, cols]
+        better = s > best
+        best = np.where(better, s, best)
+        best_cls = np.where(better, cell_cls[rows][:, cols], best_cls)
+    return best, best_cls
+
+
+def _nearest(centres: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted ``centres`` for each of ``points``."""
+    if len(centres) == 1:
+        return np.zeros(len(points), np.int64)
+    mids = (centres[1:] + centres[:-1]) / 2.0
+    return np.searchsorted(mids, points, side="right")
