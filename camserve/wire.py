@@ -224,7 +224,10 @@ def decode_image_proto(msg: pb.Image, max_pixels: int = DEFAULT_MAX_PIXELS, what
         raise ImageError(f"{what} is empty: set `encoded` (PNG, JPEG, BMP, WebP bytes) or `tensor`")
     if source == "encoded":
         data = msg.encoded
-        fmt, w, h = encoded_size(data)
+        try:
+            fmt, w, h = encoded_size(data)
+        except ImageError as e:
+            raise ImageError(f"{what}: {e}") from None
         check_pixels(w, h, max_pixels, f"{what} ({fmt.upper()} header)")
         try:
             rgb = decode_image(data)
