@@ -90,6 +90,11 @@ class Explainer:
         max_channels: int | None = None,
         max_batch_size: int = 64,
     ):
+        if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.output_shape) != 2:
+            raise InvalidArgument(
+                f"Explainer needs a classifier with one image input and one (N, classes) output; "
+                f"{model.name!r} has {len(model.inputs)} input(s) and output shape(s) {model.output_shape}"
+            )
         self.model = model
         self.layer_path = graph.resolve_layer(model, layer)
         self.layer_name = graph.layer_path_name(self.layer_path)

@@ -179,3 +179,12 @@ def test_unknown_layer_lists_candidates():
 def test_predict_matches_model(gap_model, rng_images):
     ex = Explainer(gap_model, max_batch_size=2)
     np.testing.assert_allclose(ex.predict(rng_images), gap_model.predict(rng_images, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_multi_output_models_are_refused():
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, [keras.layers.Dense(2)(pooled), keras.layers.Dense(3)(pooled)])
+    with pytest.raises(InvalidArgument, match="one image input and one"):
+        Explainer(model)
