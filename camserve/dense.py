@@ -1,9 +1,9 @@
 """Dense sliding-window class scores: one FCN pass, shift-and-stitch, or batched crops.
 
->>> results = dense_scores(model, image, stride=16, scales=(1.0, 0.5))   # doctest: +SKIP
->>> r = results[0]; r.scores.shape, r.boxes[0, 1], r.exact               # doctest: +SKIP
-((11, 11, 5), array([16., 0., 80., 64.], dtype=float32), True)
->>> detections(results, threshold=0.9)[0].label                          # doctest: +SKIP
+>>> result = dense_scores(model, image, stride=16, scales=(1.0, 0.5))    # doctest: +SKIP
+>>> result.exact, result[0].scores.shape, result[0].boxes[0, 1]          # doctest: +SKIP
+(True, (11, 11, 5), array([16., 0., 80., 64.], dtype=float32))
+>>> detections(result, threshold=0.9)[0].label                           # doctest: +SKIP
 'circle'
 
 ``image`` is one preprocessed float32 (H, W, C) array in the model's input space. Cell (i, j)
@@ -14,8 +14,9 @@ resized image; ``boxes`` give that window in pixels of the original ``image``.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -23,11 +24,18 @@ import numpy as np
 
 from camserve.fcn import FullyConvolutional, analyze, to_fully_convolutional
 
-__all__ = ["MODES", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
+__all__ = ["MODES", "DenseResult", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
 
 MODES = ("fcn", "crops")
 
+_FCN_LOCK = threading.Lock()
 _FCN_CACHE: "weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]]" = weakref.WeakKeyDictionary()
+
+
+def _square(strides: tuple[int, int]) -> int:
+    if strides[0] != strides[1]:
+        raise ValueError(f"the stride is not square: {strides} (sy, sx); use .strides")
+    return strides[0]
 
 
 @dataclasses.dataclass
@@ -35,19 +43,49 @@ class DenseScores:
     """Scores of every window at one scale.
 
     ``scores`` (gh, gw, classes) float32; ``boxes`` (gh, gw, 4) float32 (x0, y0, x1, y1), x1/y1
-    exclusive, in pixels of the original image; ``stride`` (sy, sx) and ``window`` (h, w) in
-    pixels of the image resized by ``scale``; ``exact``: the scores equal the classifier on
-    each crop (always True for ``mode="crops"``).
+    exclusive, in pixels of the original image; ``strides`` (sy, sx) and ``window`` (h, w) in
+    pixels of the image resized by ``scale`` (``image_size``).
     """
 
     scale: float
     scores: np.ndarray
     boxes: np.ndarray
-    stride: tuple[int, int]
+    strides: tuple[int, int]
     window: tuple[int, int]
+    image_size: tuple[int, int]
+
+    @property
+    def stride(self) -> int:
+        """The stride when it is the same along y and x (ValueError otherwise)."""
+        return _square(self.strides)
+
+
+@dataclasses.dataclass
+class DenseResult:
+    """What :func:`dense_scores` returns: one :class:`DenseScores` per scale (iterate or index
+    it like a list), the stride used, ``exact`` (the scores equal the classifier on each crop;
+    always True for ``mode="crops"``) and the mode.
+    """
+
+    scales: list[DenseScores]
+    strides: tuple[int, int]
     exact: bool
     mode: str
-    image_size: tuple[int, int]  # (height, width) of the resized image
+    window: tuple[int, int]
+
+    @property
+    def stride(self) -> int:
+        """The stride when it is the same along y and x (ValueError otherwise)."""
+        return _square(self.strides)
+
+    def __iter__(self) -> Iterator[DenseScores]:
+        return iter(self.scales)
+
+    def __len__(self) -> int:
+        return len(self.scales)
+
+    def __getitem__(self, i: int) -> DenseScores:
+        return self.scales[i]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +108,11 @@ def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
                 f"the given FullyConvolutional has logits={model.logits} but logits={logits} was asked"
             )
         return model
-    per_model = _FCN_CACHE.setdefault(model, {})
-    if logits not in per_model:
-        per_model[logits] = to_fully_convolutional(model, head="window", logits=logits)
-    return per_model[logits]
+    with _FCN_LOCK:  # the server calls this from worker threads
+        per_model = _FCN_CACHE.setdefault(model, {})
+        if logits not in per_model:
+            per_model[logits] = to_fully_convolutional(model, head="window", logits=logits)
+        return per_model[logits]
 
 
 def _stride_pair(stride: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -192,8 +231,8 @@ def dense_scores(
     batch_size: int = 32,
     logits: bool = False,
     pad: bool = False,
-) -> list[DenseScores]:
-    """Class scores of every window of the classifier's input size, one result per scale.
+) -> DenseResult:
+    """Class scores of every window of the classifier's input size, one level per scale.
 
     ``model``: a Keras classifier (converted once and cached) or a window
     :class:`~camserve.fcn.FullyConvolutional`. ``stride=None``: the total stride; a divisor
@@ -202,7 +241,7 @@ def dense_scores(
     only). An image smaller than the window at some scale raises ValueError unless
     ``pad=True``, which zero-pads it at the bottom/right up to the window.
 
-    >>> [r.scores.shape for r in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
+    >>> [level.scores.shape for level in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
     [(9, 9, 5)]
     """
     if mode not in MODES:
@@ -229,7 +268,7 @@ def dense_scores(
             default_stride = analyze(classifier).stride
     step = _stride_pair(stride, default_stride)  # type: ignore[arg-type]
     h0, w0 = image.shape[:2]
-    results = []
+    levels = []
     for scale in scales:
         scaled = _resize(image, float(scale))
         sh, sw = scaled.shape[:2]
@@ -240,24 +279,13 @@ def dense_scores(
                     f"{window[0]}x{window[1]} window; use larger scales or pad=True"
                 )
             scaled = np.pad(scaled, ((0, max(0, window[0] - sh)), (0, max(0, window[1] - sw)), (0, 0)))
-        if mode == "fcn":
-            scores = _fcn_scores(fcn, scaled, step, batch_size)  # type: ignore[arg-type]
+        if fcn is not None:
+            scores = _fcn_scores(fcn, scaled, step, batch_size)
         else:
             scores = _crop_scores(classifier, scaled, step, window, batch_size)
         boxes = _grid_boxes(scores.shape[:2], step, window, (h0 / sh, w0 / sw))
-        results.append(
-            DenseScores(
-                scale=float(scale),
-                scores=scores,
-                boxes=boxes,
-                stride=step,
-                window=window,
-                exact=True if mode == "crops" else exact,
-                mode=mode,
-                image_size=(sh, sw),
-            )
-        )
-    return results
+        levels.append(DenseScores(float(scale), scores, boxes, step, window, (sh, sw)))
+    return DenseResult(scales=levels, strides=step, exact=exact, mode=mode, window=window)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
@@ -287,7 +315,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int
 
 
 def detections(
-    results: Sequence[DenseScores],
+    results: DenseResult | Sequence[DenseScores],
     threshold: float = 0.5,
     iou_threshold: float = 0.3,
     class_names: Sequence[str] | None = None,
@@ -300,7 +328,7 @@ def detections(
     >>> [d.label for d in detections(dense_scores(model, image), 0.9, class_names=names)]  # doctest: +SKIP
     ['star', 'circle']
     """
-    if not results:
+    if not len(results):
         return []
     n_classes = results[0].scores.shape[-1]
     if class_names is not None and len(class_names) != n_classes:
@@ -325,7 +353,7 @@ def detections(
 
 
 def score_map(
-    results: Sequence[DenseScores], image_shape: Sequence[int], class_index: int | None = None
+    results: DenseResult | Sequence[DenseScores], image_shape: Sequence[int], class_index: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image-sized maps: each pixel takes the score of the window whose centre is nearest,
     the maximum over scales. Returns (score, class) maps of shape (H, W): for ``class_index``

@@ -381,8 +381,11 @@ def _find_head(graph: _Graph) -> _Head:
         )
         if kind in _GLOBAL_POOL or (kind == "Flatten" and not flatten_of_pooled):
             if len(in_shape) != 4:
+                source = producer.get(op.inputs[0])
+                origin = f" from {source.describe()}" if source is not None else ""
                 raise ConversionError(
-                    f"head layer {op.describe()} gets shape {in_shape}; (N, h, w, c) features expected"
+                    f"cannot convert head layer {op.describe()}: it gets shape {in_shape}{origin}; "
+                    "Flatten or global pooling of (N, h, w, c) features expected"
                 )
             _check_channels_last(op)
             chain.reverse()
