@@ -122,14 +122,16 @@ class ServerConfig:
                 data = tomllib.load(f)
             data = data.get("serve", data)  # either top-level keys or a [serve] table
             for key, value in data.items():
-                values[_check_key(key, f"{toml_path}")] = _coerce(key, value, f"{toml_path}: {key}")
+                _check_key(key, f"{toml_path}")
+                values[key] = _coerce(key, value, f"{toml_path}: {key}")
         for f in dataclasses.fields(cls):
             name = f"{ENV_PREFIX}{f.name.upper()}"
             if name in env:
                 values[f.name] = _coerce(f.name, env[name], name)
         for key, value in (overrides or {}).items():
             if value is not None:
-                values[_check_key(key, "overrides")] = _coerce(key, value, f"--{key.replace('_', '-')}")
+                _check_key(key, "overrides")
+                values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
         return cls(**values).validate()
 
 

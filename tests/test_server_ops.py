@@ -1,0 +1,290 @@
+"""Operational paths of the server: full queue, expired deadline, cancelled call, TLS + token,
+SIGTERM drain through the real ``camserve serve`` command, configuration sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers_serving import RunningServer, make_repository, metric_value
+
+from camserve import wire
+from camserve.client import Client
+from camserve.config import ServerConfig
+from camserve.proto import pb, pb_grpc
+
+
+@pytest.fixture(scope="module")
+def repo_root(tmp_path_factory) -> Path:
+    return make_repository(tmp_path_factory.mktemp("models"), corrupt=False)
+
+
+def _config(root: Path, **kw) -> ServerConfig:
+    base = dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=1, batch_timeout_ms=0,
+                warmup_methods=["gradcam"], log_format="text")
+    base.update(kw)
+    return ServerConfig.load(env={}, overrides=base)
+
+
+def _request() -> pb.PredictRequest:
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return pb.PredictRequest(model=pb.ModelSpec(name="gap"), images=[wire.image_to_proto(img)])
+
+
+def _wait(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Gate:
+    """Wraps the server's compute: blocks batches until released, records what ran."""
+
+    def __init__(self, rs: RunningServer) -> None:
+        self.inner = rs.server.batcher.compute
+        self.open = threading.Event()
+        self.started = threading.Event()
+        self.items = 0
+        rs.server.batcher.compute = self
+
+    def __call__(self, key, items):
+        self.items += len(items)
+        self.started.set()
+        assert self.open.wait(60)
+        return self.inner(key, items)
+
+
+@pytest.fixture
+def gated(repo_root: Path):
+    with RunningServer(_config(repo_root, max_queued=2)) as rs:
+        gate = Gate(rs)
+        channel = grpc.insecure_channel(rs.target)
+        yield rs, gate, pb_grpc.CamServiceStub(channel)
+        gate.open.set()
+        channel.close()
+
+
+def test_full_queue_resource_exhausted(gated) -> None:
+    rs, gate, stub = gated
+    first = stub.Predict.future(_request(), timeout=60)
+    assert gate.started.wait(30)
+    queued = [stub.Predict.future(_request(), timeout=60) for _ in range(2)]
+    _wait(lambda: rs.server.batcher.depth == 2, what="two queued requests")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_request(), timeout=60)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full (2 of max_queued=2 waiting)" in e.value.details()
+    gate.open.set()
+    for f in [first, *queued]:
+        assert len(f.result().predictions) == 1
+    assert rs.server.batcher.depth == 0
+    assert metric_value(rs.metrics_text(), "camserve_errors_total", method="Predict", code="RESOURCE_EXHAUSTED") == 1
+
+
+def test_expired_deadline_never_computed(gated) -> None:
+    rs, gate, stub = gated
+    first = stub.Predict.future(_request(), timeout=60)
+    assert gate.started.wait(30)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_request(), timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as e:  # a 1 ms deadline behind a busy worker
+        stub.Predict(_request(), timeout=0.001)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait(lambda: rs.server.batcher.depth == 0, what="the expired requests to leave the queue")
+    gate.open.set()
+    first.result()
+    assert gate.items == 1, "an expired request was computed"
+    assert len(stub.Predict(_request(), timeout=60).predictions) == 1  # and the server serves on
+
+
+def test_cancelled_call_leaves_no_queue_entry(gated) -> None:
+    rs, gate, stub = gated
+    first = stub.Predict.future(_request(), timeout=60)
+    assert gate.started.wait(30)
+    doomed = stub.Predict.future(_request(), timeout=60)
+    _wait(lambda: rs.server.batcher.depth == 1, what="the request to queue")
+    assert doomed.cancel()
+    _wait(lambda: rs.server.batcher.depth == 0, what="the cancelled request to leave the queue")
+    gate.open.set()
+    first.result()
+    assert gate.items == 1
+    text = rs.metrics_text()
+    assert metric_value(text, "camserve_dropped_total", reason="cancelled") == 1
+    assert metric_value(text, "camserve_queue_depth") == 0
+
+
+# ------------------------------------------------------------------ TLS and bearer token
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    try:
+        from cryptography import x509  # noqa: F401
+    except ImportError:
+        pass
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return key, cert
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl binary for a test certificate")
+def test_tls_and_token(repo_root: Path, tmp_path: Path) -> None:
+    key, cert = _self_signed(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    cfg = _config(repo_root, tls_cert=str(cert), tls_key=str(key), token_file=str(token_file))
+    with RunningServer(cfg) as rs:
+        target = f"localhost:{rs.port}"
+        roots = cert.read_bytes()
+        with Client(target, token="s3cret", root_certificates=roots) as ok:
+            assert ok.predict(np.zeros((32, 32, 3), np.uint8), model="gap").scores.shape == (1, 4)
+        for token, detail in [(None, "missing bearer token"), ("wrong", "invalid bearer token")]:
+            with Client(target, token=token, root_certificates=roots, retries=0) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.models()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and detail in e.value.details()
+                assert c.health() == "SERVING"  # probes carry no token
+                with pytest.raises(grpc.RpcError) as e:  # streaming calls are guarded too
+                    list(c.explain_many([np.zeros((32, 32, 3), np.uint8)], model="gap"))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(f"127.0.0.1:{rs.port}", token="s3cret", retries=0, timeout=5) as plain:
+            with pytest.raises(grpc.RpcError) as e:
+                plain.models()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
+        text = rs.metrics_text()
+        assert metric_value(text, "camserve_requests_total", method="ListModels", code="UNAUTHENTICATED") == 2
+
+
+# ------------------------------------------------------------------ SIGTERM through `camserve serve`
+
+
+def _start_cli(root: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "camserve", "serve", "--models", str(root), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", *extra],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    lines: list[str] = []
+    listening: dict = {}
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("{"):
+                rec = json.loads(line)
+                if rec.get("msg") == "listening":
+                    listening.update(rec)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        _wait(lambda: listening or proc.poll() is not None, 120, "the server to listen")
+    except AssertionError:
+        proc.kill()
+        raise
+    assert listening, "".join(lines)[-3000:]
+    listening["log"] = lines
+    return proc, listening
+
+
+def test_sigterm_drains_accepted_requests_then_exits_0(repo_root: Path) -> None:
+    import urllib.request
+
+    proc, info = _start_cli(repo_root, "--batch-timeout-ms", "1500", "--max-batch-size", "64")
+    try:
+        target = f"127.0.0.1:{info['port']}"
+        with Client(target, retries=0, timeout=60) as c:
+            _wait(lambda: _health(c) == "SERVING", 180, "SERVING")
+
+            def depth() -> float:
+                with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=5) as r:
+                    return metric_value(r.read().decode(), "camserve_queue_depth")
+
+            results: list = [None] * 8
+            img = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+            def one(i: int) -> None:
+                try:
+                    results[i] = c.predict(img, model="gap").scores
+                except grpc.RpcError as e:
+                    results[i] = e
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            _wait(lambda: depth() == 8, 30, "8 queued requests")  # waiting for the 1.5 s batch timeout
+            proc.send_signal(signal.SIGTERM)
+            _wait(lambda: _health(c) != "SERVING", 10, "NOT_SERVING while draining")
+            with pytest.raises(grpc.RpcError) as e:
+                c.predict(img, model="gap")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            for t in threads:
+                t.join(60)
+        assert proc.wait(60) == 0
+        assert all(isinstance(r, np.ndarray) and r.shape == (1, 4) for r in results), results
+        np.testing.assert_allclose(np.concatenate(results), np.repeat(results[0], 8, axis=0), rtol=1e-6)
+        logs = [json.loads(line) for line in info["log"] if line.startswith("{")]
+        assert any(r["msg"] == "stopped" for r in logs)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _health(c: Client) -> str:
+    try:
+        return c.health(timeout=2)
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+# ------------------------------------------------------------------ configuration sources
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "serve.toml"
+    toml.write_text('[serve]\nport = 9100\nmax_batch_size = 16\nwarmup_methods = ["gradcam", "cam"]\n')
+    cfg = ServerConfig.load(toml, env={"CAMSERVE_MAX_BATCH_SIZE": "8", "CAMSERVE_BATCH_TIMEOUT_MS": "2.5"},
+                            overrides={"max_batch_size": 4})
+    assert (cfg.port, cfg.max_batch_size, cfg.batch_timeout, cfg.warmup_methods) == (9100, 4, 0.0025, ["gradcam", "cam"])
+    env_only = ServerConfig.load(env={"CAMSERVE_CONFIG": str(toml), "CAMSERVE_WARMUP_METHODS": "cam, layercam"})
+    assert env_only.port == 9100 and env_only.warmup_methods == ["cam", "layercam"]
+
+
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        ({"env": {"CAMSERVE_PORT": "eighty"}}, "CAMSERVE_PORT: 'eighty' is not a valid int"),
+        ({"overrides": {"max_batch_size": 0}}, "max_batch_size must be >= 1"),
+        ({"overrides": {"tls_cert": "c.pem"}}, "TLS needs both"),
+        ({"overrides": {"nonsense": 1}}, "unknown setting 'nonsense'"),
+    ],
+)
+def test_config_errors(source: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ServerConfig.load(env=source.get("env", {}), overrides=source.get("overrides"))
+
+
+def test_config_toml_typo_rejected(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_batch = 3\n")
+    with pytest.raises(ValueError, match="unknown setting 'max_batch'"):
+        ServerConfig.load(toml, env={})
+
+
+def test_token_masked_in_public_dict() -> None:
+    assert ServerConfig.load(env={}, overrides={"token": "abc"}).public_dict()["token"] == "***"
