@@ -1,0 +1,96 @@
+"""`camserve dense` on a model folder: heatmaps, arg-max map and a JSON that match the
+classifier on every crop."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from camserve import imaging
+from camserve.cli import main
+from camserve.dense import dense_scores, detections
+from fcn_nets import crops_reference, flatten_net
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flatten_net("valid")
+
+
+@pytest.fixture()
+def model_dir(tmp_path, model):
+    d = tmp_path / "repo" / "fc"
+    (d / "2").mkdir(parents=True)
+    model.save(d / "2" / "model.keras")
+    (d / "config.toml").write_text(
+        f"class_names = {json.dumps(NAMES)}\ninput_size = [20, 20]\npreprocessing = \"scale_0_1\"\n"
+    )
+    return d
+
+
+def _write_images(tmp_path, sizes):
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(p), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        paths.append(p)
+    return paths
+
+
+def test_dense_writes_heatmaps_argmax_and_json(tmp_path, model_dir, model):
+    paths = _write_images(tmp_path, [(36, 44), (28, 28)])
+    out = tmp_path / "out"
+    code = main(["dense", *map(str, paths), "--model", str(model_dir), "--stride", "2", "--scales", "1,0.8",
+                 "--threshold", "0.3", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "dense.json").read_text())
+    assert (report["model"], report["version"], report["class_names"]) == ("fc", 2, NAMES)
+    for path, entry in zip(paths, report["images"]):
+        rgb = imaging.read_image(path)
+        x = imaging.preprocess(rgb, "scale_0_1")
+        assert (entry["image"], entry["height"], entry["width"]) == (str(path), *rgb.shape[:2])
+        assert (entry["mode"], entry["exact"], entry["stride"], entry["window"]) == ("fcn", True, [2, 2], [20, 20])
+        # Independent: the classifier on every crop of the image at scale 1.
+        want = crops_reference(model, x, 2)
+        level = entry["scales"][0]
+        assert level["grid"] == list(want.shape[:2])
+        assert level["argmax"] == np.argmax(want, -1).tolist()
+        np.testing.assert_allclose(level["max_score"], want.max(-1), atol=2e-6)
+        assert [s["scale"] for s in entry["scales"]] == [1.0, 0.8]
+        # Detections are the library's, over both scales.
+        lib = detections(dense_scores(model, x, stride=2, scales=(1.0, 0.8)), threshold=0.3, iou_threshold=0.3,
+                         class_names=NAMES)
+        assert [(d["label"], d["box"]) for d in entry["detections"]] == [
+            (d.label, [round(v, 2) for v in d.box]) for d in lib
+        ]
+        assert sorted(entry["heatmaps"]) == NAMES
+        for png in [*entry["heatmaps"].values(), entry["argmax_map"]]:
+            assert imaging.read_image(out / png).shape == rgb.shape
+
+
+def test_dense_crops_mode_and_class_selection(tmp_path, model_dir, model):
+    (path,) = _write_images(tmp_path, [(30, 26)])
+    out = tmp_path / "o"
+    assert main(["dense", str(path), "--model", str(model_dir), "--mode", "crops", "--stride", "3",
+                 "--classes", "b,4", "--out", str(out)]) == 0
+    entry = json.loads((out / "dense.json").read_text())["images"][0]
+    want = crops_reference(model, imaging.preprocess(imaging.read_image(path), "scale_0_1"), 3)
+    assert entry["exact"] is True and entry["scales"][0]["argmax"] == np.argmax(want, -1).tolist()
+    assert sorted(entry["heatmaps"]) == ["b", "e"]
+
+
+def test_dense_errors_name_the_problem(tmp_path, model_dir, capsys):
+    (small,) = _write_images(tmp_path, [(12, 30)])
+    assert main(["dense", str(small), "--model", str(model_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "img0.png" in err and "smaller than the 20x20 window" in err
+    (ok,) = _write_images(tmp_path, [(24, 24)])
+    assert main(["dense", str(ok), "--model", str(model_dir), "--classes", "zebra", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown class 'zebra'; allowed: a, b, c, d, e" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dense", str(ok), "--model", str(model_dir), "--scales", "1,-2", "--out", str(tmp_path / "o")])
+    assert "scales must be comma-separated positive numbers" in capsys.readouterr().err
