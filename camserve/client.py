@@ -63,6 +63,18 @@ class DenseResult:
     exact: bool
     class_names: list[str]
     model: tuple[str, int]
+    strides: tuple[int, int] = (0, 0)
+    window: tuple[int, int] = (0, 0)
+    mode: str = "fcn"
+
+    def __iter__(self):
+        return iter(self.scales)
+
+    def __getitem__(self, i: int) -> ScaleScores:
+        return self.scales[i]
+
+    def __len__(self) -> int:
+        return len(self.scales)
 
 
 # ---------------------------------------------------------------------------- requests / responses
@@ -139,6 +151,9 @@ def dense_result(resp: pb.DenseScoresResponse) -> DenseResult:
         exact=bool(resp.exact),
         class_names=list(resp.class_names),
         model=(resp.model.name, int(resp.model.version)),
+        strides=tuple(resp.strides) or (resp.stride, resp.stride),
+        window=tuple(resp.window),
+        mode=resp.mode,
     )
 
 

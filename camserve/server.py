@@ -701,6 +701,12 @@ class _Servicer(pb_grpc.CamServiceServicer):
         scales = tuple(float(x) for x in request.scales) or (1.0,)
         if any(not np.isfinite(x) or x <= 0 for x in scales) or len(scales) > 16:
             raise InvalidArgument(f"scales must be 1 to 16 positive finite numbers, got {list(scales)}")
+        if request.image.WhichOneof("source") == "encoded":
+            _, width, height = wire.encoded_size(request.image.encoded)
+        else:
+            height, width = (list(request.image.tensor.shape) + [0, 0])[:2]
+        for x in scales:
+            wire.check_pixels(round(width * x), round(height * x), s.config.max_pixels, f"image at scale {x}")
         mode = request.mode or "fcn"
         if mode not in ("fcn", "crops"):
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
@@ -777,13 +783,17 @@ def _display(x: np.ndarray) -> np.ndarray:
 
 def dense_to_proto(result: Any, entry: ModelEntry) -> pb.DenseScoresResponse:
     """A :func:`camserve.dense.dense_scores` result as a DenseScoresResponse."""
+    sy, sx = (int(v) for v in result.strides)
     resp = pb.DenseScoresResponse(
         model=pb.ModelSpec(name=entry.name, version=entry.version),
-        stride=int(result.stride),
+        stride=sy if sy == sx else 0,
+        strides=[sy, sx],
+        window=[int(v) for v in result.window],
         exact=bool(result.exact),
+        mode=str(result.mode),
         class_names=list(entry.config.class_names),
     )
-    for level in result.scales:
+    for level in result:
         resp.scales.append(
             pb.ScaleScores(
                 scale=float(level.scale),

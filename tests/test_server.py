@@ -334,3 +334,45 @@ def test_concurrent_single_image_clients_are_batched(repo_root: Path, pictures) 
     solo = Client  # noqa: F841 - readability
     for i, row in enumerate(rows):
         np.testing.assert_allclose(row, rows[i % 3], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ DenseScores
+
+
+@pytest.fixture(scope="module")
+def fc_reference(repo_root: Path):
+    import keras
+
+    return keras.models.load_model(repo_root / "fc" / "1" / "model.keras", safe_mode=True)
+
+
+@pytest.mark.parametrize(
+    "stride,scales,mode", [(None, (1.0,), "fcn"), (1, (1.0,), "fcn"), (None, (1.0, 0.8), "fcn"), (4, (1.0,), "crops")]
+)
+def test_dense_scores_equal_in_process(client: Client, fc_reference, stride, scales, mode) -> None:
+    from camserve.dense import dense_scores
+
+    pic = np.random.default_rng(11).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    expected = dense_scores(fc_reference, preprocess(pic, "scale_0_1"), stride=stride, scales=scales, mode=mode)
+    got = client.dense(pic, model="fc", stride=stride, scales=scales, mode=mode)
+    assert (got.stride, got.exact, got.mode, got.window) == (expected.stride, expected.exact, mode, expected.window)
+    assert got.class_names == list(CLASSES) and len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.scale == pytest.approx(e.scale)
+        np.testing.assert_allclose(g.scores, e.scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(g.boxes, e.boxes)
+
+
+def test_dense_bad_stride_and_scale(stub) -> None:
+    req = pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png(40, 40)), stride=3)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DenseScores(req, timeout=30)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "stride" in e.value.details()
+    req = pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png(40, 40)), scales=[0.5])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DenseScores(req, timeout=30)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "smaller than" in e.value.details()
+    req = pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png(40, 40)), scales=[100.0])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DenseScores(req, timeout=30)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the limit" in e.value.details()

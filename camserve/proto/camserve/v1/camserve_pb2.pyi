@@ -189,18 +189,24 @@ class ScaleScores(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., scores: _Optional[_Union[FloatMap, _Mapping]] = ..., boxes: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
 
 class DenseScoresResponse(_message.Message):
-    __slots__ = ("model", "scales", "stride", "exact", "class_names")
+    __slots__ = ("model", "scales", "stride", "exact", "class_names", "strides", "window", "mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    STRIDES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     scales: _containers.RepeatedCompositeFieldContainer[ScaleScores]
     stride: int
     exact: bool
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., scales: _Optional[_Iterable[_Union[ScaleScores, _Mapping]]] = ..., stride: _Optional[int] = ..., exact: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    strides: _containers.RepeatedScalarFieldContainer[int]
+    window: _containers.RepeatedScalarFieldContainer[int]
+    mode: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., scales: _Optional[_Iterable[_Union[ScaleScores, _Mapping]]] = ..., stride: _Optional[int] = ..., exact: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ..., strides: _Optional[_Iterable[int]] = ..., window: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
