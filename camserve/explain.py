@@ -108,6 +108,10 @@ class Explainer:
         if chunk_size < 1:
             raise InvalidArgument(f"chunk_size must be ≥ 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        if max_channels is not None and (
+            isinstance(max_channels, bool) or not isinstance(max_channels, (int, np.integer)) or max_channels < 1
+        ):
+            raise InvalidArgument(f"max_channels must be None (all channels) or an integer ≥ 1, got {max_channels!r}")
         self.max_channels = max_channels
         self.buckets = bucket_sizes(max_batch_size)
         self.input_shape = tuple(model.input_shape[1:])
@@ -340,6 +344,8 @@ class Explainer:
         found when it is not GlobalAveragePooling2D → (BatchNorm/Dropout)* → Dense."""
         head = [l for l in self.head if not isinstance(l, graph.PASSTHROUGH_LAYERS)]
         head = [l for l in head if not (isinstance(l, keras.layers.Activation) and _activation_name(l) == "linear")]
+        if head and head[-1] is self._output_layer and isinstance(head[-1], (keras.layers.Softmax, keras.layers.Activation)):
+            head = head[:-1]  # a separate softmax after a linear Dense: the logits are its input
         if (
             len(head) >= 2
             and isinstance(head[0], keras.layers.GlobalAveragePooling2D)
