@@ -468,8 +468,17 @@ class CamServer:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def in_pool(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> Any:
+        """Run ``fn`` in the I/O pool (decoding, encoding), or right here when ``inline``
+        (small work, where the thread hop would cost more than the work)."""
+        if inline:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    @staticmethod
+    def small(images: Sequence[pb.Image]) -> bool:
+        """Raw tensors of at most 256 KiB in all: cheap enough to prepare on the event loop."""
+        return sum(len(m.tensor.data) if m.WhichOneof("source") == "tensor" else 1 << 30 for m in images) <= 256 * 1024
 
     # ------------------------------------------------------------ compute (worker thread)
 
@@ -569,7 +578,7 @@ class _Servicer(pb_grpc.CamServiceServicer):
         classes = rt.entry.config.class_names
         if not 0 <= request.top_k <= len(classes):
             raise InvalidArgument(f"top_k must be between 0 and {len(classes)} (the class count), got {request.top_k}")
-        images, _ = await s.in_pool(s.prepare, rt, request.images)
+        images, _ = await s.in_pool(s.prepare, rt, request.images, inline=s.small(request.images))
         ex = s.explainer(rt, "")
         key = ("predict", rt.entry.name, rt.entry.version, images.shape[1:])
         scores = await s.batcher.submit(key, _Job(rt, ex, images), size=len(images), deadline=s.deadline(context))
@@ -605,12 +614,15 @@ class _Servicer(pb_grpc.CamServiceServicer):
                 targets.append([ex.class_index(wire.target_from_proto(t)) for t in tl.targets])
         elif not 1 <= top_k <= n_classes:
             raise InvalidArgument(f"top_k must be between 1 and {n_classes} (the class count), got {request.top_k}")
-        images, pixels = await s.in_pool(s.prepare, rt, request.images)
+        images, pixels = await s.in_pool(s.prepare, rt, request.images, inline=s.small(request.images))
         key = ("explain", rt.entry.name, rt.entry.version, ex.layer_name, methods, images.shape[1:],
                "targets" if targets is not None else top_k)
         job = _Job(rt, ex, images, targets=targets, params={"methods": methods, "top_k": top_k})
         results = await s.batcher.submit(key, job, size=n, deadline=s.deadline(context))
-        return await s.in_pool(self._explain_response, rt, ex, request, results, pixels, images)
+        inline = not request.return_overlay and not (request.return_raw or request.return_heatmap) or (
+            not request.return_overlay and s.small(request.images)
+        )
+        return await s.in_pool(self._explain_response, rt, ex, request, results, pixels, images, inline=inline)
 
     @staticmethod
     def _explain_response(rt: _Runtime, ex: Any, request: pb.ExplainRequest, results: list, pixels: list, images: np.ndarray) -> pb.ExplainResponse:
