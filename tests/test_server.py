@@ -376,3 +376,14 @@ def test_dense_bad_stride_and_scale(stub) -> None:
     with pytest.raises(grpc.RpcError) as e:
         stub.DenseScores(req, timeout=30)
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the limit" in e.value.details()
+
+
+def test_explain_stream_error_ends_stream_with_its_status(stub) -> None:
+    reqs = [_explain(request_id="ok"), _explain(request_id="bad", layer="nope")]
+    got = []
+    with pytest.raises(grpc.RpcError) as e:
+        for resp in stub.ExplainStream(iter(reqs), timeout=60):
+            got.append(resp.request_id)
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+    assert "request 'bad': unknown layer 'nope'" in e.value.details()
+    assert set(got) <= {"ok"}
