@@ -14,8 +14,12 @@ __all__ = ["Explainer", "Explanation", "__version__"]
 
 def __getattr__(name: str):
     # Lazy so that `camserve.imaging`, the CLI's --help and the client do not import TensorFlow.
-    if name in ("Explainer", "Explanation"):
-        from camserve import explain
+    if name == "Explainer":
+        from camserve.explain import Explainer
 
-        return getattr(explain, name)
+        return Explainer
+    if name == "Explanation":
+        from camserve.explanation import Explanation
+
+        return Explanation
     raise AttributeError(f"module 'camserve' has no attribute {name!r}")

@@ -1,10 +1,10 @@
 """Python client of the camserve gRPC service, sync (:class:`Client`) and asyncio
 (:class:`AsyncClient`). TensorFlow is imported only when explanations arrive (the
-:class:`~camserve.explain.Explanation` type lives in :mod:`camserve.explain`).
+:class:`~camserve.explanation.Explanation` type lives in :mod:`camserve.explanation`).
 
 Images may be numpy arrays (uint8 pixels of any size, or float32 preprocessed inputs of the
 model's size), file paths or encoded bytes; explanations come back as the library's own
-:class:`camserve.explain.Explanation` tuples. Calls that fail with UNAVAILABLE (a replica
+:class:`camserve.explanation.Explanation` tuples. Calls that fail with UNAVAILABLE (a replica
 restarting or draining) are retried with backoff; several replicas can be one target,
 ``"ipv4:127.0.0.1:8500,127.0.0.1:8501"`` or ``"dns:///camserve-headless:8500"``, balanced
 round-robin.

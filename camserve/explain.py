@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import keras
 import numpy as np
@@ -23,23 +23,12 @@ import tensorflow as tf
 
 from camserve import graph
 from camserve.errors import InvalidArgument, NotFound
+from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
 from camserve.methods import METHODS, weighted_sum
 
 Target = int | str
 Targets = Sequence[Target | Sequence[Target]] | None
-
-
-class Explanation(NamedTuple):
-    """One heatmap for one (image, target class, method)."""
-
-    method: str
-    class_index: int
-    label: str
-    score: float  # the model's own output for the class (a probability for softmax heads)
-    raw: np.ndarray  # float32 (h, w) at the layer's resolution, after ReLU, not normalised
-    heatmap: np.ndarray  # float32 (H, W) in [0, 1] at the input's resolution
-    box: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), x1/y1 exclusive; None if all zero
 
 
 class UnknownClass(NotFound):
@@ -135,7 +124,7 @@ class Explainer:
         (target, method), targets outer, methods inner.
         """
         images = self._check_images(images)
-        methods = self._check_methods(methods)
+        methods = self.check_methods(methods)
         encoded, valid = self._encode_targets(len(images), targets, top_k)
         fn = self._graph(("explain", methods, encoded.shape[1]))
         results: list[list[Explanation]] = []
@@ -176,7 +165,9 @@ class Explainer:
             raise InvalidArgument("images contain NaN or Inf values; only finite values are allowed")
         return images
 
-    def _check_methods(self, methods: Sequence[str]) -> tuple[str, ...]:
+    def check_methods(self, methods: Sequence[str]) -> tuple[str, ...]:
+        """Validated, de-duplicated method names; raises UnknownMethod, or InvalidArgument
+        for ``cam`` without a GAP → Dense head. Servers call it before queueing work."""
         if isinstance(methods, str):
             methods = (methods,)
         methods = tuple(dict.fromkeys(methods))

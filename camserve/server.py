@@ -360,7 +360,7 @@ class CamServer:
         usable = []
         for m in ex.methods:
             try:
-                ex._check_methods((m,))
+                ex.check_methods((m,))
                 usable.append(m)
             except InvalidArgument:
                 pass
@@ -594,7 +594,7 @@ class _Servicer(pb_grpc.CamServiceServicer):
         s.check_count(n)
         ex = s.explainer(rt, request.layer)
         methods = tuple(dict.fromkeys(request.methods)) or ("gradcam",)
-        ex._check_methods(methods)  # UnknownMethod / cam on a non-GAP head, before batching
+        ex.check_methods(methods)  # UnknownMethod / cam on a non-GAP head, before batching
         n_classes = ex.num_classes
         top_k = request.top_k or 1
         targets: list[list[int]] | None = None

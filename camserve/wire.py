@@ -27,7 +27,7 @@ from camserve.imaging import ImageError, decode_image, sniff_format
 from camserve.proto import pb
 
 if TYPE_CHECKING:
-    from camserve.explain import Explanation
+    from camserve.explanation import Explanation
 
 #: What a caller may pass as one image.
 ImageLike = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
@@ -360,9 +360,9 @@ def explanation_to_proto(
 
 
 def explanation_from_proto(m: pb.Explanation) -> "Explanation":
-    """A wire Explanation as the library's :class:`~camserve.explain.Explanation`;
+    """A wire Explanation as the library's :class:`~camserve.explanation.Explanation`;
     maps that were not sent are None. The overlay PNG, when sent, stays in ``m.overlay_png``."""
-    from camserve.explain import Explanation
+    from camserve.explanation import Explanation
 
     return Explanation(**_explanation_fields(m))
 

@@ -1,0 +1,24 @@
+"""The result type of an explanation, light enough for the client (no TensorFlow).
+
+>>> e = Explanation("gradcam", 1, "square", 0.9, np.zeros((2, 2), np.float32), np.zeros((4, 4), np.float32), None)
+>>> e.label, e.box
+('square', None)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Explanation(NamedTuple):
+    """One heatmap for one (image, target class, method)."""
+
+    method: str
+    class_index: int
+    label: str
+    score: float  # the model's own output for the class (a probability for softmax heads)
+    raw: np.ndarray  # float32 (h, w) at the layer's resolution, after ReLU, not normalised
+    heatmap: np.ndarray  # float32 (H, W) in [0, 1] at the input's resolution
+    box: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), x1/y1 exclusive; None if all zero
