@@ -154,11 +154,8 @@ def _grid_boxes(
     return boxes.astype(np.float32)
 
 
-def _predict(model: Any, batches: list[np.ndarray], batch_size: int) -> np.ndarray:
-    outs = []
-    for batch in batches:
-        for i in range(0, len(batch), batch_size):
-            outs.append(np.asarray(model.predict_on_batch(batch[i : i + batch_size])))
+def _predict(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    outs = [np.asarray(model.predict_on_batch(batch[i : i + batch_size])) for i in range(0, len(batch), batch_size)]
     return np.concatenate(outs)
 
 
@@ -185,13 +182,13 @@ def _fcn_scores(
         for b in range(fx):
             ny = (h - a * stride[0] - win[0]) // total[0] + 1
             nx = (w - b * stride[1] - win[1]) // total[1] + 1
-            if ny <= 0 or nx <= 0 or a >= grid[0] or b >= grid[1]:
+            if ny <= 0 or nx <= 0:  # no window starts at this shift
                 continue
             y0, x0 = a * stride[0], b * stride[1]
             crop = image[y0 : y0 + (ny - 1) * total[0] + win[0], x0 : x0 + (nx - 1) * total[1] + win[1]]
             groups.setdefault(crop.shape[:2], []).append((a, b, crop))
     for items in groups.values():
-        preds = _predict(fcn.model, [np.stack([c for _, _, c in items])], batch_size)
+        preds = _predict(fcn.model, np.stack([c for _, _, c in items]), batch_size)
         for (a, b, crop), pred in zip(items, preds):
             ny = (crop.shape[0] - win[0]) // total[0] + 1
             nx = (crop.shape[1] - win[1]) // total[1] + 1
@@ -215,7 +212,7 @@ def _crop_scores(
     grid = ((h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1)
     origins = [(i * stride[0], j * stride[1]) for i in range(grid[0]) for j in range(grid[1])]
     outs = []
-    for k in range(0, len(origins), batch_size):
+    for k in range(0, len(origins), batch_size):  # crops are cut per batch: memory stays bounded
         batch = np.stack([image[y : y + window[0], x : x + window[1]] for y, x in origins[k : k + batch_size]])
         outs.append(np.asarray(model.predict_on_batch(batch)))
     scores = np.concatenate(outs)

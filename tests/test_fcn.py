@@ -50,7 +50,7 @@ def test_head_weights_are_copied_exactly() -> None:
     for name, hw, cin in (("fc1", (3, 3), 6), ("predictions", (1, 1), 8)):
         kernel, bias = model.get_layer(name).get_weights()
         conv = fcn.model.get_layer(name)
-        assert type(conv).__name__ == "Conv2D"
+        assert isinstance(conv, keras.layers.Conv2D)
         assert conv.kernel_size == hw and conv.padding == "valid"
         ckernel, cbias = conv.get_weights()
         np.testing.assert_array_equal(ckernel, kernel.reshape(*hw, cin, -1))
@@ -225,10 +225,15 @@ def vgg16() -> keras.Model:
     return keras.applications.VGG16(weights=None, include_top=True)
 
 
-def test_vgg16_converts_to_a_6x6x1000_grid_at_384px(vgg16: keras.Model) -> None:
+@pytest.fixture(scope="module")
+def vgg16_fcn(vgg16: keras.Model):
+    return to_fully_convolutional(vgg16)
+
+
+def test_vgg16_converts_to_a_6x6x1000_grid_at_384px(vgg16: keras.Model, vgg16_fcn) -> None:
     from camserve.dense import dense_scores
 
-    fcn = to_fully_convolutional(vgg16)
+    fcn = vgg16_fcn
     assert (fcn.window, fcn.stride, fcn.exact) == ((224, 224), (32, 32), False)
     kernel, bias = vgg16.get_layer("fc1").get_weights()
     np.testing.assert_array_equal(fcn.model.get_layer("fc1").get_weights()[0], kernel.reshape(7, 7, 512, 4096))
@@ -241,16 +246,22 @@ def test_vgg16_converts_to_a_6x6x1000_grid_at_384px(vgg16: keras.Model) -> None:
         assert tuple(level.boxes[i, j]) == (32 * j, 32 * i, 32 * j + 224, 32 * i + 224)
 
 
-def test_layer_flops_of_vgg16(vgg16: keras.Model) -> None:
+def test_layer_flops_of_vgg16_and_its_fcn(vgg16: keras.Model, vgg16_fcn) -> None:
     # Independent count: 2 × kernel size × output positions, output sizes written out by hand.
-    out_size = {"block1": 224, "block2": 112, "block3": 56, "block4": 28, "block5": 14}
-    want = 0
-    for layer in vgg16.layers:
-        if hasattr(layer, "kernel"):
-            positions = out_size[layer.name.split("_")[0]] ** 2 if layer.name.startswith("block") else 1
-            want += 2 * int(np.prod(layer.kernel.shape)) * positions
+    def count(size: int, head_positions: int) -> int:
+        out_size = {"block1": size, "block2": size // 2, "block3": size // 4, "block4": size // 8, "block5": size // 16}
+        total = 0
+        for layer in vgg16.layers:
+            if hasattr(layer, "kernel"):
+                block = layer.name.split("_")[0]
+                positions = out_size[block] ** 2 if block in out_size else head_positions
+                total += 2 * int(np.prod(layer.kernel.shape)) * positions
+        return total
+
+    want = count(224, 1)
     assert layer_flops(vgg16, (224, 224, 3)) == want
     assert want == pytest.approx(2 * 15.47e9, rel=2e-3)  # the published 15.47 G multiply-adds
+    assert layer_flops(vgg16_fcn.model, (384, 384, 3)) == count(384, 36)  # the head at 6×6 positions
 
 
 @pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2"])
@@ -284,3 +295,11 @@ def test_keras_application_nested_in_sequential() -> None:
     images = RNG.random((2, 64, 64, 3), dtype=np.float32)
     assert max_rel_err(fcn.model.predict_on_batch(images)[:, 0, 0], model.predict(images, verbose=0)) <= 1e-4
     assert fcn.model.predict_on_batch(images[:1, :, :, :].repeat(2, 1)).shape == (1, 3, 1, 4)
+
+
+def test_converted_model_saves_and_loads_in_safe_mode(tmp_path) -> None:
+    fcn = to_fully_convolutional(flatten_net("valid"))
+    fcn.model.save(tmp_path / "fcn.keras")
+    loaded = keras.models.load_model(tmp_path / "fcn.keras", safe_mode=True)
+    image = RNG.random((1, 28, 32, 3), dtype=np.float32)
+    np.testing.assert_array_equal(loaded.predict_on_batch(image), fcn.model.predict_on_batch(image))

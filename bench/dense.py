@@ -1,0 +1,161 @@
+"""Benchmark: one FCN pass against the same windows classified as batched crops, side by side.
+
+    python bench/dense.py [--repeats 5] [--models VGG16,ResNet50] [--out bench/results/dense.md]
+
+VGG16 with its Flatten → Dense head (384 px image, 224 px window, stride 32: 6×6 = 36 windows)
+and the ResNet50 window model (GAP → 7×7 average pool, same geometry). The FLOP ratio is
+(36 × FLOPs of the classifier at 224 px) / (FLOPs of the FCN at 384 px), both counted from the
+layer shapes (Conv2D / DepthwiseConv2D / Dense multiply-adds). Target (SPEC §8.3): measured
+speedup ≥ 90 % of the FLOP ratio. Timings are medians of interleaved repeats (FCN, then crops,
+in every round), after one untimed warm-up call of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from camserve.dense import dense_scores  # noqa: E402
+from camserve.fcn import layer_flops, to_fully_convolutional  # noqa: E402
+
+IMAGE, WINDOW, STRIDE = 384, 224, 32
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """Wall-clock min / median and process CPU-time median (all threads) per function."""
+    for fn in fns.values():
+        fn()  # warm-up: tracing, allocation
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[k].append(time.perf_counter() - w0)
+            cpu[k].append(time.process_time() - c0)
+    return {
+        k: {"min": min(wall[k]), "median": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])}
+        for k in fns
+    }
+
+
+def bench(name: str, repeats: int) -> tuple[list[list[object]], dict[str, object]]:
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, include_top=True)
+    fcn = to_fully_convolutional(model)
+    image = np.random.default_rng(0).uniform(-120, 120, (IMAGE, IMAGE, 3)).astype(np.float32)
+    n = (IMAGE - WINDOW) // STRIDE + 1
+    crops = np.stack(
+        [image[i * STRIDE : i * STRIDE + WINDOW, j * STRIDE : j * STRIDE + WINDOW] for i in range(n) for j in range(n)]
+    )
+    flops_crops = len(crops) * layer_flops(model, (WINDOW, WINDOW, 3))
+    flops_fcn = layer_flops(fcn.model, (IMAGE, IMAGE, 3))
+    ratio = flops_crops / flops_fcn
+
+    fcn_call = tf.function(lambda x: fcn.model(x, training=False), jit_compile=False)
+    clf_call = tf.function(lambda x: model(x, training=False), jit_compile=False)
+    x_img, x_crops = tf.constant(image[None]), tf.constant(crops)
+    grid_fcn = fcn_call(x_img).numpy()[0]
+    grid_crops = clf_call(x_crops).numpy().reshape(n, n, -1)
+    t = _interleaved(
+        {
+            "fcn": lambda: fcn_call(x_img).numpy(),
+            "crops": lambda: clf_call(x_crops).numpy(),
+            "lib_fcn": lambda: dense_scores(fcn, image, mode="fcn"),
+            "lib_crops": lambda: dense_scores(fcn, image, mode="crops", batch_size=len(crops)),
+        },
+        repeats,
+    )
+    rows = []
+    for label, a, b in (
+        ("compiled model calls", t["fcn"], t["crops"]),
+        ("`dense_scores` fcn vs crops", t["lib_fcn"], t["lib_crops"]),
+    ):
+        for stat, unit in (("min", "wall min"), ("median", "wall median"), ("cpu", "CPU time median")):
+            speedup = b[stat] / a[stat]
+            rows.append([
+                name, label, unit, f"{a[stat] * 1000:.0f}", f"{b[stat] * 1000:.0f}", f"{speedup:.2f}×",
+                f"{ratio:.2f}×", f"{speedup / ratio * 100:.0f} %", "yes" if speedup >= 0.9 * ratio else "**no**",
+            ])
+    info = {
+        "name": name,
+        "grid": grid_fcn.shape,
+        "exact": fcn.exact,
+        "flops_crops": flops_crops,
+        "flops_fcn": flops_fcn,
+        "max_abs_diff": float(np.max(np.abs(grid_fcn - grid_crops))),
+        "argmax_agree": float(np.mean(grid_fcn.argmax(-1) == grid_crops.argmax(-1))),
+    }
+    return rows, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="VGG16,ResNet50")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    args = parser.parse_args(argv)
+    rows, infos = [], []
+    load_before = os.getloadavg()
+    for name in args.models.split(","):
+        r, info = bench(name.strip(), args.repeats)
+        rows += r
+        infos.append(info)
+        print(table(HEADER, r), flush=True)
+    load_after = os.getloadavg()
+    report = [
+        "# Dense scores: one FCN pass vs batched crops",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Command: `python bench/dense.py --repeats {args.repeats} --models {args.models}"
+        + (f" --out {args.out}`" if args.out else "`"),
+        "",
+        f"{IMAGE}×{IMAGE} image, {WINDOW}×{WINDOW} window, stride {STRIDE}: "
+        f"{((IMAGE - WINDOW) // STRIDE + 1) ** 2} windows. `weights=None` (random weights; timing does not depend "
+        f"on them). {args.repeats} interleaved repeats after a warm-up; wall-clock min and median, and the median "
+        "process CPU time (all threads). The machine is shared: 1-minute load average "
+        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after the run on its 2 cores, so wall medians carry "
+        "other people's work; the wall minimum and the CPU time are the better measures of the cost. "
+        "Target: speedup ≥ 90 % of the FLOP ratio.",
+        "",
+        table(HEADER, rows),
+        "",
+        "FLOPs from the layer shapes (2 × multiply-adds of Conv2D / DepthwiseConv2D / Dense):",
+        "",
+        table(
+            ["model", "grid", "crops GFLOPs", "FCN GFLOPs", "exact", "max abs diff FCN vs crops", "arg-max agreement"],
+            [
+                [i["name"], "×".join(map(str, i["grid"])), f"{i['flops_crops'] / 1e9:.1f}", f"{i['flops_fcn'] / 1e9:.1f}",
+                 i["exact"], f"{i['max_abs_diff']:.2e}", f"{i['argmax_agree'] * 100:.0f} %"]
+                for i in infos
+            ],
+        ),
+        "",
+        "Both models pad (`padding='same'` / ZeroPadding2D), so `exact` is False: the FCN grid is not "
+        "the classifier on each crop near crop borders (last table); use `mode=\"crops\"` where exactness matters.",
+    ]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+HEADER = ["model", "what", "time", "FCN ms", "crops ms", "speedup", "FLOP ratio", "speedup / ratio", "≥ 90 %"]
+
+if __name__ == "__main__":
+    sys.exit(main())
