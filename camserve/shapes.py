@@ -2,7 +2,7 @@
 
 Five classes (:data:`CLASS_NAMES`) of filled shapes in random colours, sizes, rotations
 and positions, on cluttered backgrounds (colour gradient, low-frequency texture, random
-lines, pixel noise). Every shape is rasterised with 4x supersampling into its own
+lines, pixel noise). Every shape is rasterised with 8x supersampling into its own
 coverage mask; its box is the tight box of that mask (pixels with coverage >= 1/4), so
 it encloses exactly the pixels the shape changed. Boxes are ``(x0, y0, x1, y1)`` in
 pixels with ``x1, y1`` exclusive, like :func:`camserve.imaging.heatmap_box`.
@@ -32,7 +32,7 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 #: Default range of shape sizes in pixels: the diameter of the shape's circumscribed circle.
 DEFAULT_SHAPE_SIZE: tuple[int, int] = (20, 44)
 
-_SUPERSAMPLE = 4  # rasterise at 4x and average: anti-aliased coverage
+_SUPERSAMPLE = 8  # rasterise at 8x and average: anti-aliased coverage
 _MIN_COVERAGE = 0.25  # coverage below this is not drawn, so every box pixel visibly changes
 _MIN_CONTRAST = 110.0  # Euclidean RGB distance between a shape and the background under it
 
@@ -104,14 +104,24 @@ def shape_coverage(
     c, s = np.cos(angle), np.sin(angle)
     pts = _unit_polygon(label) * (size / 2.0)
     pts = pts @ np.array([[c, s], [-s, c]]) + np.asarray(centre, np.float64)
+    cov = np.zeros((h, w), np.float32)
+    # rasterise only the patch of whole pixels the shape can touch, at ss x resolution
+    x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in pts.min(axis=0))
+    x1, y1 = int(np.ceil(pts[:, 0].max())) + 1, int(np.ceil(pts[:, 1].max())) + 1
+    x1, y1 = min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return cov
     ss, shift = _SUPERSAMPLE, 4
-    # continuous coordinate X -> high-res pixel-centre coordinate ss*X - 0.5, fixed point
-    fixed = np.round((pts * ss - 0.5) * (1 << shift)).astype(np.int32)
-    hi = np.zeros((h * ss, w * ss), np.uint8)
+    # continuous coordinate X -> high-res pixel-centre coordinate ss*(X - x0) - 0.5, fixed point.
+    # fillPoly also fills the outline, which widens the shape by about half a high-res pixel
+    # per side; at 8x that is 1/16 px, below the coverage cut-off.
+    fixed = np.round((((pts - (x0, y0)) * ss) - 0.5) * (1 << shift)).astype(np.int32)
+    hi = np.zeros(((y1 - y0) * ss, (x1 - x0) * ss), np.uint8)
     cv2.fillPoly(hi, [fixed.reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8, shift=shift)
-    cov = cv2.resize(hi.astype(np.float32) / 255.0, (w, h), interpolation=cv2.INTER_AREA)
-    cov[cov < _MIN_COVERAGE] = 0.0
-    return np.clip(cov, 0.0, 1.0)
+    patch = cv2.resize(hi.astype(np.float32) / 255.0, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    patch[patch < _MIN_COVERAGE] = 0.0
+    cov[y0:y1, x0:x1] = np.clip(patch, 0.0, 1.0)
+    return cov
 
 
 def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -346,5 +356,6 @@ def write_samples(out_dir: str | Path, seed: int = 0, size: Sequence[int] = (64,
         path.write_bytes(encode_png(scene.image))
         truth[fname] = {"labels": scene.names, "boxes": [list(b) for b in scene.boxes]}
         paths.append(path)
-    (out / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in truth.items()]
+    (out / "ground_truth.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
     return paths
