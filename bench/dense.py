@@ -46,7 +46,12 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
             wall[k].append(time.perf_counter() - w0)
             cpu[k].append(time.process_time() - c0)
     return {
-        k: {"min": min(wall[k]), "median": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])}
+        k: {
+            "min": min(wall[k]),
+            "median": statistics.median(wall[k]),
+            "cpu": statistics.median(cpu[k]),
+            "cpu_min": min(cpu[k]),
+        }
         for k in fns
     }
 
@@ -101,11 +106,57 @@ def bench(name: str, repeats: int) -> tuple[list[list[object]], dict[str, object
     return rows, info
 
 
+def vgg16_blocks(repeats: int) -> list[list[object]]:
+    """Where the time goes: VGG16 prefixes up to each block's pool, FCN image vs crops batch,
+    process CPU time (min over interleaved repeats), differenced block by block."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.VGG16(weights=None, include_top=True)
+    image = np.random.default_rng(0).uniform(-120, 120, (1, IMAGE, IMAGE, 3)).astype(np.float32)
+    n = (IMAGE - WINDOW) // STRIDE + 1
+    crops = np.stack(
+        [image[0, i * STRIDE : i * STRIDE + WINDOW, j * STRIDE : j * STRIDE + WINDOW] for i in range(n) for j in range(n)]
+    )
+    rows, prev = [], (0.0, 0.0, 0, 0)
+    for block in range(1, 6):
+        prefix = []
+        for layer in model.layers[1:]:
+            prefix.append(layer)
+            if layer.name == f"block{block}_pool":
+                break
+        calls, flops = [], []
+        for size, x in ((IMAGE, image), (WINDOW, crops)):
+            inp = keras.Input((size, size, 3))
+            y = inp
+            for layer in prefix:
+                y = layer(y)
+            sub = keras.Model(inp, y)
+            flops.append(layer_flops(sub, (size, size, 3)) * len(x))
+            fn = tf.function(lambda a, sub=sub: sub(a, training=False))
+            xt = tf.constant(x)
+            calls.append(lambda fn=fn, xt=xt: fn(xt).numpy())
+        t = _interleaved({"fcn": calls[0], "crops": calls[1]}, repeats)
+        cum = (t["fcn"]["cpu_min"], t["crops"]["cpu_min"], flops[0], flops[1])
+        d = [c - p for c, p in zip(cum, prev)]
+        prev = cum
+        rows.append([
+            f"block{block}", f"{d[2] / 1e9:.1f}", f"{d[3] / 1e9:.1f}", f"{d[0] * 1000:.0f}", f"{d[1] * 1000:.0f}",
+            f"{d[2] / d[0] / 1e9:.0f}", f"{d[3] / d[1] / 1e9:.0f}", f"{d[1] / d[0]:.2f}×", f"{d[3] / d[2]:.2f}×",
+        ])
+    return rows
+
+
+BLOCK_HEADER = [
+    "VGG16 part", "FCN GFLOPs", "crops GFLOPs", "FCN CPU ms", "crops CPU ms", "FCN GFLOP/s", "crops GFLOP/s",
+    "speedup", "FLOP ratio",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="VGG16,ResNet50")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    parser.add_argument("--blocks", action="store_true", help="also break VGG16 down block by block")
     args = parser.parse_args(argv)
     rows, infos = [], []
     load_before = os.getloadavg()
@@ -114,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         infos.append(info)
         print(table(HEADER, r), flush=True)
+    blocks = vgg16_blocks(args.repeats) if args.blocks else []
     load_after = os.getloadavg()
     report = [
         "# Dense scores: one FCN pass vs batched crops",
@@ -121,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}.",
         "",
         f"Command: `python bench/dense.py --repeats {args.repeats} --models {args.models}"
+        + (" --blocks" if args.blocks else "")
         + (f" --out {args.out}`" if args.out else "`"),
         "",
         f"{IMAGE}×{IMAGE} image, {WINDOW}×{WINDOW} window, stride {STRIDE}: "
@@ -147,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         "Both models pad (`padding='same'` / ZeroPadding2D), so `exact` is False: the FCN grid is not "
         "the classifier on each crop near crop borders (last table); use `mode=\"crops\"` where exactness matters.",
     ]
+    if blocks:
+        report += [
+            "",
+            "VGG16 block by block (process CPU time, min over the repeats, of prefixes up to each block's pool, "
+            "differenced; the head is the rest):",
+            "",
+            table(BLOCK_HEADER, blocks),
+        ]
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:
