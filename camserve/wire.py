@@ -15,6 +15,7 @@ image (a decompression bomb) is refused without allocating it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -195,7 +196,7 @@ def tensor_to_array(
     if any(s <= 0 for s in shape):
         raise InvalidArgument(f"{what}: shape {list(shape)} has an empty or negative dimension")
     dtype = np.dtype(t.dtype).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: an int64 product could wrap around to a small number
     if max_elements is not None and count > max_elements:
         raise InvalidArgument(f"{what}: {count} elements exceed the limit of {max_elements}")
     if len(t.data) != count * dtype.itemsize:
