@@ -103,8 +103,8 @@ def _bmp_size(data: bytes) -> tuple[int, int] | None:
     if len(data) < 26:
         return None
     (header_size,) = struct.unpack("<I", data[14:18])
-    if header_size == 12:  # BITMAPCOREHEADER
-        w, h = struct.unpack("<hh", data[18:22])
+    if header_size == 12:  # BITMAPCOREHEADER (OS/2): unsigned 16-bit width and height
+        w, h = struct.unpack("<HH", data[18:22])
     else:
         w, h = struct.unpack("<ii", data[18:26])
     return abs(w), abs(h)  # negative height = top-down rows
