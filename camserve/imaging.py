@@ -87,7 +87,10 @@ def decode_image(data: bytes) -> np.ndarray:
             f"not an image ({len(data)} bytes starting {data[:8]!r}); "
             "accepted formats: PNG, JPEG, BMP, WebP"
         )
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as e:  # e.g. a size over OpenCV's own limit: a client error, not a server one
+        raise ImageError(f"{fmt.upper()} ({len(data)} bytes) refused by the decoder: {e.err}") from None
     if img is None:
         raise ImageError(f"corrupt or truncated {fmt.upper()} ({len(data)} bytes)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
