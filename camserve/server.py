@@ -57,13 +57,36 @@ class Unauthenticated(Exception):
 # ---------------------------------------------------------------------------- status codes
 
 
+#: Longest status message sent, in UTF-8 bytes. gRPC sends it percent-encoded in a trailer
+#: (up to 3 characters per byte) and clients refuse trailers over 8-16 KiB: the call would fail
+#: as RESOURCE_EXHAUSTED "Stream removed" instead of the real status. Messages that echo a
+#: long client string (a model, layer, class or method name) are cut in the middle.
+MAX_STATUS_MESSAGE_BYTES = 2000
+
+
+def clip_message(msg: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``msg`` cut in the middle to at most about ``limit`` UTF-8 bytes, keeping its head (what
+    was wrong) and its tail (what is allowed).
+
+    >>> clip_message("unknown layer '" + "x" * 100 + "'; allowed: a, b", 80)
+    "unknown layer 'xxxxx... [91 characters cut] ...xxxx'; allowed: a, b"
+    """
+    data = msg.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return msg
+    half = max(1, (limit - 40) // 2)
+    head = data[:half].decode("utf-8", "ignore")
+    tail = data[-half:].decode("utf-8", "ignore")
+    return f"{head}... [{len(msg) - len(head) - len(tail)} characters cut] ...{tail}"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception (SPEC §6); never INTERNAL for what a client sent.
 
     >>> status_for(QueueFull("full"))[0].name
     'RESOURCE_EXHAUSTED'
     """
-    msg = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
+    msg = clip_message(str(exc.args[0]) if getattr(exc, "args", None) else str(exc))
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
     if isinstance(exc, DeadlineExpired):
