@@ -27,7 +27,7 @@ def test_cam_boxes_localize_the_shapes(shapes_gap, scenes):
     results = ex.explain(images, methods=("cam", "gradcam"), targets=list(labels))
     cam_boxes = [r[0].box for r in results]
     accuracy = metrics.localization_accuracy(cam_boxes, boxes)
-    assert accuracy >= 0.85, accuracy  # the recorded figure on 1000 scenes is in config.toml
+    assert accuracy >= 0.85, accuracy  # config.toml records the figure on 2000 scenes
     pointing = metrics.pointing_game(np.stack([r[1].heatmap for r in results]), boxes)
     assert pointing >= 0.9, pointing
     # the predicted class is right on single-shape scenes
