@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -303,3 +304,30 @@ def test_converted_model_saves_and_loads_in_safe_mode(tmp_path) -> None:
     loaded = keras.models.load_model(tmp_path / "fcn.keras", safe_mode=True)
     image = RNG.random((1, 28, 32, 3), dtype=np.float32)
     np.testing.assert_array_equal(loaded.predict_on_batch(image), fcn.model.predict_on_batch(image))
+
+
+# ------------------------------------------------------------------ bundled models
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.parametrize("name, exact, stride", [("shapes_gap", False, 4), ("shapes_fc", True, 8)])
+def test_bundled_models_convert(name: str, exact: bool, stride: int) -> None:
+    if not (MODELS / name / "1" / "model.keras").is_file():
+        pytest.skip(f"models/{name}/1/model.keras not built yet")
+    from camserve.repository import load_model_dir
+
+    model = load_model_dir(MODELS / name).model
+    fcn = to_fully_convolutional(model)
+    assert (fcn.exact, fcn.stride, fcn.window) == (exact, (stride, stride), (64, 64))
+    image = RNG.random((64 + 3 * stride, 64 + 2 * stride, 3), dtype=np.float32)
+    want = crops_reference(model, image, stride)
+    if exact:
+        assert max_rel_err(_grid(fcn, image), want) <= 1e-5
+    else:  # same padding: only the window at the training size is the classifier itself
+        assert max_rel_err(_grid(fcn, image[:64, :64]), want[:1, :1]) <= 1e-5
+    if name == "shapes_gap":
+        cmap = to_fully_convolutional(model, head="classmap")
+        maps = cmap.model.predict_on_batch(image[None, :64, :64])
+        np.testing.assert_allclose(tf.nn.softmax(maps.mean(axis=(1, 2)) + cmap.bias).numpy()[0], want[0, 0],
+                                   rtol=1e-4, atol=1e-6)
