@@ -204,27 +204,51 @@ def test_score_map_takes_the_nearest_window_centre_and_the_max_over_scales() -> 
 SHAPES_FC = REPO / "models" / "shapes_fc"
 
 
-@pytest.mark.skipif(not (SHAPES_FC / "1" / "model.keras").is_file(), reason="models/shapes_fc/1/model.keras not built yet")
-def test_shapes_fc_top_windows_cover_the_shapes_in_a_large_scene() -> None:
-    from camserve.imaging import preprocess
-    from camserve.repository import load_model_dir
+def _interior_scenes(n: int, size: int, seed: int):
+    """Scenes of three shapes whose centres are ≥ 32 px from the border, so that a 64 px window
+    can be centred on each one (rejection sampling, deterministic)."""
     from camserve.shapes import make_scene
 
+    rng, scenes = np.random.default_rng(seed), []
+    while len(scenes) < n:
+        scene = make_scene(rng, size=(size, size), n_shapes=3)
+        if all(32 <= (x0 + x1) / 2 <= size - 32 and 32 <= (y0 + y1) / 2 <= size - 32 for x0, y0, x1, y1 in scene.boxes):
+            scenes.append(scene)
+    return scenes
+
+
+def _centre_in_box_of(centre, label: int, scene) -> bool:
+    cx, cy = centre
+    return any(l == label and x0 <= cx < x1 and y0 <= cy < y1 for l, (x0, y0, x1, y1) in zip(scene.labels, scene.boxes))
+
+
+@pytest.mark.skipif(not (SHAPES_FC / "1" / "model.keras").is_file(), reason="models/shapes_fc/1/model.keras not built yet")
+def test_shapes_fc_top_windows_cover_the_shapes_in_a_large_scene() -> None:
+    """192 px scenes with three shapes, dense scores at stride 8 (shift-and-stitch of the
+    exact FCN). Ground truth from the generator. Measured with the bundled model: 30 of 31
+    top windows and 36 of 36 centred windows right; the bounds leave room for a retrained model.
+    """
+    from camserve.imaging import preprocess
+    from camserve.repository import load_model_dir
+
     entry = load_model_dir(SHAPES_FC)
-    hits = total = 0
-    for seed in range(4):
-        scene = make_scene(np.random.default_rng(100 + seed), size=(192, 192), n_shapes=3)
-        image = preprocess(scene.image, entry.config.preprocessing)
-        result = dense_scores(entry.model, image, stride=8)
-        assert result.exact
-        dets = detections(result, threshold=0.5, iou_threshold=0.1, class_names=entry.config.class_names)
-        top = dets[: len(scene.boxes)]
-        for d in top:
-            total += 1
-            cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2
-            # The window's centre lies in a ground-truth box of the detected class.
-            hits += any(
-                label == d.class_index and x0 <= cx < x1 and y0 <= cy < y1
-                for label, (x0, y0, x1, y1) in zip(scene.labels, scene.boxes)
-            )
-    assert total >= 8 and hits / total >= 0.75, (hits, total)
+    top_hits = top_total = centred_hits = centred_total = 0
+    for scene in _interior_scenes(12, 192, seed=300):
+        result = dense_scores(entry.model, preprocess(scene.image, entry.config.preprocessing), stride=8)
+        assert result.exact and result.stride == 8
+        level = result[0]
+        assert level.scores.shape == (17, 17, 5)
+        centres = (level.boxes[..., :2] + level.boxes[..., 2:]) / 2  # (x, y) of every window
+        # The top-scoring window of every class in the scene lies on a shape of that class.
+        for c in set(scene.labels):
+            i, j = np.unravel_index(np.argmax(level.scores[..., c]), level.scores.shape[:2])
+            top_total += 1
+            top_hits += _centre_in_box_of(centres[i, j], c, scene)
+        # The window centred nearest each shape classifies it.
+        for label, (x0, y0, x1, y1) in zip(scene.labels, scene.boxes):
+            d = np.abs(centres - np.array([(x0 + x1) / 2, (y0 + y1) / 2])).sum(-1)
+            i, j = np.unravel_index(np.argmin(d), d.shape)
+            centred_total += 1
+            centred_hits += int(np.argmax(level.scores[i, j]) == label)
+    assert top_total >= 24 and top_hits / top_total >= 0.85, (top_hits, top_total)
+    assert centred_hits / centred_total >= 0.85, (centred_hits, centred_total)
