@@ -34,7 +34,9 @@ __all__ = [
     "ConversionError",
     "FullyConvolutional",
     "ReceptiveField",
+    "HEADS",
     "analyze",
+    "layer_flops",
     "to_fully_convolutional",
 ]
 
