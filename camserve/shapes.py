@@ -7,6 +7,10 @@ coverage mask; its box is the tight box of that mask (pixels with coverage >= 1/
 it encloses exactly the pixels the shape changed. Boxes are ``(x0, y0, x1, y1)`` in
 pixels with ``x1, y1`` exclusive, like :func:`camserve.imaging.heatmap_box`.
 
+:func:`make_scene` draws one scene, :func:`make_scenes` / :func:`make_dataset` many (lists
+of scenes / arrays of single-shape scenes), :func:`make_windows` cuts sliding-window
+training crops (centred shape or background) from larger scenes.
+
 >>> rng = np.random.default_rng(0)
 >>> scene = make_scene(rng, size=(64, 64), n_shapes=2)
 >>> scene.image.shape, len(scene.labels), len(scene.boxes)
@@ -332,6 +336,77 @@ def make_dataset(
     labels = np.array([s.labels[0] for s in scenes], np.int64)
     boxes = np.array([s.boxes[0] for s in scenes], np.int64).reshape(-1, 4)
     return images, labels, boxes
+
+
+def make_windows(
+    n: int,
+    seed: int,
+    size: Sequence[int] = (64, 64),
+    scene_size: Sequence[int] = (192, 192),
+    positive_fraction: float = 0.5,
+    per_scene: int = 8,
+    jitter: float = 4.0,
+    min_offset: float = 12.0,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of ``size`` cut from larger multi-shape scenes, as a sliding-window
+    classifier sees them; deterministic for ``seed``. Returns images uint8 (N, H, W, 3)
+    and labels int64 (N,): the class of the shape whose box centre lies within ``jitter``
+    pixels (each axis) of the window centre, or -1 (background) for windows whose centre is
+    at least ``min_offset`` pixels (on some axis) from every shape's box centre; those may
+    hold parts of shapes or whole shapes off-centre. Up to ``per_scene`` windows come from
+    each scene. Other keyword arguments go to
+    :func:`make_scene` (``n_shapes`` defaults to one to three).
+
+    >>> x, y = make_windows(4, seed=0)
+    >>> x.shape, sorted(set(y.tolist()) - set(range(5)))
+    ((4, 64, 64, 3), [-1])
+    """
+    h, w = _check_size(size)
+    sh, sw = _check_size(scene_size)
+    if sh < h or sw < w:
+        raise ValueError(f"scene_size {tuple(scene_size)} must be at least the window size {(h, w)}")
+    if per_scene < 1:
+        raise ValueError(f"per_scene must be >= 1, got {per_scene}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+    kwargs.setdefault("n_shapes", (1, 3))
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, h, w, 3), np.uint8)
+    labels = np.zeros(n, np.int64)
+    i = 0
+    while i < n:
+        scene = make_scene(rng, size=(sh, sw), **kwargs)
+        centres = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in scene.boxes])
+        # shapes far enough from the border for a whole window around them
+        margin = np.array([w / 2 + jitter + 1, h / 2 + jitter + 1])
+        eligible = np.flatnonzero(np.all((centres >= margin) & (centres <= (sw, sh) - margin), axis=1))
+        for _ in range(per_scene * 5):
+            if i == n:
+                break
+            positive = rng.random() < positive_fraction
+            if positive:
+                if not len(eligible):
+                    continue
+                k = int(eligible[rng.integers(len(eligible))])
+                cx, cy = centres[k] + rng.uniform(-jitter, jitter, 2)
+            else:
+                cx, cy = rng.uniform(w / 2, sw - w / 2), rng.uniform(h / 2, sh - h / 2)
+            x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
+            if not (0 <= x0 <= sw - w and 0 <= y0 <= sh - h):
+                continue  # the window would leave the scene
+            off = np.abs(centres - (x0 + w / 2, y0 + h / 2))
+            if positive and np.all(off[k] <= jitter + 0.5):
+                labels[i] = scene.labels[k]
+            elif not positive and np.all(off.max(axis=1) >= min_offset):
+                labels[i] = -1
+            else:
+                continue
+            images[i] = scene.image[y0 : y0 + h, x0 : x0 + w]
+            i += 1
+            if i % per_scene == 0:
+                break
+    return images, labels
 
 
 def write_samples(out_dir: str | Path, seed: int = 0, size: Sequence[int] = (64, 64)) -> list[Path]:

@@ -122,6 +122,25 @@ def test_make_dataset_refuses_several_shapes() -> None:
         shapes.make_dataset(2, seed=0, n_shapes=2)
 
 
+def test_windows_are_deterministic_and_labelled_by_the_centred_shape() -> None:
+    x, y = shapes.make_windows(200, seed=4, n_shapes=1, clutter=False, jitter=4.0, min_offset=12.0)
+    x2, y2 = shapes.make_windows(200, seed=4, n_shapes=1, clutter=False, jitter=4.0, min_offset=12.0)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    assert x.shape == (200, 64, 64, 3) and set(y.tolist()) == {-1, 0, 1, 2, 3, 4}
+    for img, label in zip(x, y):
+        changed = np.any(img != img[0, 0], axis=-1) if not np.any(img[0, 0] != img[-1, -1]) else None
+        if changed is None or not changed.any():
+            continue  # a corner is covered by a shape, or the window is empty
+        x0, y0, x1, y1 = _changed_box(img, img[0, 0])
+        offset = np.abs(np.array([(x0 + x1) / 2, (y0 + y1) / 2]) - 32)
+        whole = x0 > 0 and y0 > 0 and x1 < 64 and y1 < 64
+        if label >= 0:
+            assert whole and offset.max() <= 4.5, (label, (x0, y0, x1, y1))
+        elif whole:
+            assert offset.max() >= 12, (x0, y0, x1, y1)
+
+
 def test_write_samples(tmp_path) -> None:
     paths = shapes.write_samples(tmp_path, seed=0)
     assert len(paths) == 6
