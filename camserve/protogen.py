@@ -31,14 +31,16 @@ def _fix_imports(text: str) -> str:
 
 def generate(out_dir: str | Path = OUT_ROOT, proto_root: str | Path = PROTO_ROOT) -> list[Path]:
     """Run protoc on :data:`PROTOS` into ``out_dir``; returns the files written."""
-    from grpc_tools import protoc  # dev dependency
     import importlib.resources
+    import subprocess
 
     out_dir, proto_root = Path(out_dir), Path(proto_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     for proto in PROTOS:
         args = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"-I{proto_root}",
             f"-I{well_known}",
@@ -47,8 +49,11 @@ def generate(out_dir: str | Path = OUT_ROOT, proto_root: str | Path = PROTO_ROOT
             f"--grpc_python_out={out_dir}",
             str(proto_root / proto),
         ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {proto}")
+        # A child process: protoc's native code crashed when run inside a process that had
+        # already loaded TensorFlow (seen in the full test suite).
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"protoc failed on {proto}: {done.stderr.strip()}")
     written: list[Path] = []
     for proto in PROTOS:
         pkg = out_dir / Path(proto).parent
