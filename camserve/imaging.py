@@ -73,20 +73,30 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG / JPEG / BMP / WebP bytes to RGB uint8 (H, W, 3).
+def require_format(data: bytes) -> str:
+    """The format of encoded image bytes; :class:`ImageError` for empty or unknown bytes.
 
-    Grey images are expanded to three channels and alpha is dropped. Anything else
-    raises :class:`ImageError` naming what was wrong and what is accepted.
+    >>> require_format(b"BM" + bytes(30))
+    'bmp'
     """
     if not data:
         raise ImageError("empty image: expected PNG, JPEG, BMP or WebP bytes")
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(
-            f"not an image ({len(data)} bytes starting {data[:8]!r}); "
+            f"not an image ({len(data)} bytes starting {bytes(data[:8])!r}); "
             "accepted formats: PNG, JPEG, BMP, WebP"
         )
+    return fmt
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode PNG / JPEG / BMP / WebP bytes to RGB uint8 (H, W, 3).
+
+    Grey images are expanded to three channels and alpha is dropped. Anything else
+    raises :class:`ImageError` naming what was wrong and what is accepted.
+    """
+    fmt = require_format(data)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as e:  # e.g. a size over OpenCV's own limit: a client error, not a server one
@@ -116,7 +126,7 @@ def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def preprocess(rgb: np.ndarray, mode: str) -> np.ndarray:
     """Apply a named preprocessing (see :data:`PREPROCESSORS`) to RGB pixels; float32 out.
 
-    >>> preprocess(np.full((1, 1, 3), 255, np.uint8), "scale_0_1").max()
+    >>> float(preprocess(np.full((1, 1, 3), 255, np.uint8), "scale_0_1").max())
     1.0
     """
     try:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from camserve.errors import InvalidArgument
-from camserve.imaging import ImageError, decode_image, sniff_format
+from camserve.imaging import ImageError, decode_image, require_format
 from camserve.proto import pb
 
 if TYPE_CHECKING:
@@ -139,14 +139,7 @@ def encoded_size(data: bytes) -> tuple[str, int, int]:
     >>> encoded_size(im.encode_png(np.zeros((3, 7, 3), np.uint8)))
     ('png', 7, 3)
     """
-    if not data:
-        raise ImageError("empty image: expected PNG, JPEG, BMP or WebP bytes")
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise ImageError(
-            f"not an image ({len(data)} bytes starting {bytes(data[:8])!r}); "
-            "accepted formats: PNG, JPEG, BMP, WebP"
-        )
+    fmt = require_format(data)
     size = _HEADER_READERS[fmt](data)
     if size is None:
         raise ImageError(f"corrupt or truncated {fmt.upper()} ({len(data)} bytes): no readable size in its header")
