@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import random
 import statistics
 import sys
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             ["least-squares slope after warm-up", f"{slope:+.2f} MiB/hour (second half alone: {late:+.2f})"],
             ["server exit code after SIGTERM", exit_code],
         ]),
+        *(["## Wrong answers and unexpected codes (most common)", table(["calls", "fate", "code", "problem"], [
+            [n, fate, code, problem] for (fate, code, problem), n in collections.Counter(
+                (o.work.fate, o.code, (o.problem or "")[:160]) for o in report.outcomes if o.problem).most_common(10)])]
+          if report.problems else []),
         "## RSS per minute (MiB)",
         table(["minute", "median", "max", ""], per_minute),
         "## Verdict\n\n" + ("PASS: " if ok else "FAIL: ")
