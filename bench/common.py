@@ -22,7 +22,12 @@ def machine() -> str:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    accel = f"{len(gpus)} GPU(s): " + ", ".join(tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus) if gpus else "no GPU"
+    accel = (
+        f"{len(gpus)} GPU(s): "
+        + ", ".join(tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus)
+        if gpus
+        else "no GPU"
+    )
     return f"{cpu}, {os.cpu_count()} cores, {accel}; TensorFlow {tf.__version__}, Python {platform.python_version()}"
 
 

@@ -21,14 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from common import machine, table
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from camserve.dense import dense_scores  # noqa: E402
-from camserve.fcn import layer_flops, to_fully_convolutional  # noqa: E402
+from camserve.dense import dense_scores
+from camserve.dense.fcn import layer_flops, to_fully_convolutional
 
 IMAGE, WINDOW, STRIDE = 384, 224, 32
 
@@ -90,10 +89,19 @@ def bench(name: str, repeats: int) -> tuple[list[list[object]], dict[str, object
     ):
         for stat, unit in (("min", "wall min"), ("median", "wall median"), ("cpu", "CPU time median")):
             speedup = b[stat] / a[stat]
-            rows.append([
-                name, label, unit, f"{a[stat] * 1000:.0f}", f"{b[stat] * 1000:.0f}", f"{speedup:.2f}×",
-                f"{ratio:.2f}×", f"{speedup / ratio * 100:.0f} %", "yes" if speedup >= 0.9 * ratio else "**no**",
-            ])
+            rows.append(
+                [
+                    name,
+                    label,
+                    unit,
+                    f"{a[stat] * 1000:.0f}",
+                    f"{b[stat] * 1000:.0f}",
+                    f"{speedup:.2f}×",
+                    f"{ratio:.2f}×",
+                    f"{speedup / ratio * 100:.0f} %",
+                    "yes" if speedup >= 0.9 * ratio else "**no**",
+                ]
+            )
     info = {
         "name": name,
         "grid": grid_fcn.shape,
@@ -114,7 +122,11 @@ def vgg16_blocks(repeats: int) -> list[list[object]]:
     image = np.random.default_rng(0).uniform(-120, 120, (1, IMAGE, IMAGE, 3)).astype(np.float32)
     n = (IMAGE - WINDOW) // STRIDE + 1
     crops = np.stack(
-        [image[0, i * STRIDE : i * STRIDE + WINDOW, j * STRIDE : j * STRIDE + WINDOW] for i in range(n) for j in range(n)]
+        [
+            image[0, i * STRIDE : i * STRIDE + WINDOW, j * STRIDE : j * STRIDE + WINDOW]
+            for i in range(n)
+            for j in range(n)
+        ]
     )
     rows, prev = [], (0.0, 0.0, 0, 0)
     for block in range(1, 6):
@@ -138,16 +150,32 @@ def vgg16_blocks(repeats: int) -> list[list[object]]:
         cum = (t["fcn"]["cpu_min"], t["crops"]["cpu_min"], flops[0], flops[1])
         d = [c - p for c, p in zip(cum, prev)]
         prev = cum
-        rows.append([
-            f"block{block}", f"{d[2] / 1e9:.1f}", f"{d[3] / 1e9:.1f}", f"{d[0] * 1000:.0f}", f"{d[1] * 1000:.0f}",
-            f"{d[2] / d[0] / 1e9:.0f}", f"{d[3] / d[1] / 1e9:.0f}", f"{d[1] / d[0]:.2f}×", f"{d[3] / d[2]:.2f}×",
-        ])
+        rows.append(
+            [
+                f"block{block}",
+                f"{d[2] / 1e9:.1f}",
+                f"{d[3] / 1e9:.1f}",
+                f"{d[0] * 1000:.0f}",
+                f"{d[1] * 1000:.0f}",
+                f"{d[2] / d[0] / 1e9:.0f}",
+                f"{d[3] / d[1] / 1e9:.0f}",
+                f"{d[1] / d[0]:.2f}×",
+                f"{d[3] / d[2]:.2f}×",
+            ]
+        )
     return rows
 
 
 BLOCK_HEADER = [
-    "VGG16 part", "FCN GFLOPs", "crops GFLOPs", "FCN CPU ms", "crops CPU ms", "FCN GFLOP/s", "crops GFLOP/s",
-    "speedup", "FLOP ratio",
+    "VGG16 part",
+    "FCN GFLOPs",
+    "crops GFLOPs",
+    "FCN CPU ms",
+    "crops CPU ms",
+    "FCN GFLOP/s",
+    "crops GFLOP/s",
+    "speedup",
+    "FLOP ratio",
 ]
 
 
@@ -191,14 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         table(
             ["model", "grid", "crops GFLOPs", "FCN GFLOPs", "exact", "max abs diff FCN vs crops", "arg-max agreement"],
             [
-                [i["name"], "×".join(map(str, i["grid"])), f"{i['flops_crops'] / 1e9:.1f}", f"{i['flops_fcn'] / 1e9:.1f}",
-                 i["exact"], f"{i['max_abs_diff']:.2e}", f"{i['argmax_agree'] * 100:.0f} %"]
+                [
+                    i["name"],
+                    "×".join(map(str, i["grid"])),
+                    f"{i['flops_crops'] / 1e9:.1f}",
+                    f"{i['flops_fcn'] / 1e9:.1f}",
+                    i["exact"],
+                    f"{i['max_abs_diff']:.2e}",
+                    f"{i['argmax_agree'] * 100:.0f} %",
+                ]
                 for i in infos
             ],
         ),
         "",
         "Both models pad (`padding='same'` / ZeroPadding2D), so `exact` is False: the FCN grid is not "
-        "the classifier on each crop near crop borders (last table); use `mode=\"crops\"` where exactness matters.",
+        'the classifier on each crop near crop borders (last table); use `mode="crops"` where exactness matters.',
     ]
     if blocks:
         report += [

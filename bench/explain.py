@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, timeit  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from common import machine, table, timeit
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from camserve import Explainer  # noqa: E402
+from camserve import Explainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +58,9 @@ def tf_keras_vis_runners(model, layer_name: str, max_n: int):
     return {
         "tf-keras-vis Gradcam": lambda x, s: gradcam(s, x, penultimate_layer=layer_name),
         "tf-keras-vis GradcamPlusPlus": lambda x, s: gradcampp(s, x, penultimate_layer=layer_name),
-        f"tf-keras-vis Scorecam (max_N={max_n})": lambda x, s: scorecam(s, x, penultimate_layer=layer_name, max_N=max_n),
+        f"tf-keras-vis Scorecam (max_N={max_n})": lambda x, s: scorecam(
+            s, x, penultimate_layer=layer_name, max_N=max_n
+        ),
     }, scores
 
 
@@ -79,7 +80,11 @@ def bench_model(name: str, model, images: np.ndarray, methods, score_channels: i
     ours = {}
     for m in methods:
         runner = capped if m in ("scorecam", "ablationcam") else ex
-        note = f"{score_channels} of {model.get_layer(layer_name.split('/')[0]).output.shape[-1]} channels" if m in ("scorecam", "ablationcam") else ""
+        note = (
+            f"{score_channels} of {model.get_layer(layer_name.split('/')[0]).output.shape[-1]} channels"
+            if m in ("scorecam", "ablationcam")
+            else ""
+        )
         r = 1 if m in ("scorecam", "ablationcam") else repeats
         ours[m] = timeit(lambda m=m, runner=runner: runner.explain(images, methods=(m,)), repeats=r)
         add(f"camserve {m}", ours[m], note)
@@ -109,7 +114,11 @@ def main() -> int:
     parser.add_argument("--resnet-batch", type=int, default=8)
     parser.add_argument("--shapes-batch", type=int, default=64)
     parser.add_argument("--score-channels", type=int, default=16, help="channel cap for Score-CAM on both sides")
-    parser.add_argument("--full-scorecam", action="store_true", help="also Score-CAM over all 2048 ResNet50 channels (1 image), with peak memory")
+    parser.add_argument(
+        "--full-scorecam",
+        action="store_true",
+        help="also Score-CAM over all 2048 ResNet50 channels (1 image), with peak memory",
+    )
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
     methods = ("cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam", "ablationcam")
@@ -117,13 +126,15 @@ def main() -> int:
     all_rows, summary = [], []
     shapes_dir = REPO / "models/shapes_gap"
     if (shapes_dir / "config.toml").exists():
-        from camserve.repository import load_model_dir
-        from camserve.shapes import make_dataset
+        from camserve.datasets.shapes import make_dataset
+        from camserve.serving.repository import load_model_dir
 
         entry = load_model_dir(shapes_dir)
         raw, _, _ = make_dataset(args.shapes_batch, seed=123, size=entry.config.input_size)
         images = (raw / 255.0).astype(np.float32)
-        rows, speedups, base, ours = bench_model("shapes_gap", entry.model, images, methods, args.score_channels, repeats, entry.config.class_names)
+        rows, speedups, base, ours = bench_model(
+            "shapes_gap", entry.model, images, methods, args.score_channels, repeats, entry.config.class_names
+        )
         all_rows += rows
         summary.append(("shapes_gap", args.shapes_batch, speedups, base, ours))
     keras.utils.set_random_seed(0)
@@ -144,9 +155,13 @@ def main() -> int:
         ex.explain(images[:1], methods=("scorecam",))
         seconds = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        full = ["", "## Score-CAM over all 2048 channels of ResNet50 (1 image, chunk_size=32)", "",
-                f"{seconds:.1f} s (2048 masked forward passes, including compilation); peak resident memory "
-                f"{after:.0f} MiB after vs {before:.0f} MiB before (whole process, all benchmarks above included)."]
+        full = [
+            "",
+            "## Score-CAM over all 2048 channels of ResNet50 (1 image, chunk_size=32)",
+            "",
+            f"{seconds:.1f} s (2048 masked forward passes, including compilation); peak resident memory "
+            f"{after:.0f} MiB after vs {before:.0f} MiB before (whole process, all benchmarks above included).",
+        ]
 
     lines = [
         "# Explanation benchmark",
@@ -160,9 +175,11 @@ def main() -> int:
         "",
     ]
     for name, batch, sp, base, ours in summary:
-        lines.append(f"- {name} (batch {batch}): Grad-CAM {ours['gradcam'] / base:.2f}× prediction, CAM {ours['cam'] / base:.2f}× (target ≤ 1.10); "
-                     + "; ".join(f"{k}: {v:.1f}× faster" for k, v in sp.items())
-                     + " (targets: ≥ 5× for Grad-CAM(++), ≥ 2× for Score-CAM)")
+        lines.append(
+            f"- {name} (batch {batch}): Grad-CAM {ours['gradcam'] / base:.2f}× prediction, CAM {ours['cam'] / base:.2f}× (target ≤ 1.10); "
+            + "; ".join(f"{k}: {v:.1f}× faster" for k, v in sp.items())
+            + " (targets: ≥ 5× for Grad-CAM(++), ≥ 2× for Score-CAM)"
+        )
     text = "\n".join(lines + full) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -55,7 +55,7 @@ def tensor_from_bytes(data: bytes):
     rank = data[1] % 5
     rest = data[2:]
     shape = []
-    for i in range(rank):
+    for _i in range(rank):
         chunk = rest[:9].ljust(9, b"\0")
         rest = rest[9:]
         kind = chunk[0] % 4
@@ -143,7 +143,13 @@ def seeds() -> dict[str, bytes]:
     w, h = 4, 3
     row = bytes(w * 3).ljust((w * 3 + 3) // 4 * 4, b"\0")
     off = 14 + 12
-    out["os2.bmp"] = b"\x00BM" + struct.pack("<IHHI", off + len(row) * h, 0, 0, off) + struct.pack("<IHHHH", 12, w, h, 1, 24) + row * h
+    out["os2.bmp"] = (
+        b"\x00BM"
+        + struct.pack("<IHHI", off + len(row) * h, 0, 0, off)
+        + struct.pack("<IHHHH", 12, w, h, 1, 24)
+        + row * h
+    )
+
     # Tensors: uint8 (5, 6, 3) and float32 (4, 4, 3).
     def tensor_seed(dtype_index: int, dims: tuple[int, ...], payload: bytes) -> bytes:
         return b"\x01" + bytes([dtype_index, len(dims)]) + b"".join(bytes([0, d]) + b"\0" * 7 for d in dims) + payload
@@ -190,7 +196,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     with atheris.instrument_imports(include=["camserve"]):
-        import camserve.imaging  # noqa: F401
+        import camserve.imaging
         import camserve.wire  # noqa: F401
     args = list(argv)
     folders = [a for a in args[1:] if not a.startswith("-")]

@@ -141,19 +141,23 @@ class Workload:
         if kind == "predict":
             return "Predict", pb.PredictRequest(model=gap, images=[pic], top_k=2)
         if kind == "explain":
-            return "Explain", pb.ExplainRequest(model=gap, images=[pic], methods=["gradcam"], top_k=1,
-                                                return_raw=True, return_heatmap=True)
+            return "Explain", pb.ExplainRequest(
+                model=gap, images=[pic], methods=["gradcam"], top_k=1, return_raw=True, return_heatmap=True
+            )
         if kind == "explain2":
             targets = [pb.TargetList(targets=[pb.Target(index=0), pb.Target(name="star")])]
-            return "Explain", pb.ExplainRequest(model=gap, images=[pic], methods=["gradcam++", "layercam"],
-                                                targets=targets, return_heatmap=True)
+            return "Explain", pb.ExplainRequest(
+                model=gap, images=[pic], methods=["gradcam++", "layercam"], targets=targets, return_heatmap=True
+            )
         if kind == "dense":
             dense_pic = wire.image_to_proto(self.dense_pictures[index % self.pool])
             return "DenseScores", pb.DenseScoresRequest(model=fc, image=dense_pic, stride=1)
         if kind == "bad_png":
             return "Predict", pb.PredictRequest(model=gap, images=[pb.Image(encoded=encode_png(self.pictures[0])[:60])])
         if kind == "bad_nan":
-            return "Predict", pb.PredictRequest(model=gap, images=[wire.image_to_proto(np.full((*CLASSIFY_SIZE, 3), np.nan, np.float32))])
+            return "Predict", pb.PredictRequest(
+                model=gap, images=[wire.image_to_proto(np.full((*CLASSIFY_SIZE, 3), np.nan, np.float32))]
+            )
         if kind == "bad_layer":
             return "Explain", pb.ExplainRequest(model=gap, images=[pic], layer="no_such_layer")
         if kind == "bad_model":
@@ -222,7 +226,11 @@ class Workload:
             return _compare_explanations(got, want)
         if work.kind == "dense":
             got = client.dense_result(response)
-            if (tuple(got.strides), tuple(got.window), len(got)) != (tuple(want.strides), tuple(want.window), len(want)):
+            if (tuple(got.strides), tuple(got.window), len(got)) != (
+                tuple(want.strides),
+                tuple(want.window),
+                len(want),
+            ):
                 return f"dense strides/window/levels {got.strides}, {got.window}, {len(got)} != {want.strides}, {want.window}, {len(want)}"
             for g, e in zip(got, want):
                 if g.scores.shape != e.scores.shape or not np.allclose(g.scores, e.scores, rtol=1e-4, atol=1e-6):
@@ -239,7 +247,9 @@ class Workload:
         rng = random.Random(seed)
         return [Work(rng.choice(kinds), rng.randrange(self.pool)) for _ in range(n)]
 
-    def chaos(self, n: int, seed: int = 0, bad: float = 0.0, deadline: float = 1 / 3, cancel: float = 1 / 3) -> list[Work]:
+    def chaos(
+        self, n: int, seed: int = 0, bad: float = 0.0, deadline: float = 1 / 3, cancel: float = 1 / 3
+    ) -> list[Work]:
         """Good calls of which a share gets a 1-40 ms deadline, a share is cancelled by the
         client 0-30 ms in, and a share (``bad``) are bad requests."""
         rng = random.Random(seed)
@@ -455,7 +465,9 @@ def stop_servers(servers: Sequence[Server]) -> None:
 
 
 def log_records(server: Server, msg: str) -> list[dict]:
-    return [json.loads(line) for line in list(server.log) if line.startswith("{") and json.loads(line).get("msg") == msg]
+    return [
+        json.loads(line) for line in list(server.log) if line.startswith("{") and json.loads(line).get("msg") == msg
+    ]
 
 
 # ---------------------------------------------------------------------------- scenarios
@@ -495,7 +507,9 @@ class SigtermResult:
         return collections.Counter(last.values())
 
 
-async def sigterm_under_load(server: Server, workload: Workload, clients: int, warm_calls: int, seed: int = 0) -> SigtermResult:
+async def sigterm_under_load(
+    server: Server, workload: Workload, clients: int, warm_calls: int, seed: int = 0
+) -> SigtermResult:
     """Clients call in a loop (no retries); after ``warm_calls`` answers the server gets SIGTERM;
     each client goes on until it has seen UNAVAILABLE twice (the server is gone by then). Every
     call should end OK (and correct) or UNAVAILABLE; see :attr:`SigtermResult.raced`."""
@@ -518,11 +532,15 @@ async def sigterm_under_load(server: Server, workload: Workload, clients: int, w
             return True
         return sum(o.code == "UNAVAILABLE" for o in mine) >= 2
 
-    report = await run_load(server.target, works(), workload, clients, retries=0, timeout=60, stop_on=stop_on, on_outcome=seen)
+    report = await run_load(
+        server.target, works(), workload, clients, retries=0, timeout=60, stop_on=stop_on, on_outcome=seen
+    )
     exit_code = await asyncio.get_running_loop().run_in_executor(None, lambda: server.proc.wait(60))
     await asyncio.sleep(0.2)  # the log reader thread catches the last lines
     drain = log_records(server, "draining")
-    return SigtermResult(report, state["signal_at"], exit_code, drain[0] if drain else {}, bool(log_records(server, "stopped")))
+    return SigtermResult(
+        report, state["signal_at"], exit_code, drain[0] if drain else {}, bool(log_records(server, "stopped"))
+    )
 
 
 @dataclasses.dataclass
@@ -534,7 +552,13 @@ class ReplicaResult:
 
 
 async def replicas_under_kill(
-    servers: Sequence[Server], workload: Workload, n: int, clients: int, kill: int, kill_after: int, seed: int = 0,
+    servers: Sequence[Server],
+    workload: Workload,
+    n: int,
+    clients: int,
+    kill: int,
+    kill_after: int,
+    seed: int = 0,
     sig: int = signal.SIGKILL,
 ) -> ReplicaResult:
     """``n`` mixed calls from ``clients`` Clients whose target names every replica (round-robin,
@@ -547,7 +571,8 @@ async def replicas_under_kill(
         state["done"] += 1
         if state["done"] == kill_after:
             state["served"] = [
-                metric_value(metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK") for s in servers
+                metric_value(metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK")
+                for s in servers
             ]
             servers[kill].proc.send_signal(sig)
             state["kill_at"] = time.monotonic()
@@ -562,8 +587,17 @@ async def replicas_under_kill(
 def _row(name: str, clients: int, r: Report) -> list[Any]:
     p50, p99 = r.latency_ms()
     errors = sum(n for code, n in r.codes.items() if code != "OK")
-    return [name, len(r.outcomes), clients, r.codes.get("OK", 0), errors, len(r.problems), f"{r.seconds:.1f}",
-            f"{r.throughput:.1f}", f"{p50:.1f} / {p99:.1f}"]
+    return [
+        name,
+        len(r.outcomes),
+        clients,
+        r.codes.get("OK", 0),
+        errors,
+        len(r.problems),
+        f"{r.seconds:.1f}",
+        f"{r.throughput:.1f}",
+        f"{p50:.1f} / {p99:.1f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,14 +622,23 @@ def main(argv: list[str] | None = None) -> int:
             if "mixed" in scenarios:
                 r = asyncio.run(run_load(server.target, wl.mixed(args.requests, seed=1), wl, args.clients))
                 rows.append(_row("mixed", args.clients, r))
-                per_kind = [[k, sum(1 for o in r.outcomes if o.work.kind == k), *(f"{v:.1f}" for v in r.latency_ms([k]))] for k in MIXED]
-                sections.append("### Mixed load, latency by kind (ms)\n\n" + table(["kind", "requests", "p50", "p99"], per_kind))
+                per_kind = [
+                    [k, sum(1 for o in r.outcomes if o.work.kind == k), *(f"{v:.1f}" for v in r.latency_ms([k]))]
+                    for k in MIXED
+                ]
+                sections.append(
+                    "### Mixed load, latency by kind (ms)\n\n" + table(["kind", "requests", "p50", "p99"], per_kind)
+                )
                 text = metrics_text(server.info["metrics_port"])
                 server_errors = metric_value(text, "camserve_errors_total")
-                sections.append(f"Server-side: camserve_errors_total = {server_errors:g}, camserve_requests_total{{code=OK}} = "
-                                f"{metric_value(text, 'camserve_requests_total', code='OK'):g}.")
+                sections.append(
+                    f"Server-side: camserve_errors_total = {server_errors:g}, camserve_requests_total{{code=OK}} = "
+                    f"{metric_value(text, 'camserve_requests_total', code='OK'):g}."
+                )
                 if r.problems or len(r.outcomes) != args.requests or server_errors:
-                    failures.append(f"mixed: {len(r.problems)} wrong, {len(r.outcomes)} of {args.requests} answered, {server_errors:g} server errors")
+                    failures.append(
+                        f"mixed: {len(r.problems)} wrong, {len(r.outcomes)} of {args.requests} answered, {server_errors:g} server errors"
+                    )
             if "chaos" in scenarios:
                 n = max(300, args.requests // 3)
                 before = dropped(server.info["metrics_port"])
@@ -640,8 +683,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             n = max(600, args.requests // 2)
             res = asyncio.run(replicas_under_kill(servers, wl, n, args.clients, kill=1, kill_after=n // 3))
-            survivors = [metric_value(metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK")
-                         for i, s in enumerate(servers) if i != res.killed]
+            survivors = [
+                metric_value(metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK")
+                for i, s in enumerate(servers)
+                if i != res.killed
+            ]
         finally:
             stop_servers(servers)
         rows.append(_row("3 replicas, one SIGKILLed", args.clients, res.report))
@@ -658,7 +704,9 @@ def main(argv: list[str] | None = None) -> int:
         servers = start_servers(root, 3)
         try:
             n = max(600, args.requests // 2)
-            res = asyncio.run(replicas_under_kill(servers, wl, n, args.clients, kill=0, kill_after=n // 3, sig=signal.SIGTERM))
+            res = asyncio.run(
+                replicas_under_kill(servers, wl, n, args.clients, kill=0, kill_after=n // 3, sig=signal.SIGTERM)
+            )
             exit_code = servers[0].proc.wait(60)
         finally:
             stop_servers(servers)
@@ -670,24 +718,34 @@ def main(argv: list[str] | None = None) -> int:
             f"wrong answers: {sum(1 for o in res.report.outcomes if o.code == 'OK' and o.problem)}."
         )
         if lost:
-            known.append(f"rolling restart: {lost} of {n} calls lost (CANCELLED by gRPC's shutdown, not retried by the Client)")
+            known.append(
+                f"rolling restart: {lost} of {n} calls lost (CANCELLED by gRPC's shutdown, not retried by the Client)"
+            )
         if exit_code != 0 or any(o.code == "OK" and o.problem for o in res.report.outcomes):
             failures.append(f"rolling: exit {exit_code}, wrong answers")
 
-    text = "\n\n".join([
-        "# Load and faults (`python bench/load.py`)",
-        f"Machine: {machine()}. Servers: `camserve serve` processes (max_batch_size=32, batch_timeout_ms=5; the SIGTERM run "
-        "uses max_batch_size=64, batch_timeout_ms=100 so that work is queued when the signal comes). Load: one asyncio "
-        "process, one channel and one call in flight per client, raw uint8 tensors. Client and servers share the machine's "
-        "cores. Models: the tiny `gap` (Predict, Explain) and `fc` (DenseScores) of tests/helpers_serving.py. Every answer "
-        "is compared with the in-process library on the same model files (scores and maps to rtol 1e-4, boxes equal).",
-        "Kinds: " + "; ".join(f"`{k}`: {v}" for k, v in KINDS.items()) + ".",
-        "## Summary (latency of successful calls, ms)",
-        table(["scenario", "calls", "clients", "OK", "errors", "wrong / lost", "seconds", "calls/s", "p50 / p99 ms"], rows),
-        *sections,
-        "## Verdict\n\n" + ("All checks passed." if not failures else "FAILED: " + "; ".join(failures))
-        + ("" if not known else "\n\nKnown gap (gRPC shutdown race, see the note below): " + "; ".join(known) + "."),
-    ])
+    text = "\n\n".join(
+        [
+            "# Load and faults (`python bench/load.py`)",
+            f"Machine: {machine()}. Servers: `camserve serve` processes (max_batch_size=32, batch_timeout_ms=5; the SIGTERM run "
+            "uses max_batch_size=64, batch_timeout_ms=100 so that work is queued when the signal comes). Load: one asyncio "
+            "process, one channel and one call in flight per client, raw uint8 tensors. Client and servers share the machine's "
+            "cores. Models: the tiny `gap` (Predict, Explain) and `fc` (DenseScores) of tests/helpers_serving.py. Every answer "
+            "is compared with the in-process library on the same model files (scores and maps to rtol 1e-4, boxes equal).",
+            "Kinds: " + "; ".join(f"`{k}`: {v}" for k, v in KINDS.items()) + ".",
+            "## Summary (latency of successful calls, ms)",
+            table(
+                ["scenario", "calls", "clients", "OK", "errors", "wrong / lost", "seconds", "calls/s", "p50 / p99 ms"],
+                rows,
+            ),
+            *sections,
+            "## Verdict\n\n"
+            + ("All checks passed." if not failures else "FAILED: " + "; ".join(failures))
+            + (
+                "" if not known else "\n\nKnown gap (gRPC shutdown race, see the note below): " + "; ".join(known) + "."
+            ),
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)

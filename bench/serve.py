@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, timeit  # noqa: E402
+from common import machine, table, timeit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,10 +55,12 @@ def build_repository(root: Path, resnet: bool) -> dict[str, str]:
         shutil.copytree(bundled, root / "shapes_gap")
         notes["shapes_gap"] = "bundled model"
     else:
-        from camserve.bundled import build_gap_model
+        from camserve.datasets.bundled import build_gap_model
 
         model = build_gap_model()
-        _write_config(root / "shapes_gap", "shapes_gap", ["circle", "square", "triangle", "star", "cross"], 64, "scale_0_1")
+        _write_config(
+            root / "shapes_gap", "shapes_gap", ["circle", "square", "triangle", "star", "cross"], 64, "scale_0_1"
+        )
         (root / "shapes_gap" / "1").mkdir()
         model.save(root / "shapes_gap" / "1" / "model.keras")
         notes["shapes_gap"] = "untrained stand-in with the bundled architecture (models/ not committed yet)"
@@ -77,10 +79,12 @@ def build_repository(root: Path, resnet: bool) -> dict[str, str]:
 def in_process(root: Path, name: str, batch: int) -> dict[str, float]:
     """Images per second of Explainer.predict / .explain(gradcam) on full batches."""
     from camserve.explain import Explainer
-    from camserve.repository import load_model_dir
+    from camserve.serving.repository import load_model_dir
 
     entry = load_model_dir(root / name)
-    ex = Explainer(entry.model, layer=entry.config.default_layer, class_names=entry.config.class_names, max_batch_size=batch)
+    ex = Explainer(
+        entry.model, layer=entry.config.default_layer, class_names=entry.config.class_names, max_batch_size=batch
+    )
     h, w = entry.config.input_size
     x = np.random.default_rng(0).random((batch, h, w, 3), dtype=np.float32) * 255
     from camserve.imaging import preprocess
@@ -99,10 +103,30 @@ class Server:
     def __init__(self, root: Path, max_batch_size: int, batch_timeout_ms: float) -> None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json", CAMSERVE_LOG_LEVEL="INFO")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "camserve", "serve", "--models", str(root), "--host", "127.0.0.1", "--port", "0",
-             "--metrics-port", "0", "--max-batch-size", str(max_batch_size), "--batch-timeout-ms", str(batch_timeout_ms),
-             "--max-queued", "4096"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "camserve",
+                "serve",
+                "--models",
+                str(root),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--max-batch-size",
+                str(max_batch_size),
+                "--batch-timeout-ms",
+                str(batch_timeout_ms),
+                "--max-queued",
+                "4096",
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         self.info: dict = {}
         self.log: list[str] = []
@@ -202,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                     for c in levels:
                         r = asyncio.run(load(server.target, req, method, c, args.seconds))
                         results[(name, op, label, c)] = r
-                        print(f"{name} {op} {label} clients={c}: {r['rps']:.1f} req/s p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms", flush=True)
+                        print(
+                            f"{name} {op} {label} clients={c}: {r['rps']:.1f} req/s p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms",
+                            flush=True,
+                        )
         finally:
             server.stop()
     for name in notes:
@@ -210,25 +237,63 @@ def main(argv: list[str] | None = None) -> int:
             base = baselines[name][op]
             for c in levels:
                 b, n = results[(name, op, "batching", c)], results[(name, op, "max_batch_size=1", c)]
-                rows.append([name, op, c, f"{b['rps']:.1f}", f"{b['p50']:.1f} / {b['p99']:.1f}", f"{n['rps']:.1f}",
-                             f"{n['p50']:.1f} / {n['p99']:.1f}", f"{b['rps'] / base:.0%}", f"{b['rps'] / n['rps']:.1f}x"])
+                rows.append(
+                    [
+                        name,
+                        op,
+                        c,
+                        f"{b['rps']:.1f}",
+                        f"{b['p50']:.1f} / {b['p99']:.1f}",
+                        f"{n['rps']:.1f}",
+                        f"{n['p50']:.1f} / {n['p99']:.1f}",
+                        f"{b['rps'] / base:.0%}",
+                        f"{b['rps'] / n['rps']:.1f}x",
+                    ]
+                )
             at = 32 if 32 in levels else levels[-1]
             b, n = results[(name, op, "batching", at)], results[(name, op, "max_batch_size=1", at)]
-            summary.append([name, op, f"{base:.1f}", at, f"{b['rps'] / base:.0%}", "≥ 80 %", f"{b['rps'] / n['rps']:.1f}x", "≥ 3x"])
-    text = "\n\n".join([
-        "# Service benchmark (`python bench/serve.py`)",
-        f"Machine: {machine()}. Server: `camserve serve` in its own process "
-        f"(max_batch_size={args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms}); load: one asyncio process, one "
-        f"in-flight single-image request per client, {args.seconds:g} s per level, raw uint8 tensors of the model's size. "
-        "Client and server share the machine's cores.",
-        "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
-        "## Targets (SPEC §8.4)",
-        table(["model", "op", "in-process img/s (batch %d)" % args.max_batch_size, "clients", "served / in-process",
-               "target", "batching / no batching", "target"], summary),
-        "## All levels (throughput in requests = images per second; latency p50 / p99 in ms)",
-        table(["model", "op", "clients", "batching req/s", "batching ms", "no-batching req/s", "no-batching ms",
-               "batching / in-process", "batching / no batching"], rows),
-    ])
+            summary.append(
+                [name, op, f"{base:.1f}", at, f"{b['rps'] / base:.0%}", "≥ 80 %", f"{b['rps'] / n['rps']:.1f}x", "≥ 3x"]
+            )
+    text = "\n\n".join(
+        [
+            "# Service benchmark (`python bench/serve.py`)",
+            f"Machine: {machine()}. Server: `camserve serve` in its own process "
+            f"(max_batch_size={args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms}); load: one asyncio process, one "
+            f"in-flight single-image request per client, {args.seconds:g} s per level, raw uint8 tensors of the model's size. "
+            "Client and server share the machine's cores.",
+            "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
+            "## Targets (SPEC §8.4)",
+            table(
+                [
+                    "model",
+                    "op",
+                    "in-process img/s (batch %d)" % args.max_batch_size,
+                    "clients",
+                    "served / in-process",
+                    "target",
+                    "batching / no batching",
+                    "target",
+                ],
+                summary,
+            ),
+            "## All levels (throughput in requests = images per second; latency p50 / p99 in ms)",
+            table(
+                [
+                    "model",
+                    "op",
+                    "clients",
+                    "batching req/s",
+                    "batching ms",
+                    "no-batching req/s",
+                    "no-batching ms",
+                    "batching / in-process",
+                    "batching / no batching",
+                ],
+                rows,
+            ),
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)

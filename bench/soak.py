@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (bench/load.py)
-from common import machine, table  # noqa: E402
+import load
+from common import machine, table
 
 MIX = {"good": 0.80, "bad": 0.08, "deadline": 0.06, "cancel": 0.06}
 
@@ -80,7 +80,9 @@ def slope_mib_per_hour(points: list[tuple[float, int]]) -> float:
     return 3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
 
 
-async def soak(server: load.Server, wl: load.Workload, minutes: float, clients: int, every: float, mix: dict[str, float]):
+async def soak(
+    server: load.Server, wl: load.Workload, minutes: float, clients: int, every: float, mix: dict[str, float]
+):
     t0 = time.monotonic()
     until = t0 + minutes * 60
     samples: list[tuple[float, int]] = []
@@ -98,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--sample-seconds", type=float, default=5.0)
     p.add_argument("--limit", type=float, default=0.10, help="largest allowed RSS growth after warm-up (default 0.10)")
-    p.add_argument("--mix", type=parse_mix, default=MIX, help="shares of good, bad, deadline and cancel calls, "
-                   "e.g. good=0.8,bad=0.08,deadline=0.06,cancel=0.06 (the default)")
+    p.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=MIX,
+        help="shares of good, bad, deadline and cancel calls, "
+        "e.g. good=0.8,bad=0.08,deadline=0.06,cancel=0.06 (the default)",
+    )
     p.add_argument("--out", type=Path, default=load.REPO / "bench" / "results" / "soak.md")
     args = p.parse_args(argv)
     if args.minutes - args.warmup_minutes < 1:
@@ -135,45 +142,73 @@ def main(argv: list[str] | None = None) -> int:
     for m in range(int(end // 60) + 1):
         chunk = [v for t, v in samples if m * 60 <= t < (m + 1) * 60]
         if chunk:
-            per_minute.append([m + 1, f"{statistics.median(chunk) / 1024:.1f}", f"{max(chunk) / 1024:.1f}",
-                               "warm-up" if (m + 1) * 60 <= w else ""])
-    text_md = "\n\n".join([
-        "# Soak (`python bench/soak.py`)",
-        f"Machine: {machine()}. One `camserve serve` process (max_batch_size=32, batch_timeout_ms=5) with the tiny "
-        f"`gap` / `fc` models of tests/helpers_serving.py; {args.clients} concurrent clients in one asyncio process on the "
-        f"same cores; {args.minutes:g} minutes, the first {args.warmup_minutes:g} warm-up. Mix: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in args.mix.items())
-        + " (bad: corrupt PNG, NaN tensor, unknown layer, unknown model, image smaller than the dense window; deadlines "
-        "1-40 ms; client cancellations 0-30 ms). RSS: VmRSS of the server process every "
-        f"{args.sample_seconds:g} s.",
-        "## Result",
-        table(["measure", "value"], [
-            ["calls", f"{len(report.outcomes)} ({report.throughput:.1f}/s)"],
-            ["outcomes", ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))],
-            ["wrong answers or unexpected codes", len(report.problems)],
-            ["latency of successful calls p50 / p99", f"{p50:.1f} / {p99:.1f} ms"],
-            ["queue depth at the end", f"{depth:g}"],
-            ["server errors by code", ", ".join(
-                f"{c} {load.metric_value(text, 'camserve_errors_total', code=c):g}"
-                for c in ("INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL"))],
-            ["RSS at start (before any call)", f"{rss_start / 1024:.1f} MiB"],
-            ["RSS after warm-up (median of its last minute)", f"{base / 1024:.1f} MiB"],
-            ["RSS at the end (median of the last minute)", f"{final / 1024:.1f} MiB"],
-            ["peak RSS after warm-up", f"{peak / 1024:.1f} MiB"],
-            ["growth after warm-up", f"{growth:+.2%} (limit {args.limit:.0%})"],
-            ["least-squares slope after warm-up", f"{slope:+.2f} MiB/hour (second half alone: {late:+.2f})"],
-            ["server exit code after SIGTERM", exit_code],
-        ]),
-        *(["## Wrong answers and unexpected codes (most common)", table(["calls", "fate", "code", "problem"], [
-            [n, fate, code, problem] for (fate, code, problem), n in collections.Counter(
-                (o.work.fate, o.code, (o.problem or "")[:160]) for o in report.outcomes if o.problem).most_common(10)])]
-          if report.problems else []),
-        "## RSS per minute (MiB)",
-        table(["minute", "median", "max", ""], per_minute),
-        "## Verdict\n\n" + ("PASS: " if ok else "FAIL: ")
-        + f"RSS growth {growth:+.2%} after warm-up (limit {args.limit:.0%}), {len(report.problems)} wrong answers, "
-        f"queue depth {depth:g} at the end, exit code {exit_code}.",
-    ])
+            per_minute.append(
+                [
+                    m + 1,
+                    f"{statistics.median(chunk) / 1024:.1f}",
+                    f"{max(chunk) / 1024:.1f}",
+                    "warm-up" if (m + 1) * 60 <= w else "",
+                ]
+            )
+    text_md = "\n\n".join(
+        [
+            "# Soak (`python bench/soak.py`)",
+            f"Machine: {machine()}. One `camserve serve` process (max_batch_size=32, batch_timeout_ms=5) with the tiny "
+            f"`gap` / `fc` models of tests/helpers_serving.py; {args.clients} concurrent clients in one asyncio process on the "
+            f"same cores; {args.minutes:g} minutes, the first {args.warmup_minutes:g} warm-up. Mix: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in args.mix.items())
+            + " (bad: corrupt PNG, NaN tensor, unknown layer, unknown model, image smaller than the dense window; deadlines "
+            "1-40 ms; client cancellations 0-30 ms). RSS: VmRSS of the server process every "
+            f"{args.sample_seconds:g} s.",
+            "## Result",
+            table(
+                ["measure", "value"],
+                [
+                    ["calls", f"{len(report.outcomes)} ({report.throughput:.1f}/s)"],
+                    ["outcomes", ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))],
+                    ["wrong answers or unexpected codes", len(report.problems)],
+                    ["latency of successful calls p50 / p99", f"{p50:.1f} / {p99:.1f} ms"],
+                    ["queue depth at the end", f"{depth:g}"],
+                    [
+                        "server errors by code",
+                        ", ".join(
+                            f"{c} {load.metric_value(text, 'camserve_errors_total', code=c):g}"
+                            for c in ("INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
+                        ),
+                    ],
+                    ["RSS at start (before any call)", f"{rss_start / 1024:.1f} MiB"],
+                    ["RSS after warm-up (median of its last minute)", f"{base / 1024:.1f} MiB"],
+                    ["RSS at the end (median of the last minute)", f"{final / 1024:.1f} MiB"],
+                    ["peak RSS after warm-up", f"{peak / 1024:.1f} MiB"],
+                    ["growth after warm-up", f"{growth:+.2%} (limit {args.limit:.0%})"],
+                    ["least-squares slope after warm-up", f"{slope:+.2f} MiB/hour (second half alone: {late:+.2f})"],
+                    ["server exit code after SIGTERM", exit_code],
+                ],
+            ),
+            *(
+                [
+                    "## Wrong answers and unexpected codes (most common)",
+                    table(
+                        ["calls", "fate", "code", "problem"],
+                        [
+                            [n, fate, code, problem]
+                            for (fate, code, problem), n in collections.Counter(
+                                (o.work.fate, o.code, (o.problem or "")[:160]) for o in report.outcomes if o.problem
+                            ).most_common(10)
+                        ],
+                    ),
+                ]
+                if report.problems
+                else []
+            ),
+            "## RSS per minute (MiB)",
+            table(["minute", "median", "max", ""], per_minute),
+            "## Verdict\n\n"
+            + ("PASS: " if ok else "FAIL: ")
+            + f"RSS growth {growth:+.2%} after warm-up (limit {args.limit:.0%}), {len(report.problems)} wrong answers, "
+            f"queue depth {depth:g} at the end, exit code {exit_code}.",
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text_md + "\n")
     print(text_md)

@@ -1,3 +1,5 @@
-from camserve.cli import main
 import sys
+
+from camserve.cli import main
+
 sys.exit(main())

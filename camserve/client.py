@@ -119,10 +119,17 @@ def explain_request(
 
 
 def dense_request(
-    image: Any, model: str, stride: int | None = None, scales: Sequence[float] = (1.0,), mode: str = "fcn", version: int = 0
+    image: Any,
+    model: str,
+    stride: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    mode: str = "fcn",
+    version: int = 0,
 ) -> pb.DenseScoresRequest:
     (msg,) = wire.images_to_proto([image] if isinstance(image, np.ndarray) and image.ndim == 3 else image)
-    return pb.DenseScoresRequest(model=_spec(model, version), image=msg, stride=int(stride or 0), scales=list(scales), mode=mode)
+    return pb.DenseScoresRequest(
+        model=_spec(model, version), image=msg, stride=int(stride or 0), scales=list(scales), mode=mode
+    )
 
 
 def predict_result(resp: pb.PredictResponse) -> PredictResult:
@@ -146,7 +153,9 @@ def explain_result(resp: pb.ExplainResponse, overlays: bool = False) -> list[lis
 
 def dense_result(resp: pb.DenseScoresResponse) -> DenseResult:
     return DenseResult(
-        scales=[ScaleScores(s.scale, wire.floatmap_to_array(s.scores), wire.floatmap_to_array(s.boxes)) for s in resp.scales],
+        scales=[
+            ScaleScores(s.scale, wire.floatmap_to_array(s.scores), wire.floatmap_to_array(s.boxes)) for s in resp.scales
+        ],
         stride=int(resp.stride),
         exact=bool(resp.exact),
         class_names=list(resp.class_names),
@@ -232,7 +241,7 @@ class Client(_Base):
             self.channel = grpc.secure_channel(target, self._creds, options=self._args)
         self.stub = pb_grpc.CamServiceStub(self.channel)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -266,13 +275,24 @@ class Client(_Base):
     def model(self, name: str, version: int = 0, timeout: float | None = None) -> dict[str, Any]:
         return model_dict(self.call("GetModel", pb.GetModelRequest(model=_spec(name, version)), timeout).model)
 
-    def predict(self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None) -> PredictResult:
+    def predict(
+        self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None
+    ) -> PredictResult:
         """Class scores (N, classes) and the ``top_k`` best classes per image."""
         return predict_result(self.call("Predict", predict_request(images, model, version, top_k), timeout))
 
     def explain(
-        self, images: Any, model: str, methods: Sequence[str] = ("gradcam",), targets: Any = None, top_k: int = 1,
-        layer: str | None = None, version: int = 0, raw: bool = True, heatmap: bool = True, timeout: float | None = None,
+        self,
+        images: Any,
+        model: str,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Any = None,
+        top_k: int = 1,
+        layer: str | None = None,
+        version: int = 0,
+        raw: bool = True,
+        heatmap: bool = True,
+        timeout: float | None = None,
     ) -> list[list[Any]]:
         """Per image, one Explanation per (target, method), targets outer, like
         :meth:`camserve.Explainer.explain`. ``raw`` / ``heatmap``: False saves bandwidth
@@ -281,17 +301,36 @@ class Client(_Base):
         return explain_result(self.call("Explain", req, timeout))
 
     def explain_with_overlays(
-        self, images: Any, model: str, methods: Sequence[str] = ("gradcam",), targets: Any = None, top_k: int = 1,
-        layer: str | None = None, version: int = 0, raw: bool = True, heatmap: bool = True, timeout: float | None = None,
+        self,
+        images: Any,
+        model: str,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Any = None,
+        top_k: int = 1,
+        layer: str | None = None,
+        version: int = 0,
+        raw: bool = True,
+        heatmap: bool = True,
+        timeout: float | None = None,
     ) -> list[list[tuple[Any, bytes]]]:
         """Like :meth:`explain`, with the server-made overlay PNG next to each Explanation."""
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
         return explain_result(self.call("Explain", req, timeout), overlays=True)
 
     def explain_many(
-        self, images: Iterable[Any], model: str, methods: Sequence[str] = ("gradcam",), targets: Any = None, top_k: int = 1,
-        layer: str | None = None, version: int = 0, raw: bool = True, heatmap: bool = True, overlay: bool = False,
-        chunk: int = 8, timeout: float | None = None,
+        self,
+        images: Iterable[Any],
+        model: str,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Any = None,
+        top_k: int = 1,
+        layer: str | None = None,
+        version: int = 0,
+        raw: bool = True,
+        heatmap: bool = True,
+        overlay: bool = False,
+        chunk: int = 8,
+        timeout: float | None = None,
     ) -> Iterator[list[Any]]:
         """Bulk explanations over one ExplainStream: yields per image (in input order) what
         :meth:`explain` (or :meth:`explain_with_overlays` when ``overlay``) gives for it.
@@ -303,7 +342,9 @@ class Client(_Base):
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
                 t = per_image[start : start + len(part)] if per_image is not None else targets
-                yield explain_request(part, model, methods, t, top_k, layer, version, raw, heatmap, overlay, request_id=str(start))
+                yield explain_request(
+                    part, model, methods, t, top_k, layer, version, raw, heatmap, overlay, request_id=str(start)
+                )
 
         results: dict[int, list[list[Any]]] = {}
         deadline = self._budget(timeout)
@@ -319,11 +360,19 @@ class Client(_Base):
                 next_start += len(part)
 
     def dense(
-        self, image: Any, model: str, stride: int | None = None, scales: Sequence[float] = (1.0,), mode: str = "fcn",
-        version: int = 0, timeout: float | None = None,
+        self,
+        image: Any,
+        model: str,
+        stride: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        mode: str = "fcn",
+        version: int = 0,
+        timeout: float | None = None,
     ) -> DenseResult:
         """Dense sliding-window scores of one image (see :func:`camserve.dense.dense_scores`)."""
-        return dense_result(self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout))
+        return dense_result(
+            self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
+        )
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The health status name of ``service`` ("" = the whole server, or a model name)."""
@@ -349,7 +398,7 @@ class AsyncClient(_Base):
             self.channel = grpc.aio.secure_channel(target, self._creds, options=self._args)
         self.stub = pb_grpc.CamServiceStub(self.channel)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -381,37 +430,69 @@ class AsyncClient(_Base):
     async def model(self, name: str, version: int = 0, timeout: float | None = None) -> dict[str, Any]:
         return model_dict((await self.call("GetModel", pb.GetModelRequest(model=_spec(name, version)), timeout)).model)
 
-    async def predict(self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None) -> PredictResult:
+    async def predict(
+        self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None
+    ) -> PredictResult:
         return predict_result(await self.call("Predict", predict_request(images, model, version, top_k), timeout))
 
     async def explain(
-        self, images: Any, model: str, methods: Sequence[str] = ("gradcam",), targets: Any = None, top_k: int = 1,
-        layer: str | None = None, version: int = 0, raw: bool = True, heatmap: bool = True, timeout: float | None = None,
+        self,
+        images: Any,
+        model: str,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Any = None,
+        top_k: int = 1,
+        layer: str | None = None,
+        version: int = 0,
+        raw: bool = True,
+        heatmap: bool = True,
+        timeout: float | None = None,
     ) -> list[list[Any]]:
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap)
         return explain_result(await self.call("Explain", req, timeout))
 
     async def explain_with_overlays(
-        self, images: Any, model: str, methods: Sequence[str] = ("gradcam",), targets: Any = None, top_k: int = 1,
-        layer: str | None = None, version: int = 0, raw: bool = True, heatmap: bool = True, timeout: float | None = None,
+        self,
+        images: Any,
+        model: str,
+        methods: Sequence[str] = ("gradcam",),
+        targets: Any = None,
+        top_k: int = 1,
+        layer: str | None = None,
+        version: int = 0,
+        raw: bool = True,
+        heatmap: bool = True,
+        timeout: float | None = None,
     ) -> list[list[tuple[Any, bytes]]]:
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
         return explain_result(await self.call("Explain", req, timeout), overlays=True)
 
-    async def explain_stream(self, requests: AsyncIterator[pb.ExplainRequest] | Iterable[pb.ExplainRequest]) -> AsyncIterator[pb.ExplainResponse]:
+    async def explain_stream(
+        self, requests: AsyncIterator[pb.ExplainRequest] | Iterable[pb.ExplainRequest]
+    ) -> AsyncIterator[pb.ExplainResponse]:
         """Raw ExplainStream: responses (with their request_id) in completion order."""
         async for resp in self.stub.ExplainStream(requests, metadata=self._metadata, timeout=self.timeout):
             yield resp
 
     async def dense(
-        self, image: Any, model: str, stride: int | None = None, scales: Sequence[float] = (1.0,), mode: str = "fcn",
-        version: int = 0, timeout: float | None = None,
+        self,
+        image: Any,
+        model: str,
+        stride: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        mode: str = "fcn",
+        version: int = 0,
+        timeout: float | None = None,
     ) -> DenseResult:
-        return dense_result(await self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout))
+        return dense_result(
+            await self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
+        )
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
-        resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._metadata)
+        resp = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._metadata
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

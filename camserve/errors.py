@@ -1,17 +1,90 @@
-"""Error kinds shared by the library, the server and the client.
+"""The one error hierarchy of camserve: :class:`CamserveError` and its kinds.
 
-The server maps them onto gRPC status codes (SPEC §6): :class:`InvalidArgument` to
-INVALID_ARGUMENT, :class:`NotFound` to NOT_FOUND. Messages say what was wrong and what
-is allowed.
+Every exception camserve raises on purpose derives from one kind below. A kind carries the
+status it is answered with (``code`` for gRPC, ``http_status`` for HTTP, SPEC §6), so the
+server maps errors by kind and never by guess: anything that is not a :class:`CamserveError`
+is a bug and is answered INTERNAL (and logged). Messages say what was wrong and what is
+allowed.
+
+The kinds for bad input also derive from the matching built-in exception, so library users
+can keep catching ``ValueError`` / ``LookupError``:
 
 >>> issubclass(NotFound, LookupError), issubclass(InvalidArgument, ValueError)
 (True, True)
+>>> InvalidArgument("top_k must be >= 1").code, NotFound.http_status
+('INVALID_ARGUMENT', 404)
 """
 
+from __future__ import annotations
 
-class InvalidArgument(ValueError):
+
+class CamserveError(Exception):
+    """Base of every camserve error. ``code``: the gRPC status code name it maps to."""
+
+    code: str = "INTERNAL"
+    http_status: int = 500
+
+
+class InvalidArgument(CamserveError, ValueError):
     """A bad image or parameter sent by the caller."""
 
+    code = "INVALID_ARGUMENT"
+    http_status = 400
 
-class NotFound(LookupError):
+
+class NotFound(CamserveError, LookupError):
     """An unknown model, version, layer or class."""
+
+    code = "NOT_FOUND"
+    http_status = 404
+
+
+class ResourceExhausted(CamserveError):
+    """A full queue, or a request or answer over a size limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+class DeadlineExceeded(CamserveError):
+    """The caller's deadline passed before the work was done."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+class Unavailable(CamserveError):
+    """Not serving right now (loading, warming up, draining): retry, maybe elsewhere."""
+
+    code = "UNAVAILABLE"
+    http_status = 503
+
+
+class Unauthenticated(CamserveError):
+    """A missing or wrong credential."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+#: Every kind; an error has exactly one.
+KINDS: tuple[type[CamserveError], ...] = (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    DeadlineExceeded,
+    Unavailable,
+    Unauthenticated,
+)
+
+
+def kind_of(exc: BaseException) -> type[CamserveError] | None:
+    """The kind of a camserve error, or None for anything else (a bug: INTERNAL).
+
+    >>> kind_of(NotFound("no model 'x'")).__name__, kind_of(KeyError("x"))
+    ('NotFound', None)
+    """
+    for kind in KINDS:
+        if isinstance(exc, kind):
+            return kind
+    return None

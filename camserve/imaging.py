@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -84,8 +85,7 @@ def require_format(data: bytes) -> str:
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(
-            f"not an image ({len(data)} bytes starting {bytes(data[:8])!r}); "
-            "accepted formats: PNG, JPEG, BMP, WebP"
+            f"not an image ({len(data)} bytes starting {bytes(data[:8])!r}); accepted formats: PNG, JPEG, BMP, WebP"
         )
     return fmt
 
@@ -132,19 +132,39 @@ def preprocess(rgb: np.ndarray, mode: str) -> np.ndarray:
     try:
         fn = PREPROCESSORS[mode]
     except KeyError:
-        raise ValueError(
-            f"unknown preprocessing {mode!r}; allowed: {sorted(PREPROCESSORS)}"
-        ) from None
+        raise InvalidArgument(f"unknown preprocessing {mode!r}; allowed: {sorted(PREPROCESSORS)}") from None
     return np.asarray(fn(np.asarray(rgb, np.float32)), np.float32)
 
 
-def prepare(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Resize RGB pixels to a model's (height, width) and apply its preprocessing.
+class InputSpec(Protocol):
+    """What a model takes, as its ``config.toml`` says (:class:`camserve.serving.repository.ModelConfig`)."""
 
-    >>> prepare(np.zeros((10, 20, 3), np.uint8), (4, 4), "scale_0_1").shape
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def preprocessing(self) -> str: ...
+
+
+def model_input(rgb: np.ndarray, spec: InputSpec, resize_to_input: bool = True) -> np.ndarray:
+    """RGB pixels as a model's input: resized to its (height, width) (unless
+    ``resize_to_input`` is False, for dense scores on a large image), preprocessed, then
+    averaged over the colour channels when the model takes one. The one place where pixels
+    become model input (server, CLI and dense scores all call it).
+
+    >>> from types import SimpleNamespace as Spec
+    >>> model_input(np.zeros((10, 20, 3), np.uint8), Spec(input_size=(4, 4), channels=3, preprocessing="scale_0_1")).shape
     (4, 4, 3)
+    >>> model_input(np.zeros((10, 20, 3), np.uint8), Spec(input_size=(4, 4), channels=1, preprocessing="scale_0_1"), False).shape
+    (10, 20, 1)
     """
-    return preprocess(resize(rgb, size), mode)
+    if spec.channels not in (1, 3):
+        raise InvalidArgument(f"models with {spec.channels} channels are not supported; allowed: 1 or 3")
+    if resize_to_input:
+        rgb = resize(rgb, spec.input_size)
+    x = preprocess(rgb, spec.preprocessing)
+    return x.mean(axis=-1, keepdims=True) if spec.channels == 1 else x
 
 
 def heatmap_box(heatmap: np.ndarray, threshold: float = 0.2) -> tuple[int, int, int, int] | None:
@@ -191,9 +211,7 @@ def overlay(
     if box is not None:
         sx, sy = w / heatmap.shape[1], h / heatmap.shape[0]
         x0, y0, x1, y1 = box
-        cv2.rectangle(
-            out, (int(x0 * sx), int(y0 * sy)), (int(x1 * sx) - 1, int(y1 * sy) - 1), (255, 255, 255), 1
-        )
+        cv2.rectangle(out, (int(x0 * sx), int(y0 * sy)), (int(x1 * sx) - 1, int(y1 * sy) - 1), (255, 255, 255), 1)
     return out
 
 

@@ -153,8 +153,7 @@ def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") 
     """InvalidArgument when width x height exceeds ``max_pixels``."""
     if width * height > max_pixels:
         raise ImageError(
-            f"{what} of {width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{max_pixels} pixels per image"
+            f"{what} of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels per image"
         )
 
 
@@ -267,9 +266,7 @@ def image_to_proto(image: ImageLike) -> pb.Image:
         return pb.Image(tensor=array_to_tensor(a))
     if a.dtype.kind == "f":
         return pb.Image(tensor=array_to_tensor(a.astype(np.float32, copy=False)))
-    raise InvalidArgument(
-        f"image array dtype {a.dtype} not supported; use uint8 pixels or float32 preprocessed inputs"
-    )
+    raise InvalidArgument(f"image array dtype {a.dtype} not supported; use uint8 pixels or float32 preprocessed inputs")
 
 
 def images_to_proto(images: ImageLike | Sequence[ImageLike]) -> list[pb.Image]:
@@ -333,7 +330,7 @@ def predictions_from_proto(resp: pb.PredictResponse) -> np.ndarray:
 
 
 def explanation_to_proto(
-    e: "Explanation",
+    e: Explanation,
     *,
     raw: bool = False,
     heatmap: bool = False,
@@ -353,7 +350,7 @@ def explanation_to_proto(
     return m
 
 
-def explanation_from_proto(m: pb.Explanation) -> "Explanation":
+def explanation_from_proto(m: pb.Explanation) -> Explanation:
     """A wire Explanation as the library's :class:`~camserve.explanation.Explanation`;
     maps that were not sent are None. The overlay PNG, when sent, stays in ``m.overlay_png``."""
     from camserve.explanation import Explanation

@@ -1,6 +1,6 @@
 """Tiny seeded classifiers for the FCN / dense-score tests, and the independent references.
 
-The references never use camserve.fcn: they crop the image and call the ORIGINAL classifier
+The references never use camserve.dense.fcn: they crop the image and call the ORIGINAL classifier
 with ``model.predict``.
 """
 
@@ -46,9 +46,7 @@ def flatten_net(padding: str = "valid", size: int = 20, classes: int = 5, seed: 
     return model
 
 
-def gap_net(
-    padding: str = "valid", pool: str = "avg", size: int = 20, classes: int = 5, seed: int = 0
-) -> keras.Model:
+def gap_net(padding: str = "valid", pool: str = "avg", size: int = 20, classes: int = 5, seed: int = 0) -> keras.Model:
     """conv3 → pool2 → conv3 (``last_conv``) → Global{Average,Max}Pooling2D → Dropout → Dense(softmax).
 
     Total stride 2; valid padding: 20 → 18 → 9 → 7, so the window pool is 7×7.

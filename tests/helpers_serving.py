@@ -75,7 +75,7 @@ class RunningServer:
         import asyncio
         import threading
 
-        from camserve.server import CamServer
+        from camserve.serving.server import CamServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -109,7 +109,7 @@ class RunningServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self
 
     def __exit__(self, *exc) -> None:

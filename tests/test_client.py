@@ -11,13 +11,23 @@ import pytest
 from helpers_serving import RunningServer, make_repository, metric_value
 
 from camserve.client import AsyncClient, Client
-from camserve.config import ServerConfig
 from camserve.imaging import encode_png
+from camserve.serving.config import ServerConfig
 
 
 def _config(root: Path) -> ServerConfig:
-    return ServerConfig.load(env={}, overrides=dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0,
-                                                  max_batch_size=4, batch_timeout_ms=2, log_format="text"))
+    return ServerConfig.load(
+        env={},
+        overrides=dict(
+            models=str(root),
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            max_batch_size=4,
+            batch_timeout_ms=2,
+            log_format="text",
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,9 @@ def test_async_client_matches_sync(replicas, pics, tmp_path: Path) -> None:
 
     scores, ex, dense, models, health, overlays = asyncio.run(main())
     np.testing.assert_array_equal(scores, sync_scores)
-    assert [[(e.method, e.class_index) for e in img] for img in ex] == [[(e.method, e.class_index) for e in img] for img in sync_ex]
+    assert [[(e.method, e.class_index) for e in img] for img in ex] == [
+        [(e.method, e.class_index) for e in img] for img in sync_ex
+    ]
     assert [e.class_index for e in ex[2]] == [1, 1, 2, 2]
     for g, e in zip(ex[2], sync_ex[2]):
         np.testing.assert_array_equal(g.heatmap, e.heatmap)
@@ -72,7 +84,9 @@ def test_round_robin_reaches_every_replica_and_survives_one_down(tmp_path_factor
     try:
         with Client(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", timeout=30) as c:
             first = [c.predict(pics[0], model="gap").scores for _ in range(12)]
-            served = [metric_value(s.metrics_text(), "camserve_requests_total", method="Predict", code="OK") for s in (a, b)]
+            served = [
+                metric_value(s.metrics_text(), "camserve_requests_total", method="Predict", code="OK") for s in (a, b)
+            ]
             assert min(served) >= 3 and sum(served) == 12, served
             b.stop(grace=1.0)
             after = [c.predict(pics[0], model="gap").scores for _ in range(12)]

@@ -21,10 +21,10 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from test_dockerfile import env_of_image, instructions
 
-from camserve import config as server_config
 from camserve.cli import build_parser
 from camserve.client import Client
-from camserve.server import SERVICE_NAME
+from camserve.serving import config as server_config
+from camserve.serving.server import SERVICE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -106,8 +106,9 @@ def probe_problems(deployment: Manifest, cfg: server_config.ServerConfig) -> lis
         if g["port"] != cfg.port:
             problems.append(f"{kind} probes port {g['port']}, the server listens on {cfg.port}")
         if g.get("service", "") not in ("", SERVICE_NAME):
-            problems.append(f"{kind} asks for health service {g['service']!r}; "
-                            f"the server registers '' and {SERVICE_NAME!r}")
+            problems.append(
+                f"{kind} asks for health service {g['service']!r}; the server registers '' and {SERVICE_NAME!r}"
+            )
     if not problems and c["readinessProbe"]["grpc"].get("service", "") != "":
         problems.append("readinessProbe must ask for the overall service ''")
     return problems
@@ -121,8 +122,10 @@ def termination_problems(deployment: Manifest, cfg: server_config.ServerConfig, 
     need = sleep_s + cfg.drain_timeout_s + margin_s
     grace = spec.get("terminationGracePeriodSeconds", 30)
     if grace < need:
-        return [f"terminationGracePeriodSeconds {grace} < preStop {sleep_s} s + drain_timeout_s {cfg.drain_timeout_s} s"
-                f" + {margin_s} s margin"]
+        return [
+            f"terminationGracePeriodSeconds {grace} < preStop {sleep_s} s + drain_timeout_s {cfg.drain_timeout_s} s"
+            f" + {margin_s} s margin"
+        ]
     return []
 
 
@@ -133,8 +136,10 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def service_problems(service: Manifest, deployment: Manifest, cfg: server_config.ServerConfig) -> list[str]:
     labels, problems = deployment["spec"]["template"]["metadata"]["labels"], []
     if not service["spec"].get("selector") or not selects(service["spec"]["selector"], labels):
-        problems.append(f"Service {service['metadata']['name']} selector {service['spec'].get('selector')} "
-                        f"does not select the pod labels {labels}")
+        problems.append(
+            f"Service {service['metadata']['name']} selector {service['spec'].get('selector')} "
+            f"does not select the pod labels {labels}"
+        )
     names = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
     for p in service["spec"]["ports"]:
         target = p.get("targetPort", p["port"])
@@ -208,7 +213,7 @@ def cfg(deployment: Manifest, configmap: Manifest, tmp_path: Path) -> server_con
 def test_every_manifest_validates_against_the_kubernetes_schemas(version: str) -> None:
     docs = manifests()
     assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
-    for f, d in docs:
+    for _f, d in docs:
         kubernetes_validate.validate(d, version, strict=True)  # raises naming the bad field
 
 

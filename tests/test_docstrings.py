@@ -5,8 +5,22 @@ import importlib
 
 import pytest
 
-MODULES = ["imaging", "errors", "explanation", "repository", "explain", "methods", "graph", "shapes",
-           "dense", "fcn", "wire", "batching", "client"]
+MODULES = [
+    "imaging",
+    "errors",
+    "explanation",
+    "serving.repository",
+    "explain.explainer",
+    "explain.methods",
+    "keras_graph",
+    "datasets.shapes",
+    "dense.scores",
+    "dense.fcn",
+    "wire",
+    "serving.batching",
+    "client",
+    "evaluation",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -17,7 +17,9 @@ def _rgb(h=12, w=20):
 @pytest.mark.parametrize("ext", [".png", ".bmp", ".webp"])
 def test_lossless_round_trip_keeps_rgb_order(ext):
     img = _rgb()
-    ok, buf = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == ".webp" else [])
+    ok, buf = cv2.imencode(
+        ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == ".webp" else []
+    )
     assert ok
     out = decode_image(buf.tobytes())
     np.testing.assert_array_equal(out, img)

@@ -13,9 +13,7 @@ pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) regenerates t
 
 # Lines that name the generator's version, not the .proto's content: a developer with another
 # grpcio-tools release must not see a spurious failure.
-_VERSION_LINES = re.compile(
-    r"^(# Protobuf Python Version: .*|GRPC_GENERATED_VERSION = .*|    \d+,)$", re.M
-)
+_VERSION_LINES = re.compile(r"^(# Protobuf Python Version: .*|GRPC_GENERATED_VERSION = .*|    \d+,)$", re.M)
 
 
 def _normalise(text: str) -> str:

@@ -47,7 +47,9 @@ def _png_bomb(w: int, h: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +120,10 @@ def test_non_finite_tensor_refused(bad: float) -> None:
 @pytest.mark.parametrize(
     "tensor,match",
     [
-        (pb.Tensor(dtype="int64", shape=[2, 2, 3], data=b"\0" * 96), r"dtype 'int64' not allowed; allowed: \['uint8', 'float32'\]"),
+        (
+            pb.Tensor(dtype="int64", shape=[2, 2, 3], data=b"\0" * 96),
+            r"dtype 'int64' not allowed; allowed: \['uint8', 'float32'\]",
+        ),
         (pb.Tensor(dtype="uint8", shape=[2, 2], data=b"\0" * 4), "has 2 dimensions, expected 3"),
         (pb.Tensor(dtype="uint8", shape=[2, 0, 3], data=b""), "empty or negative dimension"),
         (pb.Tensor(dtype="uint8", shape=[2, 2, 3], data=b"\0" * 11), "11 data bytes do not match"),

@@ -21,12 +21,21 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
+from camserve.errors import InvalidArgument
 
 #: Class colours of the arg-max map (RGB, matplotlib's tab10), repeated for more classes.
 PALETTE = np.array(
     [
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-        (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
     ],
     np.uint8,
 )
@@ -38,19 +47,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dense", help="dense sliding-window class scores; writes score heatmaps, an arg-max map and detections"
     )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP), any size ≥ the model's")
-    p.add_argument("--model", type=Path, required=True, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras")
+    p.add_argument(
+        "--model", type=Path, required=True, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras"
+    )
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
-    p.add_argument("--stride", type=int, default=None, help="window stride in pixels (default: the network's total stride)")
-    p.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated pyramid scales, e.g. 1,0.5 (default 1)")
-    p.add_argument("--mode", choices=("fcn", "crops"), default="fcn",
-                   help="fcn: one pass of the converted model (default); crops: the classifier on every window")
+    p.add_argument(
+        "--stride", type=int, default=None, help="window stride in pixels (default: the network's total stride)"
+    )
+    p.add_argument(
+        "--scales", type=_scales, default=(1.0,), help="comma-separated pyramid scales, e.g. 1,0.5 (default 1)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("fcn", "crops"),
+        default="fcn",
+        help="fcn: one pass of the converted model (default); crops: the classifier on every window",
+    )
     p.add_argument("--logits", action="store_true", help="scores before the final activation (fcn mode)")
     p.add_argument("--pad", action="store_true", help="zero-pad images smaller than the window instead of failing")
     p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold (default 0.5)")
     p.add_argument("--iou", type=float, default=0.3, help="NMS IoU threshold (default 0.3)")
-    p.add_argument("--classes", default=None,
-                   help=f"comma-separated class names or indices to draw heatmaps for (default: all when ≤ "
-                        f"{MAX_DEFAULT_HEATMAPS} classes, else the {MAX_DEFAULT_HEATMAPS} best)")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help=f"comma-separated class names or indices to draw heatmaps for (default: all when ≤ "
+        f"{MAX_DEFAULT_HEATMAPS} classes, else the {MAX_DEFAULT_HEATMAPS} best)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="windows or shifted copies per forward pass")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
@@ -77,16 +99,8 @@ def _class_list(raw: str | None, names: tuple[str, ...], peaks: np.ndarray) -> l
         elif token in names:
             chosen.append(names.index(token))
         else:
-            raise ValueError(f"unknown class {token!r}; allowed: {', '.join(names)} or 0..{len(names) - 1}")
+            raise InvalidArgument(f"unknown class {token!r}; allowed: {', '.join(names)} or 0..{len(names) - 1}")
     return chosen
-
-
-def _model_input(rgb: np.ndarray, channels: int, preprocessing: str) -> np.ndarray:
-    if channels == 1:
-        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None]
-    elif channels != 3:
-        raise ValueError(f"models with {channels} channels are not supported; allowed: 1 or 3")
-    return imaging.preprocess(rgb, preprocessing)
 
 
 def _heat(score: np.ndarray, probabilities: bool) -> np.ndarray:
@@ -105,8 +119,16 @@ def _argmax_picture(rgb: np.ndarray, cls: np.ndarray, dets: list[Any], names: tu
         x0, y0, x1, y1 = (int(round(v)) for v in d.box)
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), 2)
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, 1)
-        cv2.putText(out, f"{names[d.class_index]} {d.score:.2f}", (x0 + 2, max(y0 + 10, 10)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            out,
+            f"{names[d.class_index]} {d.score:.2f}",
+            (x0 + 2, max(y0 + 10, 10)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.35,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
     return out
 
 
@@ -121,10 +143,10 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from camserve.dense import dense_scores, detections, score_map
-    from camserve.repository import load_model_dir
+    from camserve.serving.repository import load_model_dir
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+        raise InvalidArgument(f"--batch-size must be ≥ 1, got {args.batch_size}")
     entry = load_model_dir(args.model, args.version)
     cfg = entry.config
     names = tuple(cfg.class_names)
@@ -132,15 +154,25 @@ def run(args: argparse.Namespace) -> int:
     report, used = [], set()
     for path in tqdm(args.images, unit="img", desc="dense", disable=len(args.images) < 2):
         rgb = imaging.read_image(path)
-        x = _model_input(rgb, cfg.channels, cfg.preprocessing)
+        x = imaging.model_input(rgb, cfg, resize_to_input=False)
         try:
-            result = dense_scores(entry.model, x, stride=args.stride, scales=args.scales, mode=args.mode,
-                                  batch_size=args.batch_size, logits=args.logits, pad=args.pad)
+            result = dense_scores(
+                entry.model,
+                x,
+                stride=args.stride,
+                scales=args.scales,
+                mode=args.mode,
+                batch_size=args.batch_size,
+                logits=args.logits,
+                pad=args.pad,
+            )
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InvalidArgument(f"{path}: {e}") from None
         n_classes = result[0].scores.shape[-1]
         if n_classes != len(names):
-            raise ValueError(f"{args.model}: config.toml names {len(names)} classes but the model outputs {n_classes}")
+            raise InvalidArgument(
+                f"{args.model}: config.toml names {len(names)} classes but the model outputs {n_classes}"
+            )
         dets = detections(result, threshold=args.threshold, iou_threshold=args.iou, class_names=names)
         stem = _unique_stem(path, used)
         peaks = np.array([max(float(level.scores[..., c].max()) for level in result) for c in range(n_classes)])
@@ -154,28 +186,52 @@ def run(args: argparse.Namespace) -> int:
         _, cls = score_map(result, rgb.shape)
         argmax_png = args.out / f"{stem}.argmax.png"
         argmax_png.write_bytes(imaging.encode_png(_argmax_picture(rgb, cls, dets, names)))
-        report.append({
-            "image": str(path), "height": rgb.shape[0], "width": rgb.shape[1],
-            "mode": result.mode, "exact": result.exact, "stride": list(result.strides), "window": list(result.window),
-            "scales": [
-                {
-                    "scale": level.scale, "image_size": list(level.image_size), "grid": list(level.scores.shape[:2]),
-                    "argmax": np.argmax(level.scores, -1).tolist(),
-                    "max_score": np.round(level.scores.max(-1), 6).tolist(),
-                }
-                for level in result
-            ],
-            "detections": [
-                {"class_index": d.class_index, "label": d.label, "score": round(d.score, 6),
-                 "box": [round(v, 2) for v in d.box], "scale": d.scale}
-                for d in dets
-            ],
-            "heatmaps": heatmaps, "argmax_map": argmax_png.name,
-        })
+        report.append(
+            {
+                "image": str(path),
+                "height": rgb.shape[0],
+                "width": rgb.shape[1],
+                "mode": result.mode,
+                "exact": result.exact,
+                "stride": list(result.strides),
+                "window": list(result.window),
+                "scales": [
+                    {
+                        "scale": level.scale,
+                        "image_size": list(level.image_size),
+                        "grid": list(level.scores.shape[:2]),
+                        "argmax": np.argmax(level.scores, -1).tolist(),
+                        "max_score": np.round(level.scores.max(-1), 6).tolist(),
+                    }
+                    for level in result
+                ],
+                "detections": [
+                    {
+                        "class_index": d.class_index,
+                        "label": d.label,
+                        "score": round(d.score, 6),
+                        "box": [round(v, 2) for v in d.box],
+                        "scale": d.scale,
+                    }
+                    for d in dets
+                ],
+                "heatmaps": heatmaps,
+                "argmax_map": argmax_png.name,
+            }
+        )
     palette = {name: PALETTE[i % len(PALETTE)].tolist() for i, name in enumerate(names)}
-    (args.out / "dense.json").write_text(json.dumps({"model": entry.name, "version": entry.version,
-                                                     "class_names": list(names), "palette": palette,
-                                                     "images": report}, indent=1))
+    (args.out / "dense.json").write_text(
+        json.dumps(
+            {
+                "model": entry.name,
+                "version": entry.version,
+                "class_names": list(names),
+                "palette": palette,
+                "images": report,
+            },
+            indent=1,
+        )
+    )
     n_det = sum(len(r["detections"]) for r in report)
     print(f"wrote dense maps of {len(report)} image(s), {n_det} detection(s) and dense.json to {args.out}")
     return 0

@@ -1,6 +1,6 @@
 """``camserve explain``: overlay PNGs and a JSON of scores, labels and boxes for images.
 
-    camserve explain samples/*.png --model models/shapes_gap --method gradcam --method cam --out out/
+camserve explain samples/*.png --model models/shapes_gap --method gradcam --method cam --out out/
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
+from camserve.errors import InvalidArgument
 
 BATCH = 32
 
@@ -27,8 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
     p.add_argument("--method", dest="methods", action="append", help="method (repeatable); default gradcam")
     p.add_argument("--top-k", type=int, default=1, help="explain the K best classes (default 1)")
-    p.add_argument("--target", dest="targets", action="append", help="class name or index to explain (repeatable; replaces --top-k)")
-    p.add_argument("--layer", default=None, help="layer to explain at (outer/inner for nested models); default automatic")
+    p.add_argument(
+        "--target",
+        dest="targets",
+        action="append",
+        help="class name or index to explain (repeatable; replaces --top-k)",
+    )
+    p.add_argument(
+        "--layer", default=None, help="layer to explain at (outer/inner for nested models); default automatic"
+    )
     p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
@@ -57,23 +65,36 @@ def run(args: argparse.Namespace) -> int:
         client = Client(args.server)
         name = args.model_name or (args.model.name if args.model else None)
         if not name:
-            raise ValueError("--server needs --model-name NAME (see `camserve models --server ...`)")
+            raise InvalidArgument("--server needs --model-name NAME (see `camserve models --server ...`)")
 
         def explain_batch(rgbs):
-            return client.explain(rgbs, model=name, version=args.version, methods=methods,
-                                  targets=[targets] * len(rgbs) if targets else None, top_k=args.top_k, layer=args.layer)
+            return client.explain(
+                rgbs,
+                model=name,
+                version=args.version,
+                methods=methods,
+                targets=[targets] * len(rgbs) if targets else None,
+                top_k=args.top_k,
+                layer=args.layer,
+            )
     else:
         from camserve import Explainer
-        from camserve.repository import load_model_dir
+        from camserve.serving.repository import load_model_dir
 
         entry = load_model_dir(args.model, args.version)
         cfg = entry.config
-        ex = Explainer(entry.model, layer=args.layer or cfg.default_layer, class_names=cfg.class_names,
-                       max_channels=args.max_channels)
+        ex = Explainer(
+            entry.model,
+            layer=args.layer or cfg.default_layer,
+            class_names=cfg.class_names,
+            max_channels=args.max_channels,
+        )
 
         def explain_batch(rgbs):
-            batch = np.stack([imaging.prepare(rgb, cfg.input_size, cfg.preprocessing) for rgb in rgbs])
-            return ex.explain(batch, methods=methods, targets=[targets] * len(rgbs) if targets else None, top_k=args.top_k)
+            batch = np.stack([imaging.model_input(rgb, cfg) for rgb in rgbs])
+            return ex.explain(
+                batch, methods=methods, targets=[targets] * len(rgbs) if targets else None, top_k=args.top_k
+            )
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = []
@@ -86,13 +107,19 @@ def run(args: argparse.Namespace) -> int:
                 for e in explanations:
                     png = args.out / f"{path.stem}.{e.label}.{e.method.replace('+', 'p')}.png"
                     png.write_bytes(imaging.encode_png(imaging.overlay(rgb, e.heatmap, box=e.box)))
-                    entries.append({
-                        "method": e.method, "class_index": e.class_index, "label": e.label,
-                        "score": round(e.score, 6),
-                        "box": _scaled_box(e.box, e.heatmap.shape, rgb.shape),
-                        "overlay": png.name,
-                    })
-                report.append({"image": str(path), "height": rgb.shape[0], "width": rgb.shape[1], "explanations": entries})
+                    entries.append(
+                        {
+                            "method": e.method,
+                            "class_index": e.class_index,
+                            "label": e.label,
+                            "score": round(e.score, 6),
+                            "box": _scaled_box(e.box, e.heatmap.shape, rgb.shape),
+                            "overlay": png.name,
+                        }
+                    )
+                report.append(
+                    {"image": str(path), "height": rgb.shape[0], "width": rgb.shape[1], "explanations": entries}
+                )
                 bar.update(1)
     (args.out / "explanations.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {sum(len(r['explanations']) for r in report)} overlays and explanations.json to {args.out}")

@@ -1,8 +1,8 @@
 """``camserve models``: the models of a server or of a local repository; server health.
 
-    camserve models --server localhost:8500            # what a running server serves
-    camserve models --repository models                # load a local repository and report
-    camserve models --server localhost:8500 --health   # exit 0 when SERVING (container probes)
+camserve models --server localhost:8500            # what a running server serves
+camserve models --repository models                # load a local repository and report
+camserve models --server localhost:8500 --health   # exit 0 when SERVING (container probes)
 """
 
 from __future__ import annotations
@@ -13,14 +13,24 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list a server's (or a local repository's) models; check health",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "models",
+        help="list a server's (or a local repository's) models; check health",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="HOST:PORT of a camserve server (or a gRPC target such as dns:///name:8500)")
     src.add_argument("--repository", help="a local model repository folder")
-    p.add_argument("--health", nargs="?", const="", default=None, metavar="SERVICE",
-                   help="with --server: print the health status (of SERVICE: a model name; default the whole server) "
-                        "and exit 0 only when SERVING")
+    p.add_argument(
+        "--health",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SERVICE",
+        help="with --server: print the health status (of SERVICE: a model name; default the whole server) "
+        "and exit 0 only when SERVING",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--token", default=None, help="bearer token (or env CAMSERVE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
@@ -32,16 +42,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _table(models: list[dict[str, Any]]) -> str:
     rows = [("NAME", "VERSION", "VERSIONS", "AVAILABLE", "INPUT", "CLASSES", "REASON")]
     for m in models:
-        rows.append((
-            m["name"], str(m["version"]), ",".join(str(v) for v in m["versions"]), "yes" if m["available"] else "no",
-            f"{m['input_height']}x{m['input_width']}x{m['channels']}", str(len(m["class_names"])), m["reason"][:80],
-        ))
+        rows.append(
+            (
+                m["name"],
+                str(m["version"]),
+                ",".join(str(v) for v in m["versions"]),
+                "yes" if m["available"] else "no",
+                f"{m['input_height']}x{m['input_width']}x{m['channels']}",
+                str(len(m["class_names"])),
+                m["reason"][:80],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _local(root: str) -> list[dict[str, Any]]:
-    from camserve.repository import ModelRepository
+    from camserve.serving.repository import ModelRepository
 
     repo = ModelRepository(root)
     repo.load()
@@ -49,12 +66,19 @@ def _local(root: str) -> list[dict[str, Any]]:
     for name in repo.names():
         st = repo.status(name)
         c = st.config
-        out.append({
-            "name": name, "version": st.default_version or 0, "versions": st.versions, "available": st.available,
-            "reason": st.reason, "class_names": list(c.class_names) if c else [],
-            "input_height": c.input_size[0] if c else 0, "input_width": c.input_size[1] if c else 0,
-            "channels": c.channels if c else 0,
-        })
+        out.append(
+            {
+                "name": name,
+                "version": st.default_version or 0,
+                "versions": st.versions,
+                "available": st.available,
+                "reason": st.reason,
+                "class_names": list(c.class_names) if c else [],
+                "input_height": c.input_size[0] if c else 0,
+                "input_width": c.input_size[1] if c else 0,
+                "channels": c.channels if c else 0,
+            }
+        )
     return out
 
 

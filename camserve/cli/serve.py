@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from camserve import config as server_config
+from camserve.serving import config as server_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from camserve.server import configure_logging, serve
+    from camserve.serving.server import configure_logging, serve
 
     cfg = server_config.from_args(args)
     configure_logging(cfg.log_level, cfg.log_format)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from camserve.errors import InvalidArgument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-bundled`` parser."""
-    from camserve.bundled import RECIPES
+    from camserve.datasets.bundled import RECIPES
 
     p = subparsers.add_parser(
         "train-bundled",
@@ -23,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of data and weights (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="override each recipe's epoch count")
     p.add_argument(
-        "--only", nargs="+", choices=sorted(RECIPES), default=list(RECIPES),
+        "--only",
+        nargs="+",
+        choices=sorted(RECIPES),
+        default=list(RECIPES),
         help="train only these models (default: all)",
     )
     p.set_defaults(func=run)
@@ -31,10 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train, write the models and print their metrics as JSON."""
-    from camserve.bundled import RECIPES, train_bundled
+    from camserve.datasets.bundled import RECIPES, train_bundled
 
     if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        raise InvalidArgument(f"--epochs must be >= 1, got {args.epochs}")
     command = f"camserve train-bundled --out {args.out} --seed {args.seed}"
     if args.epochs is not None:
         command += f" --epochs {args.epochs}"

@@ -6,11 +6,11 @@ import json
 import cv2
 import numpy as np
 import pytest
+from fcn_nets import crops_reference, flatten_net
 
 from camserve import imaging
 from camserve.cli import main
 from camserve.dense import dense_scores, detections
-from fcn_nets import crops_reference, flatten_net
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -26,7 +26,7 @@ def model_dir(tmp_path, model):
     (d / "2").mkdir(parents=True)
     model.save(d / "2" / "model.keras")
     (d / "config.toml").write_text(
-        f"class_names = {json.dumps(NAMES)}\ninput_size = [20, 20]\npreprocessing = \"scale_0_1\"\n"
+        f'class_names = {json.dumps(NAMES)}\ninput_size = [20, 20]\npreprocessing = "scale_0_1"\n'
     )
     return d
 
@@ -44,8 +44,22 @@ def _write_images(tmp_path, sizes):
 def test_dense_writes_heatmaps_argmax_and_json(tmp_path, model_dir, model):
     paths = _write_images(tmp_path, [(36, 44), (28, 28)])
     out = tmp_path / "out"
-    code = main(["dense", *map(str, paths), "--model", str(model_dir), "--stride", "2", "--scales", "1,0.8",
-                 "--threshold", "0.3", "--out", str(out)])
+    code = main(
+        [
+            "dense",
+            *map(str, paths),
+            "--model",
+            str(model_dir),
+            "--stride",
+            "2",
+            "--scales",
+            "1,0.8",
+            "--threshold",
+            "0.3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "dense.json").read_text())
     assert (report["model"], report["version"], report["class_names"]) == ("fc", 2, NAMES)
@@ -62,8 +76,9 @@ def test_dense_writes_heatmaps_argmax_and_json(tmp_path, model_dir, model):
         np.testing.assert_allclose(level["max_score"], want.max(-1), atol=2e-6)
         assert [s["scale"] for s in entry["scales"]] == [1.0, 0.8]
         # Detections are the library's, over both scales.
-        lib = detections(dense_scores(model, x, stride=2, scales=(1.0, 0.8)), threshold=0.3, iou_threshold=0.3,
-                         class_names=NAMES)
+        lib = detections(
+            dense_scores(model, x, stride=2, scales=(1.0, 0.8)), threshold=0.3, iou_threshold=0.3, class_names=NAMES
+        )
         assert [(d["label"], d["box"]) for d in entry["detections"]] == [
             (d.label, [round(v, 2) for v in d.box]) for d in lib
         ]
@@ -75,8 +90,25 @@ def test_dense_writes_heatmaps_argmax_and_json(tmp_path, model_dir, model):
 def test_dense_crops_mode_and_class_selection(tmp_path, model_dir, model):
     (path,) = _write_images(tmp_path, [(30, 26)])
     out = tmp_path / "o"
-    assert main(["dense", str(path), "--model", str(model_dir), "--mode", "crops", "--stride", "3",
-                 "--classes", "b,4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "dense",
+                str(path),
+                "--model",
+                str(model_dir),
+                "--mode",
+                "crops",
+                "--stride",
+                "3",
+                "--classes",
+                "b,4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     entry = json.loads((out / "dense.json").read_text())["images"][0]
     want = crops_reference(model, imaging.preprocess(imaging.read_image(path), "scale_0_1"), 3)
     assert entry["exact"] is True and entry["scales"][0]["argmax"] == np.argmax(want, -1).tolist()

@@ -3,7 +3,6 @@
 import json
 
 import cv2
-import keras
 import numpy as np
 import pytest
 
@@ -30,8 +29,22 @@ def test_explain_writes_overlays_and_json(tmp_path, model_dir, gap_model):
         cv2.imwrite(str(p), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         paths.append(p)
     out = tmp_path / "out"
-    code = main(["explain", *map(str, paths), "--model", str(model_dir), "--method", "gradcam", "--method", "gradcam++",
-                 "--top-k", "2", "--out", str(out)])
+    code = main(
+        [
+            "explain",
+            *map(str, paths),
+            "--model",
+            str(model_dir),
+            "--method",
+            "gradcam",
+            "--method",
+            "gradcam++",
+            "--top-k",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "explanations.json").read_text())
     assert [r["image"] for r in report] == [str(p) for p in paths]
@@ -39,7 +52,7 @@ def test_explain_writes_overlays_and_json(tmp_path, model_dir, gap_model):
     ex = Explainer(gap_model, class_names=["a", "b", "c", "d"])
     for path, entry in zip(paths, report):
         rgb = imaging.read_image(path)
-        x = imaging.prepare(rgb, (32, 32), "scale_0_1")[None]
+        x = imaging.preprocess(imaging.resize(rgb, (32, 32)), "scale_0_1")[None]
         expected = ex.explain(x, methods=("gradcam", "gradcam++"), top_k=2)[0]
         assert len(entry["explanations"]) == 4
         for e, got in zip(expected, entry["explanations"]):
@@ -49,7 +62,12 @@ def test_explain_writes_overlays_and_json(tmp_path, model_dir, gap_model):
             assert png.shape == rgb.shape  # overlays are drawn on the original image
             if e.box is not None:
                 sy, sx = rgb.shape[0] / 32, rgb.shape[1] / 32
-                assert got["box"] == [round(e.box[0] * sx), round(e.box[1] * sy), round(e.box[2] * sx), round(e.box[3] * sy)]
+                assert got["box"] == [
+                    round(e.box[0] * sx),
+                    round(e.box[1] * sy),
+                    round(e.box[2] * sx),
+                    round(e.box[3] * sy),
+                ]
 
 
 def test_explain_reports_bad_input(tmp_path, model_dir, capsys):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from camserve import Explainer, metrics
-from camserve.repository import load_model_dir
-from camserve.shapes import make_dataset
+from camserve import Explainer, evaluation
+from camserve.datasets.shapes import make_dataset
+from camserve.serving.repository import load_model_dir
 
 UNSEEN_SEED = 987_654  # neither the training nor the recorded evaluation seeds
 
@@ -26,9 +26,9 @@ def test_cam_boxes_localize_the_shapes(shapes_gap, scenes):
     ex = Explainer(shapes_gap.model, class_names=shapes_gap.config.class_names)
     results = ex.explain(images, methods=("cam", "gradcam"), targets=list(labels))
     cam_boxes = [r[0].box for r in results]
-    accuracy = metrics.localization_accuracy(cam_boxes, boxes)
+    accuracy = evaluation.localization_accuracy(cam_boxes, boxes)
     assert accuracy >= 0.85, accuracy  # config.toml records the figure on 2000 scenes
-    pointing = metrics.pointing_game(np.stack([r[1].heatmap for r in results]), boxes)
+    pointing = evaluation.pointing_game(np.stack([r[1].heatmap for r in results]), boxes)
     assert pointing >= 0.9, pointing
     # the predicted class is right on single-shape scenes
     predicted = ex.predict(images).argmax(axis=1)
@@ -45,8 +45,8 @@ def test_deletion_removes_evidence_faster_than_an_inverted_map(shapes_gap, scene
         def score(batch, label=label):
             return ex.predict(batch)[:, label]
 
-        good = metrics.deletion_auc(score, image, heat, steps=16)
-        bad = metrics.deletion_auc(score, image, 1.0 - heat, steps=16)
+        good = evaluation.deletion_auc(score, image, heat, steps=16)
+        bad = evaluation.deletion_auc(score, image, 1.0 - heat, steps=16)
         worse += good < bad
     assert worse >= 5
 
@@ -58,7 +58,7 @@ def test_randomizing_the_model_changes_the_maps(shapes_gap, scenes):
     def gradcam(model, batch):
         return np.stack([r[0].heatmap for r in Explainer(model).explain(batch, methods=("gradcam",), targets=targets)])
 
-    same = metrics.sanity_check(shapes_gap.model, gradcam, images[:12], layers_to_randomize=0)
+    same = evaluation.sanity_check(shapes_gap.model, gradcam, images[:12], layers_to_randomize=0)
     assert same.mean > 0.999
-    randomized = metrics.sanity_check(shapes_gap.model, gradcam, images[:12], layers_to_randomize=2, seed=1)
+    randomized = evaluation.sanity_check(shapes_gap.model, gradcam, images[:12], layers_to_randomize=2, seed=1)
     assert randomized.mean < 0.5, randomized.correlations

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import cv2
 import numpy as np
 
+from camserve.errors import InvalidArgument
+
 if TYPE_CHECKING:
     import keras
 
@@ -37,9 +39,9 @@ ExplainFn = Callable[[Any, np.ndarray], Any]
 def _as_box(box: Any, what: str) -> np.ndarray:
     arr = np.asarray(box, dtype=np.float64)
     if arr.shape != (4,) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} must be 4 finite numbers (x0, y0, x1, y1), got {box!r}")
+        raise InvalidArgument(f"{what} must be 4 finite numbers (x0, y0, x1, y1), got {box!r}")
     if arr[2] < arr[0] or arr[3] < arr[1]:
-        raise ValueError(f"{what} must have x0 <= x1 and y0 <= y1 (x1, y1 exclusive), got {box!r}")
+        raise InvalidArgument(f"{what} must have x0 <= x1 and y0 <= y1 (x1, y1 exclusive), got {box!r}")
     return arr
 
 
@@ -52,7 +54,7 @@ def _as_boxes(truth: Any, what: str) -> np.ndarray:
         return _as_box(arr, what)[None]
     if arr.ndim == 2 and arr.shape[1] == 4:
         return np.stack([_as_box(b, f"{what}[{k}]") for k, b in enumerate(arr)])
-    raise ValueError(f"{what} must be one box (x0, y0, x1, y1) or a sequence of boxes, got shape {arr.shape}")
+    raise InvalidArgument(f"{what} must be one box (x0, y0, x1, y1) or a sequence of boxes, got shape {arr.shape}")
 
 
 def box_iou(a: Box, b: Box) -> float:
@@ -73,9 +75,9 @@ def box_iou(a: Box, b: Box) -> float:
 
 def _check_lengths(n_pred: int, n_true: int, pred_name: str) -> None:
     if n_pred != n_true:
-        raise ValueError(f"{pred_name} and true_boxes must have one entry per image, got {n_pred} and {n_true}")
+        raise InvalidArgument(f"{pred_name} and true_boxes must have one entry per image, got {n_pred} and {n_true}")
     if n_pred == 0:
-        raise ValueError(f"{pred_name} is empty: need at least one image")
+        raise InvalidArgument(f"{pred_name} is empty: need at least one image")
 
 
 def localization_hits(
@@ -88,7 +90,7 @@ def localization_hits(
     [True]
     """
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
     _check_lengths(len(pred_boxes), len(true_boxes), "pred_boxes")
     hits = np.zeros(len(pred_boxes), dtype=bool)
     for i, (pred, truth) in enumerate(zip(pred_boxes, true_boxes)):
@@ -121,9 +123,9 @@ def localization_accuracy(
 def _check_heatmap(heatmap: Any, what: str) -> np.ndarray:
     hm = np.asarray(heatmap)
     if hm.ndim != 2 or hm.size == 0:
-        raise ValueError(f"{what} must be a non-empty (H, W) array, got shape {hm.shape}")
+        raise InvalidArgument(f"{what} must be a non-empty (H, W) array, got shape {hm.shape}")
     if not np.issubdtype(hm.dtype, np.number) or not np.all(np.isfinite(hm)):
-        raise ValueError(f"{what} must hold finite numbers (no NaN/Inf)")
+        raise InvalidArgument(f"{what} must hold finite numbers (no NaN/Inf)")
     return hm
 
 
@@ -156,9 +158,9 @@ def pointing_hits(
     ([True], [True])
     """
     if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+        raise InvalidArgument(f"tolerance must be >= 0 pixels, got {tolerance}")
     if ties not in ("first", "all", "any"):
-        raise ValueError(f"ties must be 'first', 'all' or 'any', got {ties!r}")
+        raise InvalidArgument(f"ties must be 'first', 'all' or 'any', got {ties!r}")
     _check_lengths(len(heatmaps), len(true_boxes), "heatmaps")
     hits = np.zeros(len(heatmaps), dtype=bool)
     for i, (heatmap, truth) in enumerate(zip(heatmaps, true_boxes)):
@@ -203,9 +205,9 @@ def blurred_baseline(image: np.ndarray, ksize: int = 11, sigma: float = 5.0) -> 
     """
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3:
-        raise ValueError(f"image must be (H, W, C), got shape {img.shape}")
+        raise InvalidArgument(f"image must be (H, W, C), got shape {img.shape}")
     if ksize < 1 or ksize % 2 == 0:
-        raise ValueError(f"ksize must be a positive odd number, got {ksize}")
+        raise InvalidArgument(f"ksize must be a positive odd number, got {ksize}")
     channels = [cv2.GaussianBlur(img[..., c], (ksize, ksize), sigma) for c in range(img.shape[-1])]
     return np.stack(channels, axis=-1)
 
@@ -241,25 +243,25 @@ def perturbation_curve(
     [1.0, 0.0, 0.0]
     """
     if mode not in ("deletion", "insertion"):
-        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+        raise InvalidArgument(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     img = np.asarray(image)
     if img.ndim != 3 or img.size == 0:
-        raise ValueError(f"image must be a non-empty (H, W, C) array, got shape {img.shape}")
+        raise InvalidArgument(f"image must be a non-empty (H, W, C) array, got shape {img.shape}")
     hm = _check_heatmap(heatmap, "heatmap")
     h, w = img.shape[:2]
     if hm.shape != (h, w):
-        raise ValueError(f"heatmap shape {hm.shape} must equal the image's (H, W) = {(h, w)}; resize it first")
+        raise InvalidArgument(f"heatmap shape {hm.shape} must equal the image's (H, W) = {(h, w)}; resize it first")
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= h * w:
-        raise ValueError(f"steps must be an integer in 1..H*W = 1..{h * w}, got {steps!r}")
+        raise InvalidArgument(f"steps must be an integer in 1..H*W = 1..{h * w}, got {steps!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
     dtype = img.dtype if np.issubdtype(img.dtype, np.floating) else np.dtype(np.float32)
     if baseline is None:
         baseline = blurred_baseline(img) if mode == "insertion" else 0.0
     try:
         base = np.broadcast_to(np.asarray(baseline, dtype=dtype), img.shape)
     except ValueError:
-        raise ValueError(
+        raise InvalidArgument(
             f"baseline of shape {np.shape(baseline)} does not broadcast to the image's shape {img.shape}"
         ) from None
     start, end = (img.astype(dtype), base) if mode == "deletion" else (base, img.astype(dtype))
@@ -277,7 +279,7 @@ def perturbation_curve(
         batch = np.where(replaced, end[None], start[None])
         out = np.asarray(score_fn(batch), dtype=np.float64)
         if out.shape != (len(n),):
-            raise ValueError(f"score_fn must return one score per image, shape ({len(n)},); got {out.shape}")
+            raise InvalidArgument(f"score_fn must return one score per image, shape ({len(n)},); got {out.shape}")
         scores[lo : lo + len(n)] = out
     return counts / (h * w), scores
 
@@ -331,7 +333,7 @@ def rankdata(x: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(x)
     if a.ndim != 1:
-        raise ValueError(f"rankdata needs a 1-D array, got shape {a.shape}")
+        raise InvalidArgument(f"rankdata needs a 1-D array, got shape {a.shape}")
     n = a.size
     order = np.argsort(a, kind="stable")
     sorted_a = a[order]
@@ -353,9 +355,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """
     x, y = np.asarray(a).ravel(), np.asarray(b).ravel()
     if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"spearman needs two arrays of the same size >= 2, got {x.size} and {y.size}")
+        raise InvalidArgument(f"spearman needs two arrays of the same size >= 2, got {x.size} and {y.size}")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("spearman inputs must be finite (no NaN/Inf)")
+        raise InvalidArgument("spearman inputs must be finite (no NaN/Inf)")
     rx, ry = rankdata(x), rankdata(y)
     rx -= rx.mean()
     ry -= ry.mean()
@@ -446,13 +448,13 @@ def randomized_copy(
     import keras
 
     if reinit not in ("initializer", "normal"):
-        raise ValueError(f"reinit must be 'initializer' or 'normal', got {reinit!r}")
+        raise InvalidArgument(f"reinit must be 'initializer' or 'normal', got {reinit!r}")
     if not normal_stddev > 0:
-        raise ValueError(f"normal_stddev must be > 0, got {normal_stddev}")
+        raise InvalidArgument(f"normal_stddev must be > 0, got {normal_stddev}")
     paths = [p for p, _ in _weighted_layers(model)]
     if isinstance(layers_to_randomize, (int, np.integer)):
         if not 0 <= layers_to_randomize <= len(paths):
-            raise ValueError(
+            raise InvalidArgument(
                 f"layers_to_randomize must be in 0..{len(paths)} (the model's layers with weights), "
                 f"got {layers_to_randomize}"
             )
@@ -461,16 +463,16 @@ def randomized_copy(
         names = [layers_to_randomize] if isinstance(layers_to_randomize, str) else list(layers_to_randomize)
         unknown = [n for n in names if n not in paths]
         if unknown:
-            raise ValueError(f"unknown layer(s) {unknown}; layers with weights are: {paths}")
+            raise InvalidArgument(f"unknown layer(s) {unknown}; layers with weights are: {paths}")
         chosen = sorted({paths.index(n) for n in names}, reverse=True)
     try:
         copy = keras.models.clone_model(model)
     except Exception as exc:  # subclassed models without get_config/from_config
-        raise ValueError(f"cannot copy model {model.name!r} with keras.models.clone_model: {exc}") from exc
+        raise InvalidArgument(f"cannot copy model {model.name!r} with keras.models.clone_model: {exc}") from exc
     copy.set_weights(model.get_weights())
     copy_layers = [layer for _, layer in _weighted_layers(copy)]
     if len(copy_layers) != len(paths):
-        raise ValueError(f"the clone of {model.name!r} does not mirror its layers; cannot randomize it")
+        raise InvalidArgument(f"the clone of {model.name!r} does not mirror its layers; cannot randomize it")
     rng = np.random.default_rng(seed)
     for index in chosen:
         _reinitialize(copy_layers[index], rng, reinit, normal_stddev)
@@ -502,7 +504,7 @@ def sanity_check(
     before = np.asarray(explain_fn(model, imgs))
     after = np.asarray(explain_fn(copy, imgs))
     if before.shape != after.shape or before.ndim < 2 or before.shape[0] != len(imgs):
-        raise ValueError(
+        raise InvalidArgument(
             f"explain_fn must return one map per image, (N={len(imgs)}, H, W), for both models; "
             f"got {before.shape} and {after.shape}"
         )

@@ -2,7 +2,7 @@
 
 One compiled pass per batch computes the layer's activations, the logits and, for every
 requested target, the gradient of the target's logit with respect to the activations;
-every method in :data:`camserve.methods.METHODS` then reads what it needs from that
+every method in :data:`camserve.explain.methods.METHODS` then reads what it needs from that
 pass. Batches are padded to a few bucket sizes so that N = 1 … ``max_batch_size``
 reuses a handful of compiled graphs, and nothing is copied to the host before the end.
 
@@ -21,11 +21,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from camserve import graph
+from camserve import keras_graph as graph
 from camserve.errors import InvalidArgument, NotFound
+from camserve.explain.methods import METHODS, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
-from camserve.methods import METHODS, weighted_sum
 
 Target = int | str
 Targets = Sequence[Target | Sequence[Target]] | None
@@ -36,7 +36,7 @@ class UnknownClass(NotFound):
 
 
 class UnknownMethod(InvalidArgument):
-    """A method name that is not in :data:`camserve.methods.METHODS`."""
+    """A method name that is not in :data:`camserve.explain.methods.METHODS`."""
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -90,9 +90,7 @@ class Explainer:
         self._output_layer = graph.output_layer_path(model)[-1]
         self.num_classes = int(model.output_shape[-1])
         if class_names is not None and len(class_names) != self.num_classes:
-            raise InvalidArgument(
-                f"{len(class_names)} class names given for a model with {self.num_classes} outputs"
-            )
+            raise InvalidArgument(f"{len(class_names)} class names given for a model with {self.num_classes} outputs")
         self.class_names = tuple(class_names) if class_names is not None else None
         if chunk_size < 1:
             raise InvalidArgument(f"chunk_size must be ≥ 1, got {chunk_size}")
@@ -158,8 +156,7 @@ class Explainer:
         expected = self.input_shape
         if images.ndim != 4 or any(e is not None and e != s for e, s in zip(expected, images.shape[1:])):
             raise InvalidArgument(
-                f"images must have shape (N, {', '.join(str(e) if e else '*' for e in expected)}), "
-                f"got {images.shape}"
+                f"images must have shape (N, {', '.join(str(e) if e else '*' for e in expected)}), got {images.shape}"
             )
         if not np.isfinite(images).all():
             raise InvalidArgument("images contain NaN or Inf values; only finite values are allowed")
@@ -193,24 +190,49 @@ class Explainer:
             raise UnknownClass(f"class index {target} out of range; the model has classes 0..{self.num_classes - 1}")
         return int(target)
 
+    def check_top_k(self, top_k: int) -> int:
+        """``top_k`` if it is a whole number from 1 to the class count; InvalidArgument otherwise."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
+            raise InvalidArgument(f"top_k must be between 1 and {self.num_classes} (the class count), got {top_k}")
+        return int(top_k)
+
+    def resolve_targets(self, n: int, targets: Targets, top_k: int = 1) -> list[list[int]] | None:
+        """Validate a request's targets for ``n`` images: None (the ``top_k`` predicted classes,
+        ``top_k`` checked), or class indices per image. ``targets`` may be one class (index or
+        name) for all images, one entry for all images, or one entry per image; an entry is a
+        class or a list of classes (at most the class count). Servers call this before queueing.
+
+        >>> ex.resolve_targets(2, "dog")            # doctest: +SKIP
+        [[1], [1]]
+        """
+        if targets is None:
+            self.check_top_k(top_k)
+            return None
+        if isinstance(targets, (int, np.integer, str, np.str_)):
+            targets = [targets]
+        if len(targets) not in (1, n):
+            raise InvalidArgument(
+                f"{len(targets)} target entries for {n} images: give none (top_k), one for all images, or one per image"
+            )
+        per_image = []
+        for i, entry in enumerate(targets):
+            classes = list(entry) if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
+            if not classes:
+                raise InvalidArgument(f"image {i} has an empty target list; give at least one class")
+            if len(classes) > self.num_classes:
+                raise InvalidArgument(
+                    f"image {i} has {len(classes)} targets; at most {self.num_classes} (the class count)"
+                )
+            per_image.append([self.class_index(t) for t in classes])
+        return per_image * n if len(per_image) == 1 and n != 1 else per_image
+
     def _encode_targets(self, n: int, targets: Targets, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """(N, T) int32 targets, where t ≥ 0 is a class and -(r + 1) the r-th predicted class,
         and a (N, T) mask of the entries that are real (images may ask for fewer targets)."""
-        if targets is None:
-            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
-                raise InvalidArgument(f"top_k must be between 1 and {self.num_classes} (the class count), got {top_k}")
+        per_image = self.resolve_targets(n, targets, top_k)
+        if per_image is None:
             encoded = np.tile(-np.arange(1, top_k + 1, dtype=np.int32), (n, 1))
             return encoded, np.ones_like(encoded, bool)
-        if isinstance(targets, (int, np.integer, str)):
-            targets = [targets] * n
-        if len(targets) != n:
-            raise InvalidArgument(f"got {len(targets)} targets for {n} images; give one entry per image")
-        per_image = [
-            [self.class_index(t) for t in (entry if isinstance(entry, (list, tuple, np.ndarray)) else [entry])]
-            for entry in targets
-        ]
-        if any(not p for p in per_image):
-            raise InvalidArgument("an image has an empty target list; give at least one class per image")
         width = max(len(p) for p in per_image)
         encoded = np.zeros((n, width), np.int32)
         valid = np.zeros((n, width), bool)
@@ -306,14 +328,10 @@ class Explainer:
         self.trace_count += 1
         need_gradients = any(METHODS[m].needs_gradients for m in methods)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            activations, logits, outputs = self._forward(
-                images, on_activations=tape.watch if need_gradients else None
-            )
+            activations, logits, outputs = self._forward(images, on_activations=tape.watch if need_gradients else None)
             ranked = tf.math.top_k(logits, k=width).indices
             classes = tf.where(targets >= 0, targets, tf.gather(ranked, tf.maximum(-targets - 1, 0), batch_dims=1))
-            target_logits = [
-                tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)
-            ]
+            target_logits = [tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)]
         shared = _Pass(self, images, activations, logits, classes)
         maps = []
         for t in range(width):
@@ -335,7 +353,11 @@ class Explainer:
         found when it is not GlobalAveragePooling2D → (BatchNorm/Dropout)* → Dense."""
         head = [l for l in self.head if not isinstance(l, graph.PASSTHROUGH_LAYERS)]
         head = [l for l in head if not (isinstance(l, keras.layers.Activation) and _activation_name(l) == "linear")]
-        if head and head[-1] is self._output_layer and isinstance(head[-1], (keras.layers.Softmax, keras.layers.Activation)):
+        if (
+            head
+            and head[-1] is self._output_layer
+            and isinstance(head[-1], (keras.layers.Softmax, keras.layers.Activation))
+        ):
             head = head[:-1]  # a separate softmax after a linear Dense: the logits are its input
         if (
             len(head) >= 2
@@ -393,7 +415,7 @@ class _Pass:
         self.activations = tf.cast(activations, tf.float32)
         self._cache: dict[str, tf.Tensor] = {}
 
-    def for_target(self, t: int, gradients) -> "_TargetView":
+    def for_target(self, t: int, gradients) -> _TargetView:
         grads = None if gradients is None else tf.cast(gradients, tf.float32)
         return _TargetView(self, t, grads)
 
@@ -463,7 +485,7 @@ class _Pass:
 
 
 class _TargetView:
-    """The pass as one target sees it (the :class:`camserve.methods.LayerPass` protocol)."""
+    """The pass as one target sees it (the :class:`camserve.explain.methods.LayerPass` protocol)."""
 
     def __init__(self, shared: _Pass, t: int, gradients):
         self._shared, self._t = shared, t

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from camserve import shapes
+from camserve.datasets import shapes
 from camserve.imaging import read_image
 
 

@@ -19,8 +19,8 @@ from helpers_serving import RunningServer, make_repository, metric_value
 
 from camserve import wire
 from camserve.client import Client
-from camserve.config import ServerConfig
 from camserve.proto import pb, pb_grpc
+from camserve.serving.config import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,16 @@ def repo_root(tmp_path_factory) -> Path:
 
 
 def _config(root: Path, **kw) -> ServerConfig:
-    base = dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=1, batch_timeout_ms=0,
-                warmup_methods=["gradcam"], log_format="text")
+    base = dict(
+        models=str(root),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_batch_size=1,
+        batch_timeout_ms=0,
+        warmup_methods=["gradcam"],
+        log_format="text",
+    )
     base.update(kw)
     return ServerConfig.load(env={}, overrides=base)
 
@@ -135,9 +143,26 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     except ImportError:
         pass
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -176,9 +201,25 @@ def test_tls_and_token(repo_root: Path, tmp_path: Path) -> None:
 def _start_cli(root: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "camserve", "serve", "--models", str(root), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", *extra],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "camserve",
+            "serve",
+            "--models",
+            str(root),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     lines: list[str] = []
     listening: dict = {}
@@ -258,9 +299,15 @@ def _health(c: Client) -> str:
 def test_config_precedence(tmp_path: Path) -> None:
     toml = tmp_path / "serve.toml"
     toml.write_text('[serve]\nport = 9100\nmax_batch_size = 16\nwarmup_methods = ["gradcam", "cam"]\n')
-    cfg = ServerConfig.load(toml, env={"CAMSERVE_MAX_BATCH_SIZE": "8", "CAMSERVE_BATCH_TIMEOUT_MS": "2.5"},
-                            overrides={"max_batch_size": 4})
-    assert (cfg.port, cfg.max_batch_size, cfg.batch_timeout, cfg.warmup_methods) == (9100, 4, 0.0025, ["gradcam", "cam"])
+    cfg = ServerConfig.load(
+        toml, env={"CAMSERVE_MAX_BATCH_SIZE": "8", "CAMSERVE_BATCH_TIMEOUT_MS": "2.5"}, overrides={"max_batch_size": 4}
+    )
+    assert (cfg.port, cfg.max_batch_size, cfg.batch_timeout, cfg.warmup_methods) == (
+        9100,
+        4,
+        0.0025,
+        ["gradcam", "cam"],
+    )
     env_only = ServerConfig.load(env={"CAMSERVE_CONFIG": str(toml), "CAMSERVE_WARMUP_METHODS": "cam, layercam"})
     assert env_only.port == 9100 and env_only.warmup_methods == ["cam", "layercam"]
 

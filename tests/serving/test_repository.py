@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers_serving import make_repository, save_model, tiny_gap, write_config
 
-from camserve.repository import ModelNotFound, ModelRepository, ModelUnavailable
+from camserve.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
 
 
 @pytest.fixture(scope="module")

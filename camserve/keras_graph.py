@@ -126,9 +126,7 @@ def _functional(model: keras.Model):
     return model
 
 
-def run_with_hooks(
-    model: keras.Model, inputs, hooks: dict[int, Hook], training: bool = False
-):
+def run_with_hooks(model: keras.Model, inputs, hooks: dict[int, Hook], training: bool = False):
     """Run ``model`` on ``inputs`` like ``model(inputs)``, except that a layer whose
     ``id`` is in ``hooks`` is called through ``hooks[id](default_call)``. Nested models
     holding a hooked layer are re-run the same way, so hooks reach any depth.

@@ -24,12 +24,12 @@ import grpc
 import pytest
 from helpers_serving import RunningServer, make_repository, metric_value
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import load  # noqa: E402  (bench/load.py)
-from test_server_ops import Gate, _wait  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import load
+from test_server_ops import Gate, _wait
 
-from camserve.config import ServerConfig  # noqa: E402
-from camserve.proto import pb_grpc  # noqa: E402
+from camserve.proto import pb_grpc
+from camserve.serving.config import ServerConfig
 
 CLIENTS = 16
 
@@ -48,10 +48,20 @@ def workload(repo: Path) -> load.Workload:
 
 @pytest.fixture(scope="module")
 def served(repo: Path):
-    cfg = ServerConfig.load(env={}, overrides=dict(
-        models=str(repo), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=8, batch_timeout_ms=5,
-        warmup_methods=["gradcam", "gradcam++", "layercam"], log_format="text", log_level="WARNING",
-    ))
+    cfg = ServerConfig.load(
+        env={},
+        overrides=dict(
+            models=str(repo),
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            max_batch_size=8,
+            batch_timeout_ms=5,
+            warmup_methods=["gradcam", "gradcam++", "layercam"],
+            log_format="text",
+            log_level="WARNING",
+        ),
+    )
     with RunningServer(cfg) as rs:
         yield rs
 
@@ -78,7 +88,11 @@ def test_mixed_load_every_answer_equals_in_process(served: RunningServer, worklo
     assert report.codes == {"OK": 300}
     after = served.metrics_text()
     assert metric_value(after, "camserve_errors_total") - metric_value(before, "camserve_errors_total") == 0
-    assert metric_value(after, "camserve_requests_total", code="OK") - metric_value(before, "camserve_requests_total", code="OK") == 300
+    assert (
+        metric_value(after, "camserve_requests_total", code="OK")
+        - metric_value(before, "camserve_requests_total", code="OK")
+        == 300
+    )
     # The calls were merged into batches (otherwise this is not a load test of the batcher).
     batches = metric_value(after, "camserve_batch_size_count") - metric_value(before, "camserve_batch_size_count")
     assert batches < 300, f"300 calls in {batches} batches"
@@ -104,7 +118,9 @@ def test_random_cancels_and_deadlines_leave_no_queue_entries(served: RunningServ
     assert follow_up.codes == {"OK": 40} and follow_up.problems == []
 
 
-def test_gated_cancels_and_deadlines_are_removed_and_never_computed(served: RunningServer, workload: load.Workload) -> None:
+def test_gated_cancels_and_deadlines_are_removed_and_never_computed(
+    served: RunningServer, workload: load.Workload
+) -> None:
     """With compute held, queue calls of every kind: some to keep, some to cancel, some with a
     short deadline. The queue drops exactly the cancelled and expired ones before compute."""
     gate = Gate(served)
@@ -146,7 +162,10 @@ def test_gated_cancels_and_deadlines_are_removed_and_never_computed(served: Runn
         channel.close()
     _idle(served)
     text = served.metrics_text()
-    assert sum(metric_value(text, "camserve_dropped_total", reason=r) for r in ("deadline", "cancelled")) - dropped_before == 8
+    assert (
+        sum(metric_value(text, "camserve_dropped_total", reason=r) for r in ("deadline", "cancelled")) - dropped_before
+        == 8
+    )
 
 
 # ------------------------------------------------------------------ real processes: SIGTERM and replicas
@@ -172,8 +191,11 @@ def test_replica_killed_under_round_robin_loses_nothing(processes, workload: loa
     assert result.report.codes == {"OK": 360}, "calls lost"
     assert min(result.served_before_kill) > 0, f"round-robin did not reach every replica: {result.served_before_kill}"
     assert replicas[1].proc.wait(10) == -9
-    survivors = [metric_value(load.metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK")
-                 for i, s in enumerate(replicas) if i != 1]
+    survivors = [
+        metric_value(load.metrics_text(s.info["metrics_port"]), "camserve_requests_total", code="OK")
+        for i, s in enumerate(replicas)
+        if i != 1
+    ]
     before = [v for i, v in enumerate(result.served_before_kill) if i != 1]
     assert all(a > b for a, b in zip(survivors, before)), "the survivors did not take over"
 

@@ -1,4 +1,4 @@
-"""camserve.metrics against hand-computed values and independent (naive / scipy) computations."""
+"""camserve.evaluation against hand-computed values and independent (naive / scipy) computations."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from camserve import metrics
-from camserve.metrics import (
+from camserve import evaluation
+from camserve.evaluation import (
     blurred_baseline,
     box_iou,
     deletion_auc,
@@ -32,7 +32,7 @@ from camserve.metrics import (
 
 
 def test_docstring_examples() -> None:
-    assert doctest.testmod(metrics, raise_on_error=False).failed == 0
+    assert doctest.testmod(evaluation, raise_on_error=False).failed == 0
 
 
 # --------------------------------------------------------------------------- IoU

@@ -1,7 +1,7 @@
 """The gRPC server: ``camserve.v1.CamService`` over the library, with dynamic batching.
 
 Thin by design: requests are checked and decoded here (:mod:`camserve.wire`), merged by
-the :class:`~camserve.batching.Batcher`, and computed by :class:`camserve.Explainer` and
+the :class:`~camserve.serving.batching.Batcher`, and computed by :class:`camserve.Explainer` and
 :func:`camserve.dense.dense_scores` in a worker thread. Also served: the standard
 ``grpc.health.v1`` health service (overall ``""``, ``camserve.v1.CamService`` and one entry
 per model name; SERVING only after every (operation, bucket) graph was compiled), server
@@ -31,19 +31,19 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 
 from camserve import wire
-from camserve.batching import Batcher, BatcherClosed, BatcherMetrics, DeadlineExpired, QueueFull
-from camserve.config import ServerConfig
 from camserve.errors import InvalidArgument, NotFound
 from camserve.imaging import encode_png, overlay, preprocess, resize
 from camserve.proto import pb, pb_grpc
-from camserve.repository import ModelEntry, ModelNotFound, ModelRepository, ModelUnavailable
+from camserve.serving.batching import Batcher, BatcherClosed, BatcherMetrics, DeadlineExpired, QueueFull
+from camserve.serving.config import ServerConfig
+from camserve.serving.repository import ModelEntry, ModelNotFound, ModelRepository, ModelUnavailable
 
-log = logging.getLogger("camserve.server")
+log = logging.getLogger("camserve.serving.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CamService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -113,18 +113,31 @@ class ServerMetrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("camserve_requests_total", "RPCs by method and status code", ["method", "code"], registry=r)
-        self.errors = Counter("camserve_errors_total", "failed RPCs by method and status code", ["method", "code"], registry=r)
+        self.requests = Counter(
+            "camserve_requests_total", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.errors = Counter(
+            "camserve_errors_total", "failed RPCs by method and status code", ["method", "code"], registry=r
+        )
         self.latency = Histogram(
-            "camserve_request_latency_seconds", "RPC latency", ["method"], registry=r,
+            "camserve_request_latency_seconds",
+            "RPC latency",
+            ["method"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.queue_time = Histogram(
-            "camserve_queue_time_seconds", "time from arrival to the start of the batch's compute", ["operation"], registry=r,
+            "camserve_queue_time_seconds",
+            "time from arrival to the start of the batch's compute",
+            ["operation"],
+            registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.batch_size = Histogram(
-            "camserve_batch_size", "images per computed batch", ["operation"], registry=r,
+            "camserve_batch_size",
+            "images per computed batch",
+            ["operation"],
+            registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         self.queue_depth = Gauge("camserve_queue_depth", "requests waiting for a batch", registry=r)
@@ -183,7 +196,9 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Log ``camserve.*`` to stderr as JSON lines (or plain text)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
     root = logging.getLogger("camserve")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -213,9 +228,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if self._on_denied:
             self._on_denied(details.method)
         message = (
-            "missing bearer token: send metadata 'authorization: Bearer <token>'"
-            if not got
-            else "invalid bearer token"
+            "missing bearer token: send metadata 'authorization: Bearer <token>'" if not got else "invalid bearer token"
         )
 
         async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -227,7 +240,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(handler.request_streaming, handler.response_streaming)]
-        return make(deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return make(
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 # ---------------------------------------------------------------------------- models at run time
@@ -279,7 +294,9 @@ class CamServer:
         self._inflight = 0
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="camserve-io")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="camserve-io"
+        )
         self.batcher = Batcher(
             self._compute,
             max_batch_size=config.max_batch_size,
@@ -305,7 +322,8 @@ class CamServer:
         if token:
             interceptors.append(
                 TokenAuthInterceptor(
-                    token, on_denied=lambda m: self.metrics.record(m.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED, 0.0)
+                    token,
+                    on_denied=lambda m: self.metrics.record(m.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED, 0.0),
                 )
             )
         server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -331,8 +349,14 @@ class CamServer:
         if cfg.metrics_port >= 0:
             self.metrics.serve_http(cfg.host, cfg.metrics_port)
         log.info(
-            "listening", extra={"port": self.port, "metrics_port": self.metrics.port, "tls": bool(cfg.tls_cert),
-                                "auth": bool(token), "config": cfg.public_dict()}
+            "listening",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics.port,
+                "tls": bool(cfg.tls_cert),
+                "auth": bool(token),
+                "config": cfg.public_dict(),
+            },
         )
         self._load_task = asyncio.create_task(self._load_and_warm_up())
         return self.port
@@ -357,7 +381,7 @@ class CamServer:
                     t0 = time.perf_counter()
                     try:
                         await loop.run_in_executor(self._pool, self._warm_up, rt)
-                    except Exception as e:  # noqa: BLE001 - this version cannot serve; the others can
+                    except Exception as e:
                         log.exception("warm-up failed", extra={"model": name, "version": version})
                         st.errors[version] = f"warm-up failed: {type(e).__name__}: {e}"
                         del st.entries[version]
@@ -365,10 +389,17 @@ class CamServer:
                     self._runtimes[(name, version)] = rt
                     rt.ready = True
                     self.metrics.model_ready.labels(name, str(version)).set(1)
-                    log.info("model ready", extra={"model": name, "version": version, "layer": rt.explainers[""].layer_name,
-                                                   "warmup_s": round(time.perf_counter() - t0, 3)})
+                    log.info(
+                        "model ready",
+                        extra={
+                            "model": name,
+                            "version": version,
+                            "layer": rt.explainers[""].layer_name,
+                            "warmup_s": round(time.perf_counter() - t0, 3),
+                        },
+                    )
                 await self.health.set(name, SERVING if st.available else NOT_SERVING)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("loading the repository failed")
         if not self._draining:
             for name in ("", SERVICE_NAME):
@@ -376,7 +407,7 @@ class CamServer:
         self._ready.set()
 
     def _warm_up(self, rt: _Runtime) -> None:
-        from camserve import graph
+        from camserve import keras_graph as graph
 
         ex = self._make_explainer(rt.entry, rt.entry.config.default_layer)
         rt.explainers[""] = ex
@@ -446,7 +477,7 @@ class CamServer:
         ex = rt.explainers.get(layer)
         if ex is None:
             if layer not in rt.layers:
-                from camserve.graph import resolve_layer
+                from camserve.keras_graph import resolve_layer
 
                 resolve_layer(rt.entry.model, layer)  # raises UnknownLayer listing the choices
             with rt.lock:
@@ -458,7 +489,9 @@ class CamServer:
         if n < 1:
             raise InvalidArgument(f"no {what} in the request; send 1 to {self.config.max_images}")
         if n > self.config.max_images:
-            raise InvalidArgument(f"{n} {what} in one request; at most {self.config.max_images} are allowed (max_images)")
+            raise InvalidArgument(
+                f"{n} {what} in one request; at most {self.config.max_images} are allowed (max_images)"
+            )
 
     def prepare(self, rt: _Runtime, images: Sequence[pb.Image]) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Decode, resize and preprocess to the model's input: (N, H, W, C) float32, plus the
@@ -548,7 +581,11 @@ class CamServer:
         for job in jobs:
             p = job.params
             try:
-                out.append(dense_scores(job.runtime.entry.model, job.image, stride=p["stride"], scales=p["scales"], mode=p["mode"]))
+                out.append(
+                    dense_scores(
+                        job.runtime.entry.model, job.image, stride=p["stride"], scales=p["scales"], mode=p["mode"]
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - per request
                 out.append(e)
         return out
@@ -562,7 +599,7 @@ def _rpc(fn: Callable) -> Callable:
     method = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(self: "_Servicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: _Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         server = self.server
         t0 = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
@@ -571,9 +608,13 @@ def _rpc(fn: Callable) -> Callable:
             return await fn(self, request, context)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             code, message = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error", extra={"method": method})
@@ -582,8 +623,16 @@ def _rpc(fn: Callable) -> Callable:
             elapsed = time.perf_counter() - t0
             server.metrics.record(method, code, elapsed)
             if code != grpc.StatusCode.OK:
-                log.info("request failed", extra={"method": method, "code": code.name, "error": message,
-                                                  "latency_ms": round(elapsed * 1000, 2), "peer": context.peer()})
+                log.info(
+                    "request failed",
+                    extra={
+                        "method": method,
+                        "code": code.name,
+                        "error": message,
+                        "latency_ms": round(elapsed * 1000, 2),
+                        "peer": context.peer(),
+                    },
+                )
         await context.abort(code, message)
 
     return wrapper
@@ -633,31 +682,50 @@ class _Servicer(pb_grpc.CamServiceServicer):
                 if not tl.targets:
                     raise InvalidArgument(f"image {i} has an empty target list; give at least one class")
                 if len(tl.targets) > n_classes:
-                    raise InvalidArgument(f"image {i} has {len(tl.targets)} targets; at most {n_classes} (the class count)")
+                    raise InvalidArgument(
+                        f"image {i} has {len(tl.targets)} targets; at most {n_classes} (the class count)"
+                    )
                 targets.append([ex.class_index(wire.target_from_proto(t)) for t in tl.targets])
         elif not 1 <= top_k <= n_classes:
             raise InvalidArgument(f"top_k must be between 1 and {n_classes} (the class count), got {request.top_k}")
         images, pixels = await s.in_pool(s.prepare, rt, request.images, inline=s.small(request.images))
-        key = ("explain", rt.entry.name, rt.entry.version, ex.layer_name, methods, images.shape[1:],
-               "targets" if targets is not None else top_k)
+        key = (
+            "explain",
+            rt.entry.name,
+            rt.entry.version,
+            ex.layer_name,
+            methods,
+            images.shape[1:],
+            "targets" if targets is not None else top_k,
+        )
         job = _Job(rt, ex, images, targets=targets, params={"methods": methods, "top_k": top_k})
         results = await s.batcher.submit(key, job, size=n, deadline=s.deadline(context))
-        inline = not request.return_overlay and not (request.return_raw or request.return_heatmap) or (
-            not request.return_overlay and s.small(request.images)
+        inline = (
+            not request.return_overlay
+            and not (request.return_raw or request.return_heatmap)
+            or (not request.return_overlay and s.small(request.images))
         )
         return await s.in_pool(self._explain_response, rt, ex, request, results, pixels, images, inline=inline)
 
     @staticmethod
-    def _explain_response(rt: _Runtime, ex: Any, request: pb.ExplainRequest, results: list, pixels: list, images: np.ndarray) -> pb.ExplainResponse:
+    def _explain_response(
+        rt: _Runtime, ex: Any, request: pb.ExplainRequest, results: list, pixels: list, images: np.ndarray
+    ) -> pb.ExplainResponse:
         resp = pb.ExplainResponse(
-            model=pb.ModelSpec(name=rt.entry.name, version=rt.entry.version), layer=ex.layer_name, request_id=request.request_id
+            model=pb.ModelSpec(name=rt.entry.name, version=rt.entry.version),
+            layer=ex.layer_name,
+            request_id=request.request_id,
         )
         for i, per_image in enumerate(results):
             background = pixels[i] if pixels[i] is not None else _display(images[i])
             msgs = []
             for e in per_image:
                 png = encode_png(overlay(background, e.heatmap, box=e.box)) if request.return_overlay else None
-                msgs.append(wire.explanation_to_proto(e, raw=request.return_raw, heatmap=request.return_heatmap, overlay_png=png))
+                msgs.append(
+                    wire.explanation_to_proto(
+                        e, raw=request.return_raw, heatmap=request.return_heatmap, overlay_png=png
+                    )
+                )
             resp.images.append(pb.ImageExplanations(explanations=msgs))
         return resp
 
@@ -665,7 +733,9 @@ class _Servicer(pb_grpc.CamServiceServicer):
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
         return await self._explain(request, context)
 
-    async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest], context: grpc.aio.ServicerContext):
+    async def ExplainStream(
+        self, request_iterator: AsyncIterator[pb.ExplainRequest], context: grpc.aio.ServicerContext
+    ):
         """Requests are processed concurrently (``stream_inflight`` at a time, batched with
         everything else); answers come in completion order with their request_id."""
         s = self.server
@@ -712,7 +782,7 @@ class _Servicer(pb_grpc.CamServiceServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             code, message = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error", extra={"method": "ExplainStream"})
@@ -726,7 +796,9 @@ class _Servicer(pb_grpc.CamServiceServicer):
             await context.abort(code, message)
 
     @_rpc
-    async def DenseScores(self, request: pb.DenseScoresRequest, context: grpc.aio.ServicerContext) -> pb.DenseScoresResponse:
+    async def DenseScores(
+        self, request: pb.DenseScoresRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DenseScoresResponse:
         s = self.server
         rt = s.runtime(request.model)
         if not request.HasField("image"):
@@ -756,7 +828,9 @@ class _Servicer(pb_grpc.CamServiceServicer):
         img = wire.decode_image_proto(msg, self.server.config.max_pixels)
         if img.preprocessed:
             if img.array.shape[-1] != cfg.channels:
-                raise InvalidArgument(f"float32 tensor has {img.array.shape[-1]} channels; model {rt.entry.name!r} takes {cfg.channels}")
+                raise InvalidArgument(
+                    f"float32 tensor has {img.array.shape[-1]} channels; model {rt.entry.name!r} takes {cfg.channels}"
+                )
             x = img.array
         else:
             x = preprocess(img.array, cfg.preprocessing)
@@ -768,7 +842,9 @@ class _Servicer(pb_grpc.CamServiceServicer):
         return x
 
     @_rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         s = self.server
         return pb.ListModelsResponse(models=[self._model_info(name) for name in s.repository.names()])
 
@@ -778,7 +854,9 @@ class _Servicer(pb_grpc.CamServiceServicer):
             raise InvalidArgument(f"model.name is required; models: {self.server.repository.names()}")
         info = self._model_info(request.model.name)
         if request.model.version and request.model.version not in info.versions:
-            raise ModelNotFound(f"model {request.model.name!r} has no version {request.model.version}; versions: {list(info.versions)}")
+            raise ModelNotFound(
+                f"model {request.model.name!r} has no version {request.model.version}; versions: {list(info.versions)}"
+            )
         return pb.GetModelResponse(model=info)
 
     def _model_info(self, name: str) -> pb.ModelInfo:

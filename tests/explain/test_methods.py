@@ -151,9 +151,7 @@ def top_std_channels(a: np.ndarray, cap: int | None) -> np.ndarray:
     return np.argsort(-a.std(axis=(1, 2)), axis=1)[:, :cap]
 
 
-def scorecam_probs(
-    model: keras.Model, x: np.ndarray, a: np.ndarray, channels: np.ndarray, to_prob=None
-) -> np.ndarray:
+def scorecam_probs(model: keras.Model, x: np.ndarray, a: np.ndarray, channels: np.ndarray, to_prob=None) -> np.ndarray:
     """Wang et al. 2020: (N, K', classes) probabilities of the inputs masked by each selected
     channel, upsampled bilinearly (OpenCV) and min-max normalised. ``model`` outputs
     probabilities (its softmax/sigmoid), or logits that ``to_prob`` turns into them."""

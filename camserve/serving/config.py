@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from camserve.errors import InvalidArgument
+
 ENV_PREFIX = "CAMSERVE_"
 
 
@@ -37,8 +39,12 @@ class ServerConfig:
     port: int = _field(8500, "gRPC port (0: pick a free one)")
     metrics_port: int = _field(8501, "Prometheus /metrics HTTP port (-1: off; 0: pick a free one)")
     max_batch_size: int = _field(32, "images per merged batch (Triton max_batch_size)")
-    batch_timeout_ms: float = _field(5.0, "how long a forming batch waits for more requests (TF Serving batch_timeout_micros / 1000)")
-    max_queued: int = _field(1024, "requests waiting before RESOURCE_EXHAUSTED (TF Serving max_enqueued_batches x batch size)")
+    batch_timeout_ms: float = _field(
+        5.0, "how long a forming batch waits for more requests (TF Serving batch_timeout_micros / 1000)"
+    )
+    max_queued: int = _field(
+        1024, "requests waiting before RESOURCE_EXHAUSTED (TF Serving max_enqueued_batches x batch size)"
+    )
     workers: int = _field(1, "batches computed concurrently (TF Serving num_batch_threads)")
     max_images: int = _field(64, "images per request")
     max_pixels: int = _field(4096 * 4096, "pixels per image, checked from the header before decoding")
@@ -72,24 +78,34 @@ class ServerConfig:
             return Path(self.token_file).read_text().strip()
         return self.token
 
-    def validate(self) -> "ServerConfig":
+    def validate(self) -> ServerConfig:
         """Raise ValueError naming the bad setting and what is allowed."""
-        positive = ("max_batch_size", "max_queued", "workers", "max_images", "max_pixels", "chunk_size", "stream_inflight")
+        positive = (
+            "max_batch_size",
+            "max_queued",
+            "workers",
+            "max_images",
+            "max_pixels",
+            "chunk_size",
+            "stream_inflight",
+        )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0 or self.max_message_mb <= 0 or self.drain_timeout_s < 0:
-            raise ValueError("batch_timeout_ms and drain_timeout_s must be >= 0 and max_message_mb > 0")
+            raise InvalidArgument("batch_timeout_ms and drain_timeout_s must be >= 0 and max_message_mb > 0")
         if self.max_channels < 0:
-            raise ValueError(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
+            raise InvalidArgument(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
         if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
-            raise ValueError(f"ports must be in 0..65535 (metrics_port -1: off); got {self.port}, {self.metrics_port}")
+            raise InvalidArgument(
+                f"ports must be in 0..65535 (metrics_port -1: off); got {self.port}, {self.metrics_port}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("TLS needs both tls_cert and tls_key")
+            raise InvalidArgument("TLS needs both tls_cert and tls_key")
         if self.version_policy not in ("all", "latest"):
-            raise ValueError(f"version_policy must be 'all' or 'latest', got {self.version_policy!r}")
+            raise InvalidArgument(f"version_policy must be 'all' or 'latest', got {self.version_policy!r}")
         if self.log_format not in ("json", "text"):
-            raise ValueError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+            raise InvalidArgument(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         return self
 
     def public_dict(self) -> dict[str, Any]:
@@ -108,7 +124,7 @@ class ServerConfig:
         toml_path: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> "ServerConfig":
+    ) -> ServerConfig:
         """Merge the sources, later ones winning: defaults, TOML, environment, overrides.
 
         ``env`` defaults to ``os.environ``; ``CAMSERVE_CONFIG`` names a TOML file when
@@ -141,7 +157,7 @@ def _types() -> dict[str, Any]:
 
 def _check_key(key: str, where: str) -> str:
     if key not in _types():
-        raise ValueError(f"{where}: unknown setting {key!r}; known: {sorted(_types())}")
+        raise InvalidArgument(f"{where}: unknown setting {key!r}; known: {sorted(_types())}")
     return key
 
 
@@ -151,7 +167,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
+                    raise InvalidArgument(value)
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
         if kind == list[str]:
@@ -159,15 +175,17 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
         if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
+            raise InvalidArgument(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        raise InvalidArgument(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per setting (default None: unset flags do not override other sources)."""
-    parser.add_argument("--config", dest="config_file", default=None, help="TOML file with settings (also CAMSERVE_CONFIG)")
+    parser.add_argument(
+        "--config", dest="config_file", default=None, help="TOML file with settings (also CAMSERVE_CONFIG)"
+    )
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""camserve.fcn against independent references: the original classifier on crops
+"""camserve.dense.fcn against independent references: the original classifier on crops
 (``model.predict``), hand-computed head algebra, and gradient supports for receptive fields."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from camserve.fcn import ConversionError, analyze, layer_flops, to_fully_convolutional
 from fcn_nets import crops_reference, flatten_net, gap_net, max_rel_err
+
+from camserve.dense.fcn import ConversionError, analyze, layer_flops, to_fully_convolutional
 
 RNG = np.random.default_rng(0)
 
@@ -308,14 +308,14 @@ def test_converted_model_saves_and_loads_in_safe_mode(tmp_path) -> None:
 
 # ------------------------------------------------------------------ bundled models
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @pytest.mark.parametrize("name, exact, stride", [("shapes_gap", False, 4), ("shapes_fc", True, 8)])
 def test_bundled_models_convert(name: str, exact: bool, stride: int) -> None:
     if not (MODELS / name / "1" / "model.keras").is_file():
         pytest.skip(f"models/{name}/1/model.keras not built yet")
-    from camserve.repository import load_model_dir
+    from camserve.serving.repository import load_model_dir
 
     model = load_model_dir(MODELS / name).model
     fcn = to_fully_convolutional(model)
@@ -329,5 +329,6 @@ def test_bundled_models_convert(name: str, exact: bool, stride: int) -> None:
     if name == "shapes_gap":
         cmap = to_fully_convolutional(model, head="classmap")
         maps = cmap.model.predict_on_batch(image[None, :64, :64])
-        np.testing.assert_allclose(tf.nn.softmax(maps.mean(axis=(1, 2)) + cmap.bias).numpy()[0], want[0, 0],
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            tf.nn.softmax(maps.mean(axis=(1, 2)) + cmap.bias).numpy()[0], want[0, 0], rtol=1e-4, atol=1e-6
+        )

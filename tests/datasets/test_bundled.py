@@ -10,10 +10,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from camserve import bundled, shapes  # noqa: E402
-from camserve.repository import load_model_dir  # noqa: E402
+from camserve.datasets import bundled, shapes  # noqa: E402
+from camserve.serving.repository import load_model_dir  # noqa: E402
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 FRESH_SEED = 424_242  # never used by train-bundled (its seeds are 1000 * seed + 0..4 and 500..504)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -15,16 +14,26 @@ from helpers_serving import CLASSES, RunningServer, make_repository, metric_valu
 
 from camserve import wire
 from camserve.client import Client
-from camserve.config import ServerConfig
 from camserve.imaging import decode_image, encode_png, preprocess, resize
 from camserve.proto import pb, pb_grpc
+from camserve.serving.config import ServerConfig
 
 MAX_BATCH = 4
 
 
 def _config(root: Path, **kw) -> ServerConfig:
-    base = dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=MAX_BATCH,
-                batch_timeout_ms=20, max_images=8, max_pixels=512 * 512, max_message_mb=1.0, log_format="text")
+    base = dict(
+        models=str(root),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_batch_size=MAX_BATCH,
+        batch_timeout_ms=20,
+        max_images=8,
+        max_pixels=512 * 512,
+        max_message_mb=1.0,
+        log_format="text",
+    )
     base.update(kw)
     return ServerConfig.load(env={}, overrides=base)
 
@@ -119,7 +128,9 @@ def test_explain_equals_in_process(client: Client, reference, pictures, method: 
     got = client.explain(pictures, model="gap", methods=[method], top_k=2)
     assert len(got) == len(expected)
     for g_img, e_img in zip(got, expected):
-        assert [(g.method, g.class_index, g.label) for g in g_img] == [(e.method, e.class_index, e.label) for e in e_img]
+        assert [(g.method, g.class_index, g.label) for g in g_img] == [
+            (e.method, e.class_index, e.label) for e in e_img
+        ]
         for g, e in zip(g_img, e_img):
             assert g.score == pytest.approx(e.score, rel=1e-5, abs=1e-6)
             np.testing.assert_allclose(g.raw, e.raw, rtol=1e-4, atol=1e-6)
@@ -233,45 +244,128 @@ def _explain(**kw) -> pb.ExplainRequest:
 
 
 BAD_REQUESTS = {
-    "unknown model": ("Predict", _predict(model=pb.ModelSpec(name="nope")), "NOT_FOUND", "unknown model 'nope'; available"),
+    "unknown model": (
+        "Predict",
+        _predict(model=pb.ModelSpec(name="nope")),
+        "NOT_FOUND",
+        "unknown model 'nope'; available",
+    ),
     "escaping name": ("Predict", _predict(model=pb.ModelSpec(name="../gap")), "NOT_FOUND", "invalid model name"),
     "no model name": ("Predict", _predict(model=pb.ModelSpec()), "INVALID_ARGUMENT", "model.name is required"),
-    "unknown version": ("Predict", _predict(model=pb.ModelSpec(name="gap", version=9)), "NOT_FOUND", r"no version 9; available: \[1, 2\]"),
+    "unknown version": (
+        "Predict",
+        _predict(model=pb.ModelSpec(name="gap", version=9)),
+        "NOT_FOUND",
+        r"no version 9; available: \[1, 2\]",
+    ),
     "corrupt model": ("Predict", _predict(model=pb.ModelSpec(name="broken")), "UNAVAILABLE", "failed to load"),
     "no images": ("Predict", _predict(images=[]), "INVALID_ARGUMENT", "no images in the request; send 1 to 8"),
-    "too many images": ("Predict", _predict(images=[pb.Image(encoded=_png())] * 9), "INVALID_ARGUMENT", "9 images in one request; at most 8"),
+    "too many images": (
+        "Predict",
+        _predict(images=[pb.Image(encoded=_png())] * 9),
+        "INVALID_ARGUMENT",
+        "9 images in one request; at most 8",
+    ),
     "not an image": ("Predict", _predict(images=[pb.Image(encoded=b"GIF89a....")]), "INVALID_ARGUMENT", "not an image"),
-    "truncated png": ("Predict", _predict(images=[pb.Image(encoded=_png()[:40])]), "INVALID_ARGUMENT", "corrupt or truncated PNG"),
+    "truncated png": (
+        "Predict",
+        _predict(images=[pb.Image(encoded=_png()[:40])]),
+        "INVALID_ARGUMENT",
+        "corrupt or truncated PNG",
+    ),
     "empty image": ("Predict", _predict(images=[pb.Image(encoded=b"")]), "INVALID_ARGUMENT", "image: empty image"),
     "image without source": ("Predict", _predict(images=[pb.Image()]), "INVALID_ARGUMENT", "set `encoded`"),
-    "second image bad": ("Predict", _predict(images=[pb.Image(encoded=_png()), pb.Image(encoded=b"xx")]), "INVALID_ARGUMENT", "image 1: not an image"),
-    "giant header": ("Predict", _predict(images=[pb.Image(encoded=_png(1, 1)[:16] + (100000).to_bytes(4, "big") * 2 + _png(1, 1)[24:])]),
-                     "INVALID_ARGUMENT", "100000x100000 = 10000000000 pixels exceeds the limit of 262144"),
-    "nan tensor": ("Predict", _predict(images=[wire.image_to_proto(np.full((32, 32, 3), np.nan, np.float32))]), "INVALID_ARGUMENT", "NaN or Inf"),
-    "wrong dtype": ("Predict", _predict(images=[pb.Image(tensor=pb.Tensor(dtype="int16", shape=[32, 32, 3], data=b"\0" * 6144))]),
-                    "INVALID_ARGUMENT", "dtype 'int16' not allowed"),
-    "wrong float shape": ("Predict", _predict(images=[wire.image_to_proto(np.zeros((30, 32, 3), np.float32))]), "INVALID_ARGUMENT",
-                          r"shape \[30, 32, 3\]; model 'gap' takes preprocessed inputs of shape \[32, 32, 3\]"),
+    "second image bad": (
+        "Predict",
+        _predict(images=[pb.Image(encoded=_png()), pb.Image(encoded=b"xx")]),
+        "INVALID_ARGUMENT",
+        "image 1: not an image",
+    ),
+    "giant header": (
+        "Predict",
+        _predict(images=[pb.Image(encoded=_png(1, 1)[:16] + (100000).to_bytes(4, "big") * 2 + _png(1, 1)[24:])]),
+        "INVALID_ARGUMENT",
+        "100000x100000 = 10000000000 pixels exceeds the limit of 262144",
+    ),
+    "nan tensor": (
+        "Predict",
+        _predict(images=[wire.image_to_proto(np.full((32, 32, 3), np.nan, np.float32))]),
+        "INVALID_ARGUMENT",
+        "NaN or Inf",
+    ),
+    "wrong dtype": (
+        "Predict",
+        _predict(images=[pb.Image(tensor=pb.Tensor(dtype="int16", shape=[32, 32, 3], data=b"\0" * 6144))]),
+        "INVALID_ARGUMENT",
+        "dtype 'int16' not allowed",
+    ),
+    "wrong float shape": (
+        "Predict",
+        _predict(images=[wire.image_to_proto(np.zeros((30, 32, 3), np.float32))]),
+        "INVALID_ARGUMENT",
+        r"shape \[30, 32, 3\]; model 'gap' takes preprocessed inputs of shape \[32, 32, 3\]",
+    ),
     "predict top_k": ("Predict", _predict(top_k=5), "INVALID_ARGUMENT", "top_k must be between 0 and 4"),
     "unknown method": ("Explain", _explain(methods=["magic"]), "INVALID_ARGUMENT", "unknown method 'magic'; allowed"),
-    "cam on flatten head": ("Explain", _explain(model=pb.ModelSpec(name="fc"), methods=["cam"]), "INVALID_ARGUMENT", "needs a GlobalAveragePooling2D"),
+    "cam on flatten head": (
+        "Explain",
+        _explain(model=pb.ModelSpec(name="fc"), methods=["cam"]),
+        "INVALID_ARGUMENT",
+        "needs a GlobalAveragePooling2D",
+    ),
     "unknown layer": ("Explain", _explain(layer="conv99"), "NOT_FOUND", "unknown layer 'conv99'"),
-    "unknown class": ("Explain", _explain(targets=[pb.TargetList(targets=[pb.Target(name="dog")])]), "NOT_FOUND", "unknown class 'dog'"),
-    "class index": ("Explain", _explain(targets=[pb.TargetList(targets=[pb.Target(index=4)])]), "NOT_FOUND", "out of range"),
+    "unknown class": (
+        "Explain",
+        _explain(targets=[pb.TargetList(targets=[pb.Target(name="dog")])]),
+        "NOT_FOUND",
+        "unknown class 'dog'",
+    ),
+    "class index": (
+        "Explain",
+        _explain(targets=[pb.TargetList(targets=[pb.Target(index=4)])]),
+        "NOT_FOUND",
+        "out of range",
+    ),
     "explain top_k": ("Explain", _explain(top_k=9), "INVALID_ARGUMENT", "top_k must be between 1 and 4"),
     "negative top_k": ("Explain", _explain(top_k=-1), "INVALID_ARGUMENT", "top_k must be between 1 and 4"),
-    "target lists": ("Explain", _explain(images=[pb.Image(encoded=_png())] * 3, targets=[pb.TargetList(targets=[pb.Target(index=1)])] * 2),
-                     "INVALID_ARGUMENT", "2 target lists for 3 images"),
+    "target lists": (
+        "Explain",
+        _explain(images=[pb.Image(encoded=_png())] * 3, targets=[pb.TargetList(targets=[pb.Target(index=1)])] * 2),
+        "INVALID_ARGUMENT",
+        "2 target lists for 3 images",
+    ),
     "empty target": ("Explain", _explain(targets=[pb.TargetList()]), "INVALID_ARGUMENT", "empty target list"),
-    "dense mode": ("DenseScores", pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png()), mode="magic"),
-                   "INVALID_ARGUMENT", "mode must be 'fcn' or 'crops'"),
-    "dense small image": ("DenseScores", pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png(16, 40))),
-                          "INVALID_ARGUMENT", "smaller than the model's window"),
-    "dense no image": ("DenseScores", pb.DenseScoresRequest(model=pb.ModelSpec(name="fc")), "INVALID_ARGUMENT", "image is required"),
-    "dense scales": ("DenseScores", pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png()), scales=[0.0]),
-                     "INVALID_ARGUMENT", "scales must be"),
+    "dense mode": (
+        "DenseScores",
+        pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png()), mode="magic"),
+        "INVALID_ARGUMENT",
+        "mode must be 'fcn' or 'crops'",
+    ),
+    "dense small image": (
+        "DenseScores",
+        pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png(16, 40))),
+        "INVALID_ARGUMENT",
+        "smaller than the model's window",
+    ),
+    "dense no image": (
+        "DenseScores",
+        pb.DenseScoresRequest(model=pb.ModelSpec(name="fc")),
+        "INVALID_ARGUMENT",
+        "image is required",
+    ),
+    "dense scales": (
+        "DenseScores",
+        pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=pb.Image(encoded=_png()), scales=[0.0]),
+        "INVALID_ARGUMENT",
+        "scales must be",
+    ),
     "get unknown": ("GetModel", pb.GetModelRequest(model=pb.ModelSpec(name="zzz")), "NOT_FOUND", "unknown model 'zzz'"),
-    "oversize message": ("Predict", _predict(images=[pb.Image(encoded=b"\0" * (1024 * 1024 + 10))]), "RESOURCE_EXHAUSTED", ""),
+    "oversize message": (
+        "Predict",
+        _predict(images=[pb.Image(encoded=b"\0" * (1024 * 1024 + 10))]),
+        "RESOURCE_EXHAUSTED",
+        "",
+    ),
 }
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from camserve.errors import InvalidArgument
+
 #: Class names in label order.
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 
@@ -82,8 +84,7 @@ def _unit_polygon(label: int) -> np.ndarray:
     # cross: a plus sign with arms of half-width a, scaled so the arm corners sit on radius 1
     a = 0.3
     pts = np.array(
-        [(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1),
-         (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)],
+        [(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1), (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)],
         dtype=np.float64,
     )
     return pts / np.hypot(1.0, a)
@@ -103,7 +104,7 @@ def shape_coverage(
     (1.0, (16, 16))
     """
     if not 0 <= label < len(CLASS_NAMES):
-        raise ValueError(f"label {label} out of range; allowed 0..{len(CLASS_NAMES) - 1} ({CLASS_NAMES})")
+        raise InvalidArgument(f"label {label} out of range; allowed 0..{len(CLASS_NAMES) - 1} ({CLASS_NAMES})")
     h, w = canvas
     c, s = np.cos(angle), np.sin(angle)
     pts = _unit_polygon(label) * (size / 2.0)
@@ -141,7 +142,7 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: bool) -> np.n
     other = np.clip(base + rng.uniform(-70, 70, 3), 0, 255)
     t = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    ramp = (np.cos(t) * xx / max(w - 1, 1) + np.sin(t) * yy / max(h - 1, 1))
+    ramp = np.cos(t) * xx / max(w - 1, 1) + np.sin(t) * yy / max(h - 1, 1)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     img = base + ramp[..., None] * (other - base)
     # low-frequency texture: coarse noise upsampled
@@ -154,8 +155,9 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: bool) -> np.n
         p0 = rng.uniform(-0.2, 1.2, 2) * (w, h)
         p1 = rng.uniform(-0.2, 1.2, 2) * (w, h)
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
-        cv2.line(img, tuple(int(v) for v in p0), tuple(int(v) for v in p1), colour,
-                 int(rng.integers(1, 3)), cv2.LINE_AA)
+        cv2.line(
+            img, tuple(int(v) for v in p0), tuple(int(v) for v in p1), colour, int(rng.integers(1, 3)), cv2.LINE_AA
+        )
     return img
 
 
@@ -172,9 +174,9 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in size)
     except (TypeError, ValueError):
-        raise ValueError(f"size must be (height, width), got {size!r}") from None
+        raise InvalidArgument(f"size must be (height, width), got {size!r}") from None
     if h < 8 or w < 8:
-        raise ValueError(f"size must be at least (8, 8), got {(h, w)}")
+        raise InvalidArgument(f"size must be at least (8, 8), got {(h, w)}")
     return h, w
 
 
@@ -206,20 +208,19 @@ def make_scene(
     else:
         n = int(n_shapes)
     if n < 1:
-        raise ValueError(f"n_shapes must be >= 1, got {n_shapes!r}")
+        raise InvalidArgument(f"n_shapes must be >= 1, got {n_shapes!r}")
     smin, smax = float(shape_size[0]), float(shape_size[1])
     if not 4 <= smin <= smax <= min(h, w):
-        raise ValueError(
-            f"shape_size must be (min, max) with 4 <= min <= max <= {min(h, w)} for size {(h, w)}, "
-            f"got {shape_size!r}"
+        raise InvalidArgument(
+            f"shape_size must be (min, max) with 4 <= min <= max <= {min(h, w)} for size {(h, w)}, got {shape_size!r}"
         )
     allowed = _class_indices(classes)
     if centre_jitter is not None and n != 1:
-        raise ValueError(f"centre_jitter needs a single shape per scene, got n_shapes={n_shapes!r}")
+        raise InvalidArgument(f"centre_jitter needs a single shape per scene, got n_shapes={n_shapes!r}")
 
     layout = _layout(rng, h, w, n, smin, smax, centre_jitter)
     if layout is None:
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot place {n} non-overlapping shapes of size {shape_size} in a {h}x{w} scene; "
             "use fewer or smaller shapes or a larger scene"
         )
@@ -243,7 +244,12 @@ def make_scene(
 
 
 def _layout(
-    rng: np.random.Generator, h: int, w: int, n: int, smin: float, smax: float,
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    n: int,
+    smin: float,
+    smax: float,
     centre_jitter: float | None,
 ) -> list[tuple[float, float, float]] | None:
     """Centres and sizes (cx, cy, d) of ``n`` shapes whose circumscribed squares (plus a
@@ -259,10 +265,7 @@ def _layout(
                     cy = float(np.clip(h / 2 + rng.uniform(-centre_jitter, centre_jitter), r, h - r))
                 else:
                     cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
-                if all(
-                    abs(cx - px) >= r + pd / 2 + 1 or abs(cy - py) >= r + pd / 2 + 1
-                    for px, py, pd in placed
-                ):
+                if all(abs(cx - px) >= r + pd / 2 + 1 or abs(cy - py) >= r + pd / 2 + 1 for px, py, pd in placed):
                     placed.append((cx, cy, d))
                     break
             else:
@@ -279,14 +282,14 @@ def _class_indices(classes: Sequence[int | str] | None) -> np.ndarray:
     for c in classes:
         if isinstance(c, str):
             if c not in CLASS_NAMES:
-                raise ValueError(f"unknown class {c!r}; allowed: {list(CLASS_NAMES)}")
+                raise InvalidArgument(f"unknown class {c!r}; allowed: {list(CLASS_NAMES)}")
             out.append(CLASS_NAMES.index(c))
         elif 0 <= int(c) < len(CLASS_NAMES):
             out.append(int(c))
         else:
-            raise ValueError(f"class index {c} out of range 0..{len(CLASS_NAMES) - 1}")
+            raise InvalidArgument(f"class index {c} out of range 0..{len(CLASS_NAMES) - 1}")
     if not out:
-        raise ValueError(f"classes must not be empty; allowed: {list(CLASS_NAMES)}")
+        raise InvalidArgument(f"classes must not be empty; allowed: {list(CLASS_NAMES)}")
     return np.asarray(out)
 
 
@@ -326,7 +329,7 @@ def make_dataset(
     ((2, 32, 48, 3), 'uint8', True)
     """
     if n_shapes != 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"make_dataset draws single-shape scenes (n_shapes=1), got n_shapes={n_shapes!r}; "
             "use make_scenes for several shapes per scene"
         )
@@ -365,11 +368,11 @@ def make_windows(
     h, w = _check_size(size)
     sh, sw = _check_size(scene_size)
     if sh < h or sw < w:
-        raise ValueError(f"scene_size {tuple(scene_size)} must be at least the window size {(h, w)}")
+        raise InvalidArgument(f"scene_size {tuple(scene_size)} must be at least the window size {(h, w)}")
     if per_scene < 1:
-        raise ValueError(f"per_scene must be >= 1, got {per_scene}")
+        raise InvalidArgument(f"per_scene must be >= 1, got {per_scene}")
     if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        raise InvalidArgument(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     kwargs.setdefault("n_shapes", (1, 3))
     rng = np.random.default_rng(seed)
     images = np.zeros((n, h, w, 3), np.uint8)

@@ -22,19 +22,20 @@ from typing import Any
 import cv2
 import numpy as np
 
-from camserve.fcn import FullyConvolutional, analyze, to_fully_convolutional
+from camserve.dense.fcn import FullyConvolutional, analyze, to_fully_convolutional
+from camserve.errors import InvalidArgument
 
 __all__ = ["MODES", "DenseResult", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
 
 MODES = ("fcn", "crops")
 
 _FCN_LOCK = threading.Lock()
-_FCN_CACHE: "weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]]" = weakref.WeakKeyDictionary()
+_FCN_CACHE: weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]] = weakref.WeakKeyDictionary()
 
 
 def _square(strides: tuple[int, int]) -> int:
     if strides[0] != strides[1]:
-        raise ValueError(f"the stride is not square: {strides} (sy, sx); use .strides")
+        raise InvalidArgument(f"the stride is not square: {strides} (sy, sx); use .strides")
     return strides[0]
 
 
@@ -102,9 +103,9 @@ class Detection:
 def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
     if isinstance(model, FullyConvolutional):
         if model.head != "window":
-            raise ValueError("dense_scores needs a window model; got a class-map model (head='classmap')")
+            raise InvalidArgument("dense_scores needs a window model; got a class-map model (head='classmap')")
         if model.logits != logits:
-            raise ValueError(
+            raise InvalidArgument(
                 f"the given FullyConvolutional has logits={model.logits} but logits={logits} was asked"
             )
         return model
@@ -120,14 +121,14 @@ def _stride_pair(stride: int | Sequence[int] | None, default: tuple[int, int]) -
         return default
     pair = (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
     if len(pair) != 2 or any(int(s) != s or s < 1 for s in pair):
-        raise ValueError(f"stride must be a positive integer or a pair of them; got {stride!r}")
+        raise InvalidArgument(f"stride must be a positive integer or a pair of them; got {stride!r}")
     return (int(pair[0]), int(pair[1]))
 
 
 def _input_size(model: Any) -> tuple[int, int]:
     shape = model.input_shape
     if len(shape) != 4 or shape[1] is None or shape[2] is None:
-        raise ValueError(
+        raise InvalidArgument(
             f"model input {shape} has no fixed (H, W); mode='crops' needs the classifier's window size"
         )
     return (int(shape[1]), int(shape[2]))
@@ -159,15 +160,13 @@ def _predict(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _fcn_scores(
-    fcn: FullyConvolutional, image: np.ndarray, stride: tuple[int, int], batch_size: int
-) -> np.ndarray:
+def _fcn_scores(fcn: FullyConvolutional, image: np.ndarray, stride: tuple[int, int], batch_size: int) -> np.ndarray:
     """Shift-and-stitch: one FCN pass per shift (a·sy, b·sx), interleaved into the fine grid."""
     total = fcn.stride
     for s, t, axis in zip(stride, total, ("y", "x")):
         if t % s:
             allowed = [d for d in range(1, t + 1) if t % d == 0]
-            raise ValueError(
+            raise InvalidArgument(
                 f"stride {s} along {axis} does not divide the total stride {t}; allowed in mode='fcn': "
                 f"{allowed} (mode='crops' takes any stride)"
             )
@@ -232,7 +231,7 @@ def dense_scores(
     """Class scores of every window of the classifier's input size, one level per scale.
 
     ``model``: a Keras classifier (converted once and cached) or a window
-    :class:`~camserve.fcn.FullyConvolutional`. ``stride=None``: the total stride; a divisor
+    :class:`~camserve.dense.fcn.FullyConvolutional`. ``stride=None``: the total stride; a divisor
     of it uses shift-and-stitch. ``mode="crops"`` classifies batched crops (any stride, exact
     for padded backbones too). ``logits=True`` scores before the final activation (fcn mode
     only). An image smaller than the window at some scale raises ValueError unless
@@ -242,16 +241,16 @@ def dense_scores(
     [(9, 9, 5)]
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        raise InvalidArgument(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     image = np.asarray(image, np.float32)
     if image.ndim != 3:
-        raise ValueError(f"image must be one (H, W, C) array; got shape {image.shape}")
+        raise InvalidArgument(f"image must be one (H, W, C) array; got shape {image.shape}")
     if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
-        raise ValueError(f"scales must be positive numbers; got {tuple(scales)!r}")
+        raise InvalidArgument(f"scales must be positive numbers; got {tuple(scales)!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1; got {batch_size}")
+        raise InvalidArgument(f"batch_size must be ≥ 1; got {batch_size}")
     if mode == "crops" and logits:
-        raise ValueError("logits=True needs mode='fcn' (crops run the classifier as it is)")
+        raise InvalidArgument("logits=True needs mode='fcn' (crops run the classifier as it is)")
     fcn: FullyConvolutional | None = None
     if mode == "fcn":
         fcn = _as_fcn(model, logits)
@@ -271,7 +270,7 @@ def dense_scores(
         sh, sw = scaled.shape[:2]
         if sh < window[0] or sw < window[1]:
             if not pad:
-                raise ValueError(
+                raise InvalidArgument(
                     f"image {h0}x{w0} at scale {scale} is {sh}x{sw}, smaller than the "
                     f"{window[0]}x{window[1]} window; use larger scales or pad=True"
                 )
@@ -329,11 +328,11 @@ def detections(
         return []
     n_classes = results[0].scores.shape[-1]
     if class_names is not None and len(class_names) != n_classes:
-        raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
+        raise InvalidArgument(f"{len(class_names)} class names for {n_classes} classes")
     found: list[Detection] = []
     for c in range(n_classes) if classes is None else classes:
         if not 0 <= c < n_classes:
-            raise ValueError(f"class index {c} out of range; allowed: 0..{n_classes - 1}")
+            raise InvalidArgument(f"class index {c} out of range; allowed: 0..{n_classes - 1}")
         boxes, scores, scale_of = [], [], []
         for r in results:
             s = r.scores[..., c].reshape(-1)

@@ -12,15 +12,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from fcn_nets import crops_reference, flatten_net, gap_net, max_rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from camserve.dense import DenseScores, dense_scores, detections, nms, score_map
-from camserve.fcn import to_fully_convolutional
-from fcn_nets import crops_reference, flatten_net, gap_net, max_rel_err
+from camserve.dense.fcn import to_fully_convolutional
 
 RNG = np.random.default_rng(7)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,9 @@ def test_image_smaller_than_the_window_raises_or_pads(valid_net) -> None:
 
 def test_bad_arguments_say_what_is_allowed(valid_net) -> None:
     image = RNG.random((24, 24, 3), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"stride 3 along y does not divide the total stride 4; allowed in mode='fcn': \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"stride 3 along y does not divide the total stride 4; allowed in mode='fcn': \[1, 2, 4\]"
+    ):
         dense_scores(valid_net, image, stride=3)
     with pytest.raises(ValueError, match="allowed: fcn, crops"):
         dense_scores(valid_net, image, mode="magic")
@@ -207,7 +209,7 @@ SHAPES_FC = REPO / "models" / "shapes_fc"
 def _interior_scenes(n: int, size: int, seed: int):
     """Scenes of three shapes whose centres are ≥ 32 px from the border, so that a 64 px window
     can be centred on each one (rejection sampling, deterministic)."""
-    from camserve.shapes import make_scene
+    from camserve.datasets.shapes import make_scene
 
     rng, scenes = np.random.default_rng(seed), []
     while len(scenes) < n:
@@ -222,14 +224,16 @@ def _centre_in_box_of(centre, label: int, scene) -> bool:
     return any(l == label and x0 <= cx < x1 and y0 <= cy < y1 for l, (x0, y0, x1, y1) in zip(scene.labels, scene.boxes))
 
 
-@pytest.mark.skipif(not (SHAPES_FC / "1" / "model.keras").is_file(), reason="models/shapes_fc/1/model.keras not built yet")
+@pytest.mark.skipif(
+    not (SHAPES_FC / "1" / "model.keras").is_file(), reason="models/shapes_fc/1/model.keras not built yet"
+)
 def test_shapes_fc_top_windows_cover_the_shapes_in_a_large_scene() -> None:
     """192 px scenes with three shapes, dense scores at stride 8 (shift-and-stitch of the
     exact FCN). Ground truth from the generator. Measured with the bundled model: 30 of 31
     top windows and 36 of 36 centred windows right; the bounds leave room for a retrained model.
     """
     from camserve.imaging import preprocess
-    from camserve.repository import load_model_dir
+    from camserve.serving.repository import load_model_dir
 
     entry = load_model_dir(SHAPES_FC)
     top_hits = top_total = centred_hits = centred_total = 0

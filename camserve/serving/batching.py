@@ -34,25 +34,27 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-log = logging.getLogger("camserve.batching")
+from camserve.errors import CamserveError, DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger("camserve.serving.batching")
 
 #: compute(key, items) -> one result per item (an Exception instance fails only that item).
 ComputeFn = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 
-class BatcherError(Exception):
+class BatcherError(CamserveError):
     """Base of the batcher's own errors."""
 
 
-class QueueFull(BatcherError):
+class QueueFull(BatcherError, ResourceExhausted):
     """The bounded queue is full (a gRPC RESOURCE_EXHAUSTED)."""
 
 
-class DeadlineExpired(BatcherError):
+class DeadlineExpired(BatcherError, DeadlineExceeded):
     """The request's deadline passed before it could be computed (DEADLINE_EXCEEDED)."""
 
 
-class BatcherClosed(BatcherError):
+class BatcherClosed(BatcherError, Unavailable):
     """The batcher is draining or closed and accepts no new work (UNAVAILABLE)."""
 
 
@@ -274,7 +276,7 @@ class Batcher:
                             break
                         try:
                             await asyncio.wait_for(self._cond.wait(), remaining)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             pass
                     batch = self._take(key)
                 finally:

@@ -26,14 +26,14 @@ from helpers_serving import CLASSES, RunningServer, make_repository, metric_valu
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import fuzz_decode  # noqa: E402  (bench/fuzz_decode.py: the decoding property)
-import load  # noqa: E402  (bench/load.py: requests and their in-process answers)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import fuzz_decode
+import load
 
-from camserve import wire  # noqa: E402
-from camserve.config import ServerConfig  # noqa: E402
-from camserve.imaging import encode_png  # noqa: E402
-from camserve.proto import pb, pb_grpc  # noqa: E402
+from camserve import wire
+from camserve.imaging import encode_png
+from camserve.proto import pb, pb_grpc
+from camserve.serving.config import ServerConfig
 
 TOKEN = "reliability-token"
 MAX_IMAGES = 4
@@ -43,7 +43,9 @@ METHODS = ["cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "s
 #: What a client may ever get back here: never INTERNAL / UNKNOWN, never a hang.
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
 HYPOTHESIS = dict(
-    deadline=None, derandomize=True, database=None,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 
@@ -63,11 +65,23 @@ def workload(repo: Path) -> load.Workload:
 
 @pytest.fixture(scope="module")
 def served(repo: Path):
-    cfg = ServerConfig.load(env={}, overrides=dict(
-        models=str(repo), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=4, batch_timeout_ms=2,
-        max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_message_mb=MAX_MESSAGE_MB, token=TOKEN,
-        log_format="text", log_level="ERROR",
-    ))
+    cfg = ServerConfig.load(
+        env={},
+        overrides=dict(
+            models=str(repo),
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            max_batch_size=4,
+            batch_timeout_ms=2,
+            max_images=MAX_IMAGES,
+            max_pixels=MAX_PIXELS,
+            max_message_mb=MAX_MESSAGE_MB,
+            token=TOKEN,
+            log_format="text",
+            log_level="ERROR",
+        ),
+    )
     with RunningServer(cfg) as rs:
         yield rs
 
@@ -79,10 +93,14 @@ def stub(served: RunningServer):
     channel.close()
 
 
-def call(stub: Any, method: str, request: Any, timeout: float = 30.0, token: str | None = TOKEN) -> tuple[str, str, Any]:
+def call(
+    stub: Any, method: str, request: Any, timeout: float = 30.0, token: str | None = TOKEN
+) -> tuple[str, str, Any]:
     """(status name, details, response) of one raw call; ExplainStream takes a list of requests
     and answers the list of responses."""
-    metadata = (("authorization", token if token.startswith(("Bearer", "bearer")) else f"Bearer {token}"),) if token else ()
+    metadata = (
+        (("authorization", token if token.startswith(("Bearer", "bearer")) else f"Bearer {token}"),) if token else ()
+    )
     try:
         if method == "ExplainStream":
             return "OK", "", list(stub.ExplainStream(iter(request), timeout=timeout, metadata=metadata))
@@ -217,110 +235,294 @@ DEADLINE = r"^Deadline Exceeded$|^the request.s deadline (had already passed whe
 
 CORPUS: dict[str, Case] = {
     # ---- encoded images: truncated, corrupt, not images, empty
-    "truncated png": case("Predict", predict(pb.Image(encoded=PNG[: len(PNG) // 2])), INV, r"^image: corrupt or truncated PNG \(\d+ bytes\)"),
-    "truncated jpeg": case("Predict", predict(pb.Image(encoded=JPEG[: len(JPEG) // 2])), INV, r"corrupt or truncated JPEG"),
-    "jpeg cut before its frame header": case("Explain", explain(pb.Image(encoded=JPEG[:20])), INV,
-                                             r"corrupt or truncated JPEG \(20 bytes\): no readable size in its header"),
-    "png signature only": case("Predict", predict(pb.Image(encoded=PNG[:8])), INV, r"corrupt or truncated PNG \(8 bytes\): no readable size"),
-    "corrupt png data": case("Predict", predict(pb.Image(encoded=_flip(PNG, len(PNG) // 2))), INV, r"corrupt or truncated PNG"),
-    "corrupt jpeg header": case("Explain", explain(pb.Image(encoded=JPEG[: _sof(JPEG) + 4] + b"\x03" + JPEG[_sof(JPEG) + 5 :])),
-                                INV, r"corrupt or truncated JPEG"),
-    "truncated jpeg for dense": case("DenseScores", dense(pb.Image(encoded=_jpeg(_rgb(60, 60))[:300])), INV, r"corrupt or truncated JPEG"),
-    "pdf bytes": case("Predict", predict(pb.Image(encoded=b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj")), INV,
-                      r"not an image \(\d+ bytes starting b'%PDF-1.4'\); accepted formats: PNG, JPEG, BMP, WebP"),
-    "random bytes": case("Explain", explain(pb.Image(encoded=np.random.default_rng(9).bytes(512))), INV, r"not an image"),
-    "second image not an image": case("Explain", explain(GOOD, pb.Image(encoded=b"<html>")), INV, r"^image 1: not an image"),
+    "truncated png": case(
+        "Predict",
+        predict(pb.Image(encoded=PNG[: len(PNG) // 2])),
+        INV,
+        r"^image: corrupt or truncated PNG \(\d+ bytes\)",
+    ),
+    "truncated jpeg": case(
+        "Predict", predict(pb.Image(encoded=JPEG[: len(JPEG) // 2])), INV, r"corrupt or truncated JPEG"
+    ),
+    "jpeg cut before its frame header": case(
+        "Explain",
+        explain(pb.Image(encoded=JPEG[:20])),
+        INV,
+        r"corrupt or truncated JPEG \(20 bytes\): no readable size in its header",
+    ),
+    "png signature only": case(
+        "Predict", predict(pb.Image(encoded=PNG[:8])), INV, r"corrupt or truncated PNG \(8 bytes\): no readable size"
+    ),
+    "corrupt png data": case(
+        "Predict", predict(pb.Image(encoded=_flip(PNG, len(PNG) // 2))), INV, r"corrupt or truncated PNG"
+    ),
+    "corrupt jpeg header": case(
+        "Explain",
+        explain(pb.Image(encoded=JPEG[: _sof(JPEG) + 4] + b"\x03" + JPEG[_sof(JPEG) + 5 :])),
+        INV,
+        r"corrupt or truncated JPEG",
+    ),
+    "truncated jpeg for dense": case(
+        "DenseScores", dense(pb.Image(encoded=_jpeg(_rgb(60, 60))[:300])), INV, r"corrupt or truncated JPEG"
+    ),
+    "pdf bytes": case(
+        "Predict",
+        predict(pb.Image(encoded=b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj")),
+        INV,
+        r"not an image \(\d+ bytes starting b'%PDF-1.4'\); accepted formats: PNG, JPEG, BMP, WebP",
+    ),
+    "random bytes": case(
+        "Explain", explain(pb.Image(encoded=np.random.default_rng(9).bytes(512))), INV, r"not an image"
+    ),
+    "second image not an image": case(
+        "Explain", explain(GOOD, pb.Image(encoded=b"<html>")), INV, r"^image 1: not an image"
+    ),
     "text starting BM": case("Predict", predict(pb.Image(encoded=b"BMW and other cars " * 3)), INV, r"BMP"),
-    "empty image for dense": case("DenseScores", dense(pb.Image(encoded=b"")), INV, r"empty image: expected PNG, JPEG, BMP or WebP"),
-    "image without source": case("Explain", explain(pb.Image()), INV, r"set `encoded` \(PNG, JPEG, BMP, WebP bytes\) or `tensor`"),
+    "empty image for dense": case(
+        "DenseScores", dense(pb.Image(encoded=b"")), INV, r"empty image: expected PNG, JPEG, BMP or WebP"
+    ),
+    "image without source": case(
+        "Explain", explain(pb.Image()), INV, r"set `encoded` \(PNG, JPEG, BMP, WebP bytes\) or `tensor`"
+    ),
     # ---- headers declaring giant images (refused before decoding)
-    "png 100000x100000 for explain": case("Explain", explain(pb.Image(encoded=_png_declaring(100000, 100000))), INV,
-                                          r"PNG header\) of 100000x100000 = 10000000000 pixels " + LIMIT),
-    "png 100000x100000 for dense": case("DenseScores", dense(pb.Image(encoded=_png_declaring(100000, 100000))), INV,
-                                        r"100000x100000 = 10000000000 pixels " + LIMIT),
-    "jpeg 65535x65535": case("Predict", predict(pb.Image(encoded=_jpeg_declaring(65535, 65535))), INV,
-                             r"JPEG header\) of 65535x65535 = 4294836225 pixels " + LIMIT),
-    "bmp 100000x100000": case("Predict", predict(pb.Image(encoded=_bmp_v3_declaring(100000, -100000))), INV,
-                              r"BMP header\) of 100000x100000 = 10000000000 pixels " + LIMIT),
-    "os/2 bmp 65535x65535": case("Predict", predict(pb.Image(encoded=_bmp_os2_declaring(65535, 65535))), INV,
-                                 r"BMP header\) of 65535x65535 = 4294836225 pixels " + LIMIT),
-    "webp 16384x16384": case("Predict", predict(pb.Image(encoded=_webp_declaring(16384, 16384))), INV,
-                             r"WEBP header\) of 16384x16384 = 268435456 pixels " + LIMIT),
-    "tensor 100000x100000": case("Predict", predict(_tensor("uint8", [100000, 100000, 3], b"")), INV,
-                                 r"\(tensor\) of 100000x100000 = 10000000000 pixels " + LIMIT),
+    "png 100000x100000 for explain": case(
+        "Explain",
+        explain(pb.Image(encoded=_png_declaring(100000, 100000))),
+        INV,
+        r"PNG header\) of 100000x100000 = 10000000000 pixels " + LIMIT,
+    ),
+    "png 100000x100000 for dense": case(
+        "DenseScores",
+        dense(pb.Image(encoded=_png_declaring(100000, 100000))),
+        INV,
+        r"100000x100000 = 10000000000 pixels " + LIMIT,
+    ),
+    "jpeg 65535x65535": case(
+        "Predict",
+        predict(pb.Image(encoded=_jpeg_declaring(65535, 65535))),
+        INV,
+        r"JPEG header\) of 65535x65535 = 4294836225 pixels " + LIMIT,
+    ),
+    "bmp 100000x100000": case(
+        "Predict",
+        predict(pb.Image(encoded=_bmp_v3_declaring(100000, -100000))),
+        INV,
+        r"BMP header\) of 100000x100000 = 10000000000 pixels " + LIMIT,
+    ),
+    "os/2 bmp 65535x65535": case(
+        "Predict",
+        predict(pb.Image(encoded=_bmp_os2_declaring(65535, 65535))),
+        INV,
+        r"BMP header\) of 65535x65535 = 4294836225 pixels " + LIMIT,
+    ),
+    "webp 16384x16384": case(
+        "Predict",
+        predict(pb.Image(encoded=_webp_declaring(16384, 16384))),
+        INV,
+        r"WEBP header\) of 16384x16384 = 268435456 pixels " + LIMIT,
+    ),
+    "tensor 100000x100000": case(
+        "Predict",
+        predict(_tensor("uint8", [100000, 100000, 3], b"")),
+        INV,
+        r"\(tensor\) of 100000x100000 = 10000000000 pixels " + LIMIT,
+    ),
     # ---- tensors: NaN / Inf, dtypes, shapes
-    "inf tensor": case("Predict", predict(_float((32, 32, 3), np.inf)), INV, r"1 values are NaN or Inf; only finite values are allowed"),
+    "inf tensor": case(
+        "Predict", predict(_float((32, 32, 3), np.inf)), INV, r"1 values are NaN or Inf; only finite values are allowed"
+    ),
     "-inf tensor for explain": case("Explain", explain(_float((32, 32, 3), -np.inf)), INV, r"NaN or Inf"),
     "nan tensor for dense": case("DenseScores", dense(_float((40, 48, 3), np.nan)), INV, r"NaN or Inf"),
-    "float64 tensor": case("Predict", predict(_tensor("float64", [32, 32, 3], bytes(32 * 32 * 3 * 8))), INV,
-                           r"dtype 'float64' not allowed; allowed: \['uint8', 'float32'\]"),
-    "empty dtype": case("Explain", explain(_tensor("", [32, 32, 3], bytes(3072))), INV, r"dtype '' not allowed; allowed"),
-    "2-d tensor": case("Predict", predict(_tensor("uint8", [32, 32], bytes(1024))), INV, r"shape \[32, 32\] has 2 dimensions, expected 3"),
-    "4-d tensor": case("Predict", predict(_tensor("float32", [1, 32, 32, 3], bytes(12288))), INV, r"has 4 dimensions, expected 3"),
-    "data shorter than shape": case("Predict", predict(_tensor("uint8", [32, 32, 3], bytes(100))), INV,
-                                    r"100 data bytes do not match shape \[32, 32, 3\] of uint8 \(3072 bytes expected\)"),
-    "negative dimension": case("DenseScores", dense(_tensor("uint8", [-40, 48, 3], b"")), INV, r"empty or negative dimension"),
-    "shape whose int64 product wraps": case("Predict", predict(_tensor("uint8", [4, 4, 2**60], b"")), INV,
-                                            r"0 data bytes do not match shape \[4, 4, 1152921504606846976\]"),
-    "uint8 with 2 channels": case("Predict", predict(_tensor("uint8", [8, 8, 2], bytes(128))), INV,
-                                  r"uint8 tensor has 2 channels; allowed: 1 \(grey\), 3 \(RGB\), 4 \(RGBA\)"),
-    "float of the wrong size for explain": case("Explain", explain(_float((31, 32, 3))), INV,
-                                                r"model 'gap' takes preprocessed inputs of shape \[32, 32, 3\]"),
-    "float with 2 channels for dense": case("DenseScores", dense(_float((40, 48, 2))), INV, r"float32 tensor has 2 channels; model 'fc' takes 3"),
+    "float64 tensor": case(
+        "Predict",
+        predict(_tensor("float64", [32, 32, 3], bytes(32 * 32 * 3 * 8))),
+        INV,
+        r"dtype 'float64' not allowed; allowed: \['uint8', 'float32'\]",
+    ),
+    "empty dtype": case(
+        "Explain", explain(_tensor("", [32, 32, 3], bytes(3072))), INV, r"dtype '' not allowed; allowed"
+    ),
+    "2-d tensor": case(
+        "Predict",
+        predict(_tensor("uint8", [32, 32], bytes(1024))),
+        INV,
+        r"shape \[32, 32\] has 2 dimensions, expected 3",
+    ),
+    "4-d tensor": case(
+        "Predict", predict(_tensor("float32", [1, 32, 32, 3], bytes(12288))), INV, r"has 4 dimensions, expected 3"
+    ),
+    "data shorter than shape": case(
+        "Predict",
+        predict(_tensor("uint8", [32, 32, 3], bytes(100))),
+        INV,
+        r"100 data bytes do not match shape \[32, 32, 3\] of uint8 \(3072 bytes expected\)",
+    ),
+    "negative dimension": case(
+        "DenseScores", dense(_tensor("uint8", [-40, 48, 3], b"")), INV, r"empty or negative dimension"
+    ),
+    "shape whose int64 product wraps": case(
+        "Predict",
+        predict(_tensor("uint8", [4, 4, 2**60], b"")),
+        INV,
+        r"0 data bytes do not match shape \[4, 4, 1152921504606846976\]",
+    ),
+    "uint8 with 2 channels": case(
+        "Predict",
+        predict(_tensor("uint8", [8, 8, 2], bytes(128))),
+        INV,
+        r"uint8 tensor has 2 channels; allowed: 1 \(grey\), 3 \(RGB\), 4 \(RGBA\)",
+    ),
+    "float of the wrong size for explain": case(
+        "Explain", explain(_float((31, 32, 3))), INV, r"model 'gap' takes preprocessed inputs of shape \[32, 32, 3\]"
+    ),
+    "float with 2 channels for dense": case(
+        "DenseScores", dense(_float((40, 48, 2))), INV, r"float32 tensor has 2 channels; model 'fc' takes 3"
+    ),
     # ---- images smaller than a dense window
-    "uint8 smaller than the window": case("DenseScores", dense(wire.image_to_proto(_rgb(20, 48))), INV,
-                                          r"image of 48x20 is smaller than the model's window 32x32; send at least that size"),
-    "float smaller than the window": case("DenseScores", dense(_float((31, 40, 3))), INV, r"smaller than the model's window 32x32"),
+    "uint8 smaller than the window": case(
+        "DenseScores",
+        dense(wire.image_to_proto(_rgb(20, 48))),
+        INV,
+        r"image of 48x20 is smaller than the model's window 32x32; send at least that size",
+    ),
+    "float smaller than the window": case(
+        "DenseScores", dense(_float((31, 40, 3))), INV, r"smaller than the model's window 32x32"
+    ),
     # ---- unknown model / version / layer / class / method
-    "unknown model for explain": case("Explain", explain(model=pb.ModelSpec(name="nope")), NF, r"unknown model 'nope'; available: \['fc', 'gap'\]"),
-    "unknown model for dense": case("DenseScores", dense(model=pb.ModelSpec(name="resnet")), NF, r"unknown model 'resnet'"),
-    "unknown version for explain": case("Explain", explain(model=pb.ModelSpec(name="gap", version=3)), NF,
-                                        r"model 'gap' has no version 3; available: \[1, 2\]"),
-    "unknown version for dense": case("DenseScores", dense(model=pb.ModelSpec(name="fc", version=2)), NF, r"has no version 2; available: \[1\]"),
-    "unknown version for get": case("GetModel", pb.GetModelRequest(model=pb.ModelSpec(name="gap", version=7)), NF, r"no version 7"),
-    "negative version": case("Predict", predict(model=pb.ModelSpec(name="gap", version=-1)), INV, r"model.version must be >= 0 \(0: newest\), got -1"),
-    "layer that is not 4-d": case("Explain", explain(layer="predictions"), NF,
-                                  r"unknown layer 'predictions'; layers with a 4-D output \(3\), last ones: .*last_conv"),
-    "class name of the wrong case": case("Explain", explain(targets=targets("Circle")), NF, r"unknown class 'Circle'; use"),
-    "negative class index": case("Explain", explain(targets=targets(-1)), NF, r"class index -1 out of range; the model has classes 0..3"),
-    "more targets than classes": case("Explain", explain(targets=targets(0, 1, 2, 3, 0)), INV, r"image 0 has 5 targets; at most 4"),
+    "unknown model for explain": case(
+        "Explain", explain(model=pb.ModelSpec(name="nope")), NF, r"unknown model 'nope'; available: \['fc', 'gap'\]"
+    ),
+    "unknown model for dense": case(
+        "DenseScores", dense(model=pb.ModelSpec(name="resnet")), NF, r"unknown model 'resnet'"
+    ),
+    "unknown version for explain": case(
+        "Explain",
+        explain(model=pb.ModelSpec(name="gap", version=3)),
+        NF,
+        r"model 'gap' has no version 3; available: \[1, 2\]",
+    ),
+    "unknown version for dense": case(
+        "DenseScores", dense(model=pb.ModelSpec(name="fc", version=2)), NF, r"has no version 2; available: \[1\]"
+    ),
+    "unknown version for get": case(
+        "GetModel", pb.GetModelRequest(model=pb.ModelSpec(name="gap", version=7)), NF, r"no version 7"
+    ),
+    "negative version": case(
+        "Predict",
+        predict(model=pb.ModelSpec(name="gap", version=-1)),
+        INV,
+        r"model.version must be >= 0 \(0: newest\), got -1",
+    ),
+    "layer that is not 4-d": case(
+        "Explain",
+        explain(layer="predictions"),
+        NF,
+        r"unknown layer 'predictions'; layers with a 4-D output \(3\), last ones: .*last_conv",
+    ),
+    "class name of the wrong case": case(
+        "Explain", explain(targets=targets("Circle")), NF, r"unknown class 'Circle'; use"
+    ),
+    "negative class index": case(
+        "Explain", explain(targets=targets(-1)), NF, r"class index -1 out of range; the model has classes 0..3"
+    ),
+    "more targets than classes": case(
+        "Explain", explain(targets=targets(0, 1, 2, 3, 0)), INV, r"image 0 has 5 targets; at most 4"
+    ),
     "empty method name": case("Explain", explain(methods=[""]), INV, r"unknown method ''; allowed: cam, gradcam"),
-    "method of the wrong case": case("Explain", explain(methods=["gradcam", "GradCAM"]), INV, r"unknown method 'GradCAM'"),
-    "unknown method in a stream": case("ExplainStream", [explain(request_id="s1", methods=["magic"])], INV,
-                                       r"request 's1': unknown method 'magic'; allowed"),
+    "method of the wrong case": case(
+        "Explain", explain(methods=["gradcam", "GradCAM"]), INV, r"unknown method 'GradCAM'"
+    ),
+    "unknown method in a stream": case(
+        "ExplainStream",
+        [explain(request_id="s1", methods=["magic"])],
+        INV,
+        r"request 's1': unknown method 'magic'; allowed",
+    ),
     # ---- strides, top-k, counts
-    "stride not dividing the total stride": case("DenseScores", dense(model=GAP, stride=4), INV,
-                                                 r"stride 4 along y does not divide the total stride 2; allowed in mode='fcn': \[1, 2\]"),
-    "huge stride": case("DenseScores", dense(stride=2**31 - 1), INV, r"stride 2147483647 along y does not divide the total stride"),
-    "negative stride": case("DenseScores", dense(stride=-2), INV, r"stride must be >= 0 \(0: the network's total stride\), got -2"),
-    "predict top_k -1": case("Predict", predict(top_k=-1), INV, r"top_k must be between 0 and 4 \(the class count\), got -1"),
-    "predict top_k int32 max": case("Predict", predict(top_k=2**31 - 1), INV, r"top_k must be between 0 and 4 .*got 2147483647"),
-    "explain top_k 5": case("Explain", explain(top_k=5), INV, r"top_k must be between 1 and 4 \(the class count\), got 5"),
-    "too many images for explain": case("Explain", explain(*[GOOD] * 5), INV, r"5 images in one request; at most 4 are allowed \(max_images\)"),
-    "too many images in a stream": case("ExplainStream", [explain(*[GOOD] * 5, request_id="big")], INV, r"request 'big': 5 images"),
+    "stride not dividing the total stride": case(
+        "DenseScores",
+        dense(model=GAP, stride=4),
+        INV,
+        r"stride 4 along y does not divide the total stride 2; allowed in mode='fcn': \[1, 2\]",
+    ),
+    "huge stride": case(
+        "DenseScores", dense(stride=2**31 - 1), INV, r"stride 2147483647 along y does not divide the total stride"
+    ),
+    "negative stride": case(
+        "DenseScores", dense(stride=-2), INV, r"stride must be >= 0 \(0: the network's total stride\), got -2"
+    ),
+    "predict top_k -1": case(
+        "Predict", predict(top_k=-1), INV, r"top_k must be between 0 and 4 \(the class count\), got -1"
+    ),
+    "predict top_k int32 max": case(
+        "Predict", predict(top_k=2**31 - 1), INV, r"top_k must be between 0 and 4 .*got 2147483647"
+    ),
+    "explain top_k 5": case(
+        "Explain", explain(top_k=5), INV, r"top_k must be between 1 and 4 \(the class count\), got 5"
+    ),
+    "too many images for explain": case(
+        "Explain", explain(*[GOOD] * 5), INV, r"5 images in one request; at most 4 are allowed \(max_images\)"
+    ),
+    "too many images in a stream": case(
+        "ExplainStream", [explain(*[GOOD] * 5, request_id="big")], INV, r"request 'big': 5 images"
+    ),
     # ---- oversize messages (max_message_mb = 0.25)
-    "oversize request": case("Predict", predict(pb.Image(encoded=b"\x89PNG" + bytes(300 * 1024))), "RESOURCE_EXHAUSTED",
-                             r"larger than max \(\d+ vs\. 262144\)"),
-    "oversize tensor for dense": case("DenseScores", dense(_float((200, 200, 3))), "RESOURCE_EXHAUSTED", r"larger than max"),
-    "oversize response": case("Explain", explain(*[GOOD] * 4, methods=METHODS[:6], top_k=4, return_raw=True, return_heatmap=True),
-                              "RESOURCE_EXHAUSTED", r"Sent message larger than max \(\d+ vs\. 262144\)"),
+    "oversize request": case(
+        "Predict",
+        predict(pb.Image(encoded=b"\x89PNG" + bytes(300 * 1024))),
+        "RESOURCE_EXHAUSTED",
+        r"larger than max \(\d+ vs\. 262144\)",
+    ),
+    "oversize tensor for dense": case(
+        "DenseScores", dense(_float((200, 200, 3))), "RESOURCE_EXHAUSTED", r"larger than max"
+    ),
+    "oversize response": case(
+        "Explain",
+        explain(*[GOOD] * 4, methods=METHODS[:6], top_k=4, return_raw=True, return_heatmap=True),
+        "RESOURCE_EXHAUSTED",
+        r"Sent message larger than max \(\d+ vs\. 262144\)",
+    ),
     # ---- deadlines of 1 ms
     "1 ms predict": case("Predict", predict(), "DEADLINE_EXCEEDED", DEADLINE, timeout=0.001),
     "1 ms explain": case("Explain", explain(methods=["scorecam"]), "DEADLINE_EXCEEDED", DEADLINE, timeout=0.001),
     "1 ms dense": case("DenseScores", dense(stride=1), "DEADLINE_EXCEEDED", DEADLINE, timeout=0.001),
     # ---- very long names: the message still names the problem and what is allowed
-    "100k-character model name": case("Predict", predict(model=pb.ModelSpec(name="m" * 100_000)), NF,
-                                      r"^invalid model name 'mmm+\.\.\. \[\d+ characters cut\] \.\.\.m+': use letters, digits"),
-    "50k-character layer": case("Explain", explain(layer="L" * 50_000), NF, r"^unknown layer 'LLL", r"last ones: .*last_conv$"),
-    "30k non-ascii class name": case("Explain", explain(targets=targets("é" * 30_000)), NF, r"^unknown class 'ééé", r"characters cut"),
-    "50k-character method": case("Explain", explain(methods=["x" * 50_000]), INV, r"^unknown method 'xxx", r"allowed: cam, gradcam"),
-    "50k-character mode": case("DenseScores", dense(mode="z" * 50_000), INV, r"^mode must be 'fcn' or 'crops', got 'zzz"),
+    "100k-character model name": case(
+        "Predict",
+        predict(model=pb.ModelSpec(name="m" * 100_000)),
+        NF,
+        r"^invalid model name 'mmm+\.\.\. \[\d+ characters cut\] \.\.\.m+': use letters, digits",
+    ),
+    "50k-character layer": case(
+        "Explain", explain(layer="L" * 50_000), NF, r"^unknown layer 'LLL", r"last ones: .*last_conv$"
+    ),
+    "30k non-ascii class name": case(
+        "Explain", explain(targets=targets("é" * 30_000)), NF, r"^unknown class 'ééé", r"characters cut"
+    ),
+    "50k-character method": case(
+        "Explain", explain(methods=["x" * 50_000]), INV, r"^unknown method 'xxx", r"allowed: cam, gradcam"
+    ),
+    "50k-character mode": case(
+        "DenseScores", dense(mode="z" * 50_000), INV, r"^mode must be 'fcn' or 'crops', got 'zzz"
+    ),
     # ---- bearer token
     "wrong token": case("Predict", predict(), "UNAUTHENTICATED", r"^invalid bearer token$", token="not-the-token"),
-    "no token": case("DenseScores", dense(), "UNAUTHENTICATED", r"missing bearer token: send metadata 'authorization: Bearer <token>'", token=None),
-    "lower-case scheme": case("Explain", explain(), "UNAUTHENTICATED", r"invalid bearer token", token=f"bearer {TOKEN}"),
-    "wrong token on a stream": case("ExplainStream", [explain()], "UNAUTHENTICATED", r"invalid bearer token", token="x"),
-    "wrong token for models": case("ListModels", pb.ListModelsRequest(), "UNAUTHENTICATED", r"invalid bearer token", token=TOKEN + "x"),
+    "no token": case(
+        "DenseScores",
+        dense(),
+        "UNAUTHENTICATED",
+        r"missing bearer token: send metadata 'authorization: Bearer <token>'",
+        token=None,
+    ),
+    "lower-case scheme": case(
+        "Explain", explain(), "UNAUTHENTICATED", r"invalid bearer token", token=f"bearer {TOKEN}"
+    ),
+    "wrong token on a stream": case(
+        "ExplainStream", [explain()], "UNAUTHENTICATED", r"invalid bearer token", token="x"
+    ),
+    "wrong token for models": case(
+        "ListModels", pb.ListModelsRequest(), "UNAUTHENTICATED", r"invalid bearer token", token=TOKEN + "x"
+    ),
 }
 
 
@@ -383,7 +585,9 @@ def image_bytes(draw: st.DrawFn) -> bytes:
     if how == "truncated":
         return bytes(data[: draw(st.integers(0, len(data)))])
     if how == "mutated":
-        for pos, val in draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=8)):
+        for pos, val in draw(
+            st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=8)
+        ):
             data[pos] = val
     return bytes(data)
 
@@ -427,55 +631,126 @@ model_specs = st.one_of(
     st.builds(pb.ModelSpec, name=names, version=versions),
 )
 target_lists = st.lists(
-    st.builds(lambda ts: pb.TargetList(targets=ts), st.lists(st.one_of(
-        st.builds(pb.Target, index=st.one_of(st.integers(-2, 5), int32)),
-        st.builds(pb.Target, name=st.one_of(st.sampled_from(list(CLASSES)), st.text(max_size=6))),
-        st.just(pb.Target()),
-    ), max_size=5)),
+    st.builds(
+        lambda ts: pb.TargetList(targets=ts),
+        st.lists(
+            st.one_of(
+                st.builds(pb.Target, index=st.one_of(st.integers(-2, 5), int32)),
+                st.builds(pb.Target, name=st.one_of(st.sampled_from(list(CLASSES)), st.text(max_size=6))),
+                st.just(pb.Target()),
+            ),
+            max_size=5,
+        ),
+    ),
     max_size=3,
 )
 explain_requests = st.builds(
-    pb.ExplainRequest, model=model_specs, images=st.lists(images(), max_size=MAX_IMAGES + 1),
-    methods=st.one_of(st.lists(st.sampled_from(METHODS), max_size=2),
-                      st.lists(st.one_of(st.sampled_from(METHODS + ["", "GRADCAM"]), st.text(max_size=8)), max_size=3)),
-    targets=st.one_of(st.just([]), target_lists), top_k=st.one_of(st.integers(-1, 6), int32),
-    layer=st.one_of(st.sampled_from(["", "last_conv", "conv2d_1", "max_pooling2d_1", "predictions"]), st.text(max_size=8)),
-    return_raw=st.booleans(), return_heatmap=st.booleans(), return_overlay=st.booleans(), request_id=st.text(max_size=8),
+    pb.ExplainRequest,
+    model=model_specs,
+    images=st.lists(images(), max_size=MAX_IMAGES + 1),
+    methods=st.one_of(
+        st.lists(st.sampled_from(METHODS), max_size=2),
+        st.lists(st.one_of(st.sampled_from(METHODS + ["", "GRADCAM"]), st.text(max_size=8)), max_size=3),
+    ),
+    targets=st.one_of(st.just([]), target_lists),
+    top_k=st.one_of(st.integers(-1, 6), int32),
+    layer=st.one_of(
+        st.sampled_from(["", "last_conv", "conv2d_1", "max_pooling2d_1", "predictions"]), st.text(max_size=8)
+    ),
+    return_raw=st.booleans(),
+    return_heatmap=st.booleans(),
+    return_overlay=st.booleans(),
+    request_id=st.text(max_size=8),
 )
 # Mostly valid requests (so that batching and compute are exercised, not only the checks) ...
 good_specs = st.builds(pb.ModelSpec, name=st.sampled_from(["gap", "fc"]), version=st.sampled_from([0, 1]))
 good_images = st.one_of(
     st.sampled_from(ENCODED_SEEDS).map(lambda b: pb.Image(encoded=b)),
-    st.builds(lambda h, w, seed: wire.image_to_proto(_rgb(h, w, seed)), st.integers(1, 64), st.integers(1, 64), st.integers(0, 9)),
-    st.builds(lambda seed, scale: wire.image_to_proto((np.random.default_rng(seed).standard_normal((32, 32, 3)) * scale).astype(np.float32)),
-              st.integers(0, 9), st.sampled_from([1.0, 1e-30, 1e30])),
+    st.builds(
+        lambda h, w, seed: wire.image_to_proto(_rgb(h, w, seed)),
+        st.integers(1, 64),
+        st.integers(1, 64),
+        st.integers(0, 9),
+    ),
+    st.builds(
+        lambda seed, scale: wire.image_to_proto(
+            (np.random.default_rng(seed).standard_normal((32, 32, 3)) * scale).astype(np.float32)
+        ),
+        st.integers(0, 9),
+        st.sampled_from([1.0, 1e-30, 1e30]),
+    ),
 )
-dense_images = st.builds(lambda h, w, seed: wire.image_to_proto(_rgb(h, w, seed)), st.integers(32, 64), st.integers(32, 64), st.integers(0, 9))
-good_targets = st.one_of(st.just([]), st.lists(st.sampled_from(list(CLASSES) + [0, 1, 2, 3]), min_size=1, max_size=4).map(lambda ts: targets(*ts)))
+dense_images = st.builds(
+    lambda h, w, seed: wire.image_to_proto(_rgb(h, w, seed)),
+    st.integers(32, 64),
+    st.integers(32, 64),
+    st.integers(0, 9),
+)
+good_targets = st.one_of(
+    st.just([]),
+    st.lists(st.sampled_from(list(CLASSES) + [0, 1, 2, 3]), min_size=1, max_size=4).map(lambda ts: targets(*ts)),
+)
 good_explain = st.builds(
-    pb.ExplainRequest, model=good_specs, images=st.lists(good_images, min_size=1, max_size=MAX_IMAGES),
-    methods=st.lists(st.sampled_from(METHODS), max_size=2), targets=good_targets, top_k=st.integers(0, 4),
-    layer=st.sampled_from(["", "last_conv", "conv2d_1", "max_pooling2d_1"]), return_raw=st.booleans(),
-    return_heatmap=st.booleans(), return_overlay=st.booleans(), request_id=st.text(max_size=4),
+    pb.ExplainRequest,
+    model=good_specs,
+    images=st.lists(good_images, min_size=1, max_size=MAX_IMAGES),
+    methods=st.lists(st.sampled_from(METHODS), max_size=2),
+    targets=good_targets,
+    top_k=st.integers(0, 4),
+    layer=st.sampled_from(["", "last_conv", "conv2d_1", "max_pooling2d_1"]),
+    return_raw=st.booleans(),
+    return_heatmap=st.booleans(),
+    return_overlay=st.booleans(),
+    request_id=st.text(max_size=4),
 )
 good = st.one_of(
-    st.tuples(st.just("Predict"), st.builds(pb.PredictRequest, model=good_specs, images=st.lists(good_images, min_size=1, max_size=MAX_IMAGES),
-                                            top_k=st.integers(0, 4))),
+    st.tuples(
+        st.just("Predict"),
+        st.builds(
+            pb.PredictRequest,
+            model=good_specs,
+            images=st.lists(good_images, min_size=1, max_size=MAX_IMAGES),
+            top_k=st.integers(0, 4),
+        ),
+    ),
     st.tuples(st.just("Explain"), good_explain),
     st.tuples(st.just("ExplainStream"), st.lists(good_explain, min_size=1, max_size=3)),
-    st.tuples(st.just("DenseScores"), st.builds(
-        pb.DenseScoresRequest, model=good_specs, image=dense_images, stride=st.sampled_from([0, 1, 2]),
-        scales=st.lists(st.sampled_from([1.0, 0.8, 1.5]), max_size=2), mode=st.sampled_from(["", "fcn", "crops"]))),
+    st.tuples(
+        st.just("DenseScores"),
+        st.builds(
+            pb.DenseScoresRequest,
+            model=good_specs,
+            image=dense_images,
+            stride=st.sampled_from([0, 1, 2]),
+            scales=st.lists(st.sampled_from([1.0, 0.8, 1.5]), max_size=2),
+            mode=st.sampled_from(["", "fcn", "crops"]),
+        ),
+    ),
 )
 # ... and wild ones.
 wild = st.one_of(
-    st.tuples(st.just("Predict"), st.builds(pb.PredictRequest, model=model_specs, images=st.lists(images(), max_size=MAX_IMAGES + 1),
-                                            top_k=st.one_of(st.integers(-1, 5), int32))),
+    st.tuples(
+        st.just("Predict"),
+        st.builds(
+            pb.PredictRequest,
+            model=model_specs,
+            images=st.lists(images(), max_size=MAX_IMAGES + 1),
+            top_k=st.one_of(st.integers(-1, 5), int32),
+        ),
+    ),
     st.tuples(st.just("Explain"), explain_requests),
     st.tuples(st.just("ExplainStream"), st.lists(explain_requests, min_size=1, max_size=3)),
-    st.tuples(st.just("DenseScores"), st.builds(
-        pb.DenseScoresRequest, model=model_specs, image=images(), stride=st.one_of(st.integers(-1, 5), int32),
-        scales=st.lists(st.floats(width=32), max_size=3), mode=st.sampled_from(["", "fcn", "crops", "FCN"]))),
+    st.tuples(
+        st.just("DenseScores"),
+        st.builds(
+            pb.DenseScoresRequest,
+            model=model_specs,
+            image=images(),
+            stride=st.one_of(st.integers(-1, 5), int32),
+            scales=st.lists(st.floats(width=32), max_size=3),
+            mode=st.sampled_from(["", "fcn", "crops", "FCN"]),
+        ),
+    ),
     st.tuples(st.just("GetModel"), st.builds(pb.GetModelRequest, model=model_specs)),
 )
 requests = st.one_of(good, wild)
@@ -508,7 +783,9 @@ def test_random_requests_never_internal_never_hang(stub, method_request: tuple[s
 @settings(max_examples=60, **HYPOTHESIS)
 def test_random_image_bytes_are_decoded_or_refused(stub, data: bytes, method: str) -> None:
     img = pb.Image(encoded=data)
-    request = {"Predict": predict(img), "Explain": explain(img), "DenseScores": dense(img, mode="crops", stride=8)}[method]
+    request = {"Predict": predict(img), "Explain": explain(img), "DenseScores": dense(img, mode="crops", stride=8)}[
+        method
+    ]
     code, details, response = call(stub, method, request)
     assert code in ("OK", "INVALID_ARGUMENT"), f"{code}: {details[:300]}"
     if code == "INVALID_ARGUMENT":

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from camserve import shapes
+from camserve.datasets import shapes
+from camserve.errors import InvalidArgument
 from camserve.imaging import preprocess
 
 INPUT_SIZE: tuple[int, int] = (64, 64)
@@ -46,8 +47,15 @@ def build_gap_model(input_size: Sequence[int] = INPUT_SIZE, n_classes: int = 5) 
     h, w = input_size
     inp = keras.Input((h, w, 3), name="image")
     x = inp
-    for name, filters in (("conv1", 16), ("pool1", 0), ("conv2a", 32), ("conv2b", 32), ("pool2", 0),
-                          ("conv3a", 64), ("conv3b", 64)):
+    for name, filters in (
+        ("conv1", 16),
+        ("pool1", 0),
+        ("conv2a", 32),
+        ("conv2b", 32),
+        ("pool2", 0),
+        ("conv3a", 64),
+        ("conv3b", 64),
+    ):
         if not filters:
             x = layers.MaxPooling2D(2, name=name)(x)
             continue
@@ -105,14 +113,14 @@ def cam_localization(model: Any, images: np.ndarray, boxes: np.ndarray) -> dict[
     >>> cam_localization(model, images, boxes)["localization_accuracy"]   # doctest: +SKIP
     0.96
     """
-    from camserve import metrics
+    from camserve import evaluation
     from camserve.explain import Explainer
 
     results = Explainer(model, layer=GAP_LAST_CONV).explain(to_input(images), methods=("cam",))
     pred = [r[0].box for r in results]
-    ious = [metrics.box_iou(p, tuple(b)) if p is not None else 0.0 for p, b in zip(pred, boxes)]
+    ious = [evaluation.box_iou(p, tuple(b)) if p is not None else 0.0 for p, b in zip(pred, boxes)]
     return {
-        "localization_accuracy": metrics.localization_accuracy(pred, list(boxes)),
+        "localization_accuracy": evaluation.localization_accuracy(pred, list(boxes)),
         "mean_iou": float(np.mean(ious)),
     }
 
@@ -124,7 +132,7 @@ def cam_localization_multi(model: Any, scenes: Sequence[shapes.Scene]) -> float:
     >>> cam_localization_multi(model, shapes.make_scenes(100, seed=9))   # doctest: +SKIP
     0.9
     """
-    from camserve import metrics
+    from camserve import evaluation
     from camserve.explain import Explainer
 
     images = to_input(np.stack([s.image for s in scenes]))
@@ -135,7 +143,7 @@ def cam_localization_multi(model: Any, scenes: Sequence[shapes.Scene]) -> float:
         for e in result:
             pred.append(e.box)
             truth.append([b for b, l in zip(scene.boxes, scene.labels) if l == e.class_index])
-    return metrics.localization_accuracy(pred, truth)
+    return evaluation.localization_accuracy(pred, truth)
 
 
 def accuracy(model: Any, images: np.ndarray, labels: np.ndarray) -> float:
@@ -251,7 +259,11 @@ def _trainer(model: Any, recipe: Recipe) -> tuple[Any, list[Any], list[Any], lis
     import keras
 
     outs, losses, metrics, weights, targets = (
-        [model.outputs[0]], ["categorical_crossentropy"], [["categorical_accuracy"]], [1.0], ["label"]
+        [model.outputs[0]],
+        ["categorical_crossentropy"],
+        [["categorical_accuracy"]],
+        [1.0],
+        ["label"],
     )
     if recipe.box_penalty:
         acts = model.get_layer(recipe.default_layer).output
@@ -277,7 +289,9 @@ def _split(recipe: Recipe, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     return np.concatenate([x, xw]), np.concatenate([y, yw]), np.concatenate([b, np.zeros((n_win, 4), b.dtype)])
 
 
-def train_model(recipe: Recipe, seed: int = 0, epochs: int | None = None, verbose: int = 2) -> tuple[Any, dict[str, Any]]:
+def train_model(
+    recipe: Recipe, seed: int = 0, epochs: int | None = None, verbose: int = 2
+) -> tuple[Any, dict[str, Any]]:
     """Train one bundled model deterministically; returns (model, metrics).
 
     >>> model, metrics = train_model(RECIPES["shapes_fc"], seed=0, epochs=1)   # doctest: +SKIP
@@ -318,8 +332,11 @@ def train_model(recipe: Recipe, seed: int = 0, epochs: int | None = None, verbos
     trainer.compile(optimizer=keras.optimizers.Adam(schedule), loss=losses, loss_weights=weights, metrics=metrics)
     t1 = time.perf_counter()
     trainer.fit(
-        dataset(x_tr, y_tr, b_tr, True), validation_data=dataset(x_va, y_va, b_va, False),
-        epochs=epochs, verbose=verbose, shuffle=False,  # the tf.data pipeline shuffles, seeded
+        dataset(x_tr, y_tr, b_tr, True),
+        validation_data=dataset(x_va, y_va, b_va, False),
+        epochs=epochs,
+        verbose=verbose,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
     )
     train_s = time.perf_counter() - t1
 
@@ -391,6 +408,7 @@ def _machine() -> str:
 
 def write_config(path: Path, recipe: Recipe, metrics: dict[str, Any], seed: int, command: str) -> None:
     """Write ``models/<name>/config.toml`` in the repository format, metrics under ``[metrics]``."""
+
     def value(v: Any) -> str:
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -434,7 +452,7 @@ def train_bundled(
     """
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        raise ValueError(f"unknown bundled model(s) {unknown}; allowed: {list(RECIPES)}")
+        raise InvalidArgument(f"unknown bundled model(s) {unknown}; allowed: {list(RECIPES)}")
     results = {}
     for name in names:
         recipe = dataclasses.replace(RECIPES[name], **(overrides or {}))

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from camserve.errors import InvalidArgument
+
 __all__ = [
     "ConversionError",
     "FullyConvolutional",
@@ -43,7 +45,7 @@ __all__ = [
 HEADS = ("window", "classmap")
 
 
-class ConversionError(ValueError):
+class ConversionError(InvalidArgument):
     """A model (or one of its layers) that cannot be made fully convolutional."""
 
 
@@ -100,9 +102,7 @@ def _graph_of(model: Any) -> Any:
     if isinstance(model, keras.Sequential):
         functional = getattr(model, "_functional", None)
         if functional is None:
-            raise ConversionError(
-                f"Sequential model '{model.name}' is not built: give it an Input or build it first"
-            )
+            raise ConversionError(f"Sequential model '{model.name}' is not built: give it an Input or build it first")
         return functional
     if not hasattr(model, "_nodes_by_depth"):
         raise ConversionError(
@@ -126,9 +126,7 @@ def _flatten_graph(model: Any) -> _Graph:
 
     def visit(m: Any, prefix: str) -> None:
         if id(m) in seen:
-            raise ConversionError(
-                f"model '{m.name}' is called more than once; shared nested models are not supported"
-            )
+            raise ConversionError(f"model '{m.name}' is called more than once; shared nested models are not supported")
         seen.add(id(m))
         g = _graph_of(m)
         for depth in sorted(g._nodes_by_depth, reverse=True):
@@ -191,22 +189,73 @@ def _call(op: _Op, values: dict[int, Any], fn: Callable[..., Any] | None = None)
 _POINTWISE = frozenset(
     {
         # layers
-        "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax", "Rescaling", "Normalization",
-        "BatchNormalization", "LayerNormalization", "UnitNormalization", "GroupNormalization",
-        "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-        "Identity", "ActivityRegularization", "Add", "Subtract", "Multiply", "Average", "Maximum",
-        "Minimum", "Concatenate", "InputLayer",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "ELU",
+        "PReLU",
+        "Softmax",
+        "Rescaling",
+        "Normalization",
+        "BatchNormalization",
+        "LayerNormalization",
+        "UnitNormalization",
+        "GroupNormalization",
+        "Dropout",
+        "SpatialDropout2D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "Identity",
+        "ActivityRegularization",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "InputLayer",
         # keras.ops operations that appear as graph nodes
-        "Divide", "TrueDivide", "Power", "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Tanh",
-        "Silu", "Swish", "HardSilu", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Exp", "Log",
-        "Sqrt", "Abs", "Negative", "Square", "Clip", "Cast",
+        "Divide",
+        "TrueDivide",
+        "Power",
+        "Relu",
+        "Relu6",
+        "Sigmoid",
+        "HardSigmoid",
+        "Tanh",
+        "Silu",
+        "Swish",
+        "HardSilu",
+        "HardSwish",
+        "Gelu",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Abs",
+        "Negative",
+        "Square",
+        "Clip",
+        "Cast",
     }
 )
-_WINDOWED = frozenset(
-    {"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D"}
-)
+_WINDOWED = frozenset({"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D"})
 _GLOBAL_POOL = frozenset({"GlobalAveragePooling2D", "GlobalMaxPooling2D"})
-_DROP = frozenset({"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "ActivityRegularization"})
+_DROP = frozenset(
+    {
+        "Dropout",
+        "SpatialDropout2D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "Identity",
+        "ActivityRegularization",
+    }
+)
 _ACTIVATIONS = frozenset({"Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"})
 _HEAD_OK = frozenset({"Dense", "BatchNormalization"}) | _DROP | _ACTIVATIONS
 
@@ -247,9 +296,7 @@ def _spatial(shape: tuple) -> tuple | None:
 def _check_channels_last(op: _Op) -> None:
     fmt = getattr(op.layer, "data_format", None)
     if fmt not in (None, "channels_last"):
-        raise ConversionError(
-            f"layer {op.describe()} uses data_format={fmt!r}; only channels_last is supported"
-        )
+        raise ConversionError(f"layer {op.describe()} uses data_format={fmt!r}; only channels_last is supported")
 
 
 def _windowed(op: _Op, g: _Geo, reasons: list[str]) -> _Geo:
@@ -315,8 +362,15 @@ def _analyze_ops(graph: _Graph, stop: int | None) -> tuple[dict[int, _Geo | None
                         )
                     reasons.append(f"{op.describe()} is not a known layer; treated as pointwise")
                 axis = getattr(op.layer, "axis", -1)
-                if kind in ("Concatenate", "Softmax", "LayerNormalization", "BatchNormalization",
-                            "Normalization", "UnitNormalization", "GroupNormalization"):
+                if kind in (
+                    "Concatenate",
+                    "Softmax",
+                    "LayerNormalization",
+                    "BatchNormalization",
+                    "Normalization",
+                    "UnitNormalization",
+                    "GroupNormalization",
+                ):
                     axes = axis if isinstance(axis, (list, tuple)) else [axis]
                     if any(a not in (-1, 3) for a in axes):
                         raise ConversionError(
@@ -325,9 +379,7 @@ def _analyze_ops(graph: _Graph, stop: int | None) -> tuple[dict[int, _Geo | None
                         )
                 jumps = {g.jump for g in spatial_in}
                 if len(jumps) > 1:
-                    raise ConversionError(
-                        f"layer {op.describe()} merges features at different strides {sorted(jumps)}"
-                    )
+                    raise ConversionError(f"layer {op.describe()} merges features at different strides {sorted(jumps)}")
                 rf = tuple(max(g.rf[i] for g in spatial_in) for i in range(2))
                 if len(spatial_in) < len(ins):
                     reasons.append(f"{op.describe()} mixes in a globally pooled branch")
@@ -359,9 +411,7 @@ def _find_head(graph: _Graph) -> _Head:
             "a classifier with one image input and one output is required"
         )
     if len(graph.input_shapes[0]) != 4:
-        raise ConversionError(
-            f"model input has shape {graph.input_shapes[0]}; an image input (N, H, W, C) is required"
-        )
+        raise ConversionError(f"model input has shape {graph.input_shapes[0]}; an image input (N, H, W, C) is required")
     producer = graph.producer()
     chain: list[_Op] = []
     k = graph.outputs[0]
@@ -381,7 +431,9 @@ def _find_head(graph: _Graph) -> _Head:
             )
         in_shape = op.in_shapes[0]
         flatten_of_pooled = (
-            kind == "Flatten" and len(in_shape) == 4 and tuple(in_shape[1:3]) == (1, 1)
+            kind == "Flatten"
+            and len(in_shape) == 4
+            and tuple(in_shape[1:3]) == (1, 1)
             and producer.get(op.inputs[0]) is not None
             and producer[op.inputs[0]].kind in _GLOBAL_POOL
         )
@@ -417,8 +469,7 @@ def _find_head(graph: _Graph) -> _Head:
                 f"GlobalMaxPooling2D followed by {allowed}"
             )
         raise ConversionError(
-            f"cannot convert head layer {op.describe()}: after Flatten or global pooling only "
-            f"{allowed} are allowed"
+            f"cannot convert head layer {op.describe()}: after Flatten or global pooling only {allowed} are allowed"
         )
 
 
@@ -478,7 +529,7 @@ class FullyConvolutional:
         (6, 6)
         """
         if self.head != "window":
-            raise ValueError("grid_shape is defined for window models; this is a class-map model")
+            raise InvalidArgument("grid_shape is defined for window models; this is a class-map model")
         return tuple(  # type: ignore[return-value]
             (n - w) // s + 1 if n >= w else 0 for n, w, s in zip((height, width), self.window, self.stride)
         )
@@ -504,7 +555,7 @@ def to_fully_convolutional(
     import keras
 
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; allowed: {', '.join(HEADS)}")
+        raise InvalidArgument(f"unknown head {head!r}; allowed: {', '.join(HEADS)}")
     graph = _flatten_graph(model)
     found = _find_head(graph)
     geo, reasons = _analyze_ops(graph, found.feature_key)
@@ -587,7 +638,7 @@ def _slice_end(offset: int, kernel: int) -> int | None:
 
 
 def _dense_conv_class() -> type:
-    """:class:`DenseConv2D`, defined on first use so that importing camserve.fcn stays light."""
+    """:class:`DenseConv2D`, defined on first use so that importing camserve.dense.fcn stays light."""
     global _DENSE_CONV
     if _DENSE_CONV is None:
         import keras
@@ -606,9 +657,7 @@ def _dense_conv_class() -> type:
             def convolution_op(self, inputs: Any, kernel: Any) -> Any:
                 kh, kw = self.kernel_size
                 views = [
-                    inputs[:, u : _slice_end(u, kh), v : _slice_end(v, kw), :]
-                    for u in range(kh)
-                    for v in range(kw)
+                    inputs[:, u : _slice_end(u, kh), v : _slice_end(v, kw), :] for u in range(kh) for v in range(kw)
                 ]
                 patches = keras.ops.concatenate(views, axis=-1)
                 flat = keras.ops.reshape(kernel, (-1, kernel.shape[-1]))
@@ -682,7 +731,9 @@ def _window_head(found: _Head, x: Any, feature_size: tuple[int, int], logits: bo
     start = found.start
     channels = int(found.feature_shape[3])
     if start.kind == "GlobalAveragePooling2D":
-        x = keras.layers.AveragePooling2D(feature_size, strides=1, padding="valid", name=f"{start.layer.name}_window")(x)
+        x = keras.layers.AveragePooling2D(feature_size, strides=1, padding="valid", name=f"{start.layer.name}_window")(
+            x
+        )
         kernel_hw = (1, 1)
     elif start.kind == "GlobalMaxPooling2D":
         x = keras.layers.MaxPooling2D(feature_size, strides=1, padding="valid", name=f"{start.layer.name}_window")(x)
@@ -723,8 +774,7 @@ def _classmap_head(found: _Head, x: Any) -> tuple[Any, np.ndarray]:
     dense_ops = [op for op in found.chain if op.kind == "Dense"]
     if len(dense_ops) != 1:
         raise ConversionError(
-            f"class maps need exactly one Dense after {start.describe()}; found {len(dense_ops)} "
-            "(use head='window')"
+            f"class maps need exactly one Dense after {start.describe()}; found {len(dense_ops)} (use head='window')"
         )
     for op in found.chain:
         if op.kind in _DROP or op.kind in ("Dense", "Flatten"):

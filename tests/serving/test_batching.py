@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from camserve.batching import (
+from camserve.serving.batching import (
     Batcher,
     BatcherClosed,
     BatcherMetrics,
@@ -88,7 +88,9 @@ def test_timeout_closes_partial_batch() -> None:
     sizes: list[int] = []
 
     async def main():
-        b = Batcher(rec, max_batch_size=100, batch_timeout=0.05, metrics=BatcherMetrics(batch=lambda k, n: sizes.append(n)))
+        b = Batcher(
+            rec, max_batch_size=100, batch_timeout=0.05, metrics=BatcherMetrics(batch=lambda k, n: sizes.append(n))
+        )
         t0 = time.monotonic()
         out = await b.submit("k", 1)
         waited = time.monotonic() - t0
@@ -147,7 +149,9 @@ def test_expired_deadline_dropped_before_compute() -> None:
     dropped: list[str] = []
 
     async def main():
-        b = Batcher(rec, max_batch_size=8, batch_timeout=0.0, metrics=BatcherMetrics(dropped=lambda k, r: dropped.append(r)))
+        b = Batcher(
+            rec, max_batch_size=8, batch_timeout=0.0, metrics=BatcherMetrics(dropped=lambda k, r: dropped.append(r))
+        )
         with pytest.raises(DeadlineExpired, match="already passed"):
             await b.submit("k", "late", deadline=time.monotonic() - 1)
         busy = asyncio.create_task(b.submit("k", "busy"))
@@ -237,7 +241,9 @@ def test_queue_time_and_depth_metrics() -> None:
 
     async def main():
         b = Batcher(
-            Recorder(), max_batch_size=4, batch_timeout=0.01,
+            Recorder(),
+            max_batch_size=4,
+            batch_timeout=0.01,
             metrics=BatcherMetrics(queue_time=lambda k, s: qtimes.append(s), queue_depth=depths.append),
         )
         await asyncio.gather(*(b.submit("k", i) for i in range(4)))

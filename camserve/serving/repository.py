@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from camserve.errors import NotFound
+from camserve.errors import InvalidArgument, NotFound, Unavailable
 from camserve.imaging import PREPROCESSORS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -43,7 +43,7 @@ class ModelConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "ModelConfig":
+    def from_toml(cls, path: str | Path) -> ModelConfig:
         """Read and validate ``config.toml``; errors name the file and the bad key."""
         path = Path(path)
         with open(path, "rb") as f:
@@ -52,14 +52,10 @@ class ModelConfig:
             class_names = tuple(str(c) for c in data["class_names"])
             h, w = (int(v) for v in data["input_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{path}: needs class_names = [..] and input_size = [height, width] ({e})"
-            ) from None
+            raise InvalidArgument(f"{path}: needs class_names = [..] and input_size = [height, width] ({e})") from None
         pre = data.get("preprocessing", "scale_0_1")
         if pre not in PREPROCESSORS:
-            raise ValueError(
-                f"{path}: unknown preprocessing {pre!r}; allowed: {sorted(PREPROCESSORS)}"
-            )
+            raise InvalidArgument(f"{path}: unknown preprocessing {pre!r}; allowed: {sorted(PREPROCESSORS)}")
         known = {"name", "class_names", "input_size", "channels", "preprocessing", "default_layer"}
         return cls(
             name=str(data.get("name", path.parent.name)),
@@ -91,8 +87,7 @@ def check_model_name(name: str) -> str:
     """
     if not _NAME_RE.match(name or "") or ".." in name:
         raise ModelNotFound(
-            f"invalid model name {name!r}: use letters, digits, '_', '-', '.' "
-            "(no path separators, no '..')"
+            f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (no path separators, no '..')"
         )
     return name
 
@@ -103,9 +98,7 @@ def list_versions(model_dir: str | Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / "model.keras").is_file()
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / "model.keras").is_file()
     )
 
 
@@ -117,9 +110,7 @@ def resolve_version(model_dir: str | Path, version: int | None = None) -> int:
     if version is None or version == 0:
         return versions[-1]
     if version not in versions:
-        raise ModelNotFound(
-            f"model {Path(model_dir).name!r} has no version {version}; available: {versions}"
-        )
+        raise ModelNotFound(f"model {Path(model_dir).name!r} has no version {version}; available: {versions}")
     return version
 
 
@@ -141,7 +132,7 @@ def load_model_dir(model_dir: str | Path, version: int | None = None) -> ModelEn
 # ---------------------------------------------------------------------------- a whole repository
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(Unavailable):
     """A model (or version) that exists but failed to load or is still loading (UNAVAILABLE)."""
 
 
@@ -175,9 +166,7 @@ class ModelStatus:
         """Why (some of) the model is unavailable; empty when everything loaded."""
         if not self.loaded:
             return "loading"
-        return "; ".join(
-            (f"version {v}: {msg}" if v else msg) for v, msg in sorted(self.errors.items())
-        )
+        return "; ".join((f"version {v}: {msg}" if v else msg) for v, msg in sorted(self.errors.items()))
 
 
 class ModelRepository:
@@ -196,7 +185,7 @@ class ModelRepository:
 
     def __init__(self, root: str | Path, version_policy: str = "all") -> None:
         if version_policy not in ("all", "latest"):
-            raise ValueError(f"version_policy must be 'all' or 'latest', got {version_policy!r}")
+            raise InvalidArgument(f"version_policy must be 'all' or 'latest', got {version_policy!r}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a folder")

@@ -7,7 +7,7 @@ import pytest
 from camserve import Explainer, Explanation
 from camserve.errors import InvalidArgument, NotFound
 from camserve.explain import UnknownClass, UnknownMethod, bucket_sizes
-from camserve.graph import UnknownLayer
+from camserve.keras_graph import UnknownLayer
 
 ALL = ("cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "ablationcam")
 
@@ -87,7 +87,7 @@ def test_explicit_targets_by_index_name_and_list(gap_model, rng_images):
     [
         ({"targets": ["zebra"] * 2}, UnknownClass, ["zebra", "'a'"]),
         ({"targets": [7, 0]}, UnknownClass, ["7", "0..3"]),
-        ({"targets": [0]}, InvalidArgument, ["1 targets for 2 images"]),
+        ({"targets": [0, 1, 2]}, InvalidArgument, ["3 target entries for 2 images"]),
         ({"top_k": 0}, InvalidArgument, ["top_k", "between 1 and 4"]),
         ({"top_k": 5}, InvalidArgument, ["top_k", "between 1 and 4"]),
         ({"methods": ("gradcam", "smoothgrad")}, UnknownMethod, ["smoothgrad", "gradcam++"]),
@@ -139,7 +139,12 @@ def _nested_models():
     keras.utils.set_random_seed(2)
     backbone = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None, alpha=0.35)
     seq = keras.Sequential(
-        [keras.Input((96, 96, 3)), backbone, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+        [
+            keras.Input((96, 96, 3)),
+            backbone,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
     )
     inp = keras.Input((96, 96, 3))
     x = backbone(inp)

@@ -1,0 +1,1 @@
+"""Synthetic data and the bundled models trained on it (off the serving path)."""
