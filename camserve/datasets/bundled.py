@@ -258,13 +258,11 @@ def _trainer(model: Any, recipe: Recipe) -> tuple[Any, list[Any], list[Any], lis
     training-only losses."""
     import keras
 
-    outs, losses, metrics, weights, targets = (
-        [model.outputs[0]],
-        ["categorical_crossentropy"],
-        [["categorical_accuracy"]],
-        [1.0],
-        ["label"],
-    )
+    outs: list[Any] = [model.outputs[0]]
+    losses: list[Any] = ["categorical_crossentropy"]  # names or loss functions
+    metrics: list[Any] = [["categorical_accuracy"]]
+    weights: list[float] = [1.0]
+    targets: list[str] = ["label"]
     if recipe.box_penalty:
         acts = model.get_layer(recipe.default_layer).output
         outs.append(_class_maps_layer(model.layers[-1])(acts))
