@@ -1,13 +1,15 @@
 """Python client of the camserve gRPC service, sync (:class:`Client`) and asyncio
-(:class:`AsyncClient`). TensorFlow is imported only when explanations arrive (the
-:class:`~camserve.explanation.Explanation` type lives in :mod:`camserve.explanation`).
+(:class:`AsyncClient`). It does not import TensorFlow: explanations come back as
+:class:`~camserve.explanation.Explanation` tuples of numpy arrays.
 
 Images may be numpy arrays (uint8 pixels of any size, or float32 preprocessed inputs of the
-model's size), file paths or encoded bytes; explanations come back as the library's own
-:class:`camserve.explanation.Explanation` tuples. Calls that fail with UNAVAILABLE (a replica
-restarting or draining) are retried with backoff; several replicas can be one target,
+model's size), file paths or encoded bytes. Several replicas can be one target,
 ``"ipv4:127.0.0.1:8500,127.0.0.1:8501"`` or ``"dns:///camserve-headless:8500"``, balanced
-round-robin.
+round-robin. Calls that fail with UNAVAILABLE (a replica restarting or draining) are retried by
+gRPC itself, on the next replica, within the call's deadline (see :func:`service_config`).
+
+The request and response messages are converted by :mod:`camserve.wire`, the same code the
+server uses. What comes back: :class:`PredictResult`, Explanations, :class:`DenseReply`.
 
 >>> c = Client("localhost:8500")                                        # doctest: +SKIP
 >>> c.predict(images, model="shapes_gap", top_k=3).top[0]               # doctest: +SKIP
@@ -18,11 +20,9 @@ round-robin.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import random
-import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -31,9 +31,20 @@ import numpy as np
 from google.protobuf import json_format
 
 from camserve import wire
+from camserve.errors import InvalidArgument
+from camserve.explanation import Explanation
 from camserve.proto import pb, pb_grpc
 
+#: The gRPC service whose calls are retried (every method of it; not the health service).
+SERVICE = "camserve.v1.CamService"
+#: Status codes retried, on the next replica, within the call's deadline.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+#: gRPC's own limit on attempts per call (the first one included): larger values are cut to it.
+MAX_ATTEMPTS = 5
+#: Shortest first retry delay, seconds. With delays of a millisecond or two, grpcio 1.85 now and
+#: then never starts the retry and the call waits for its deadline (forever without one): a race
+#: around gRPC's retry timer, https://github.com/grpc/grpc/issues/41036. 10 ms avoids it.
+MIN_BACKOFF = 0.01
 
 
 class PredictResult(NamedTuple):
@@ -46,7 +57,13 @@ class PredictResult(NamedTuple):
 
 @dataclasses.dataclass
 class ScaleScores:
-    """One pyramid level: ``scores`` (gh, gw, classes), ``boxes`` (gh, gw, 4) in input pixels."""
+    """One pyramid level of a :class:`DenseReply`, as the wire's ``ScaleScores`` message carries
+    it: the ``scale``, ``scores`` (gh, gw, classes) and ``boxes`` (gh, gw, 4, x0 y0 x1 y1 in
+    pixels of the original image).
+
+    The in-process :class:`camserve.dense.DenseScores` has the same three fields plus the
+    per-level ``strides``, ``window`` and ``image_size``, which the wire does not carry.
+    """
 
     scale: float
     scores: np.ndarray
@@ -54,9 +71,16 @@ class ScaleScores:
 
 
 @dataclasses.dataclass
-class DenseResult:
-    """What DenseScores answers: one :class:`ScaleScores` per scale, the stride used, and
-    whether the FCN pass equals the classifier on every crop."""
+class DenseReply:
+    """What the DenseScores RPC answers: one :class:`ScaleScores` per scale (iterate or index it
+    like a list), the stride used (``stride``; ``strides`` as (sy, sx)), the sliding ``window``
+    (h, w), whether the FCN pass equals the classifier on every crop (``exact``), the ``mode``,
+    the model's ``class_names`` and the (name, version) that answered.
+
+    The remote counterpart of :class:`camserve.dense.DenseResult` (what
+    :func:`camserve.dense.dense_scores` returns in-process), plus ``class_names`` and
+    ``model``. Called ``DenseResult`` before; that name still works, with a DeprecationWarning.
+    """
 
     scales: list[ScaleScores]
     stride: int
@@ -67,7 +91,7 @@ class DenseResult:
     window: tuple[int, int] = (0, 0)
     mode: str = "fcn"
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ScaleScores]:
         return iter(self.scales)
 
     def __getitem__(self, i: int) -> ScaleScores:
@@ -77,15 +101,23 @@ class DenseResult:
         return len(self.scales)
 
 
+def __getattr__(name: str) -> Any:
+    if name == "DenseResult":
+        warnings.warn(
+            "camserve.client.DenseResult is now camserve.client.DenseReply "
+            "(camserve.dense.DenseResult is the in-process result)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DenseReply
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------- requests / responses
 
 
-def _spec(model: str, version: int) -> pb.ModelSpec:
-    return pb.ModelSpec(name=model, version=int(version or 0))
-
-
 def predict_request(images: Any, model: str, version: int = 0, top_k: int = 0) -> pb.PredictRequest:
-    return pb.PredictRequest(model=_spec(model, version), images=wire.images_to_proto(images), top_k=top_k)
+    return pb.PredictRequest(model=wire.model_spec(model, version), images=wire.images_to_proto(images), top_k=top_k)
 
 
 def explain_request(
@@ -105,7 +137,7 @@ def explain_request(
     if isinstance(methods, str):
         methods = [methods]
     return pb.ExplainRequest(
-        model=_spec(model, version),
+        model=wire.model_spec(model, version),
         images=msgs,
         methods=list(methods),
         targets=wire.targets_to_proto(targets, len(msgs)),
@@ -126,23 +158,25 @@ def dense_request(
     mode: str = "fcn",
     version: int = 0,
 ) -> pb.DenseScoresRequest:
-    (msg,) = wire.images_to_proto([image] if isinstance(image, np.ndarray) and image.ndim == 3 else image)
+    msgs = wire.images_to_proto(image)
+    if len(msgs) != 1:
+        raise InvalidArgument(f"DenseScores takes one image; got {len(msgs)}")
     return pb.DenseScoresRequest(
-        model=_spec(model, version), image=msg, stride=int(stride or 0), scales=list(scales), mode=mode
+        model=wire.model_spec(model, version), image=msgs[0], stride=int(stride or 0), scales=list(scales), mode=mode
     )
 
 
 def predict_result(resp: pb.PredictResponse) -> PredictResult:
     return PredictResult(
         scores=wire.predictions_from_proto(resp),
-        top=[[(c.index, c.label, c.score) for c in p.top] for p in resp.predictions],
-        model=(resp.model.name, int(resp.model.version)),
+        top=[wire.top_from_proto(p) for p in resp.predictions],
+        model=wire.model_from_proto(resp.model),
     )
 
 
 def explain_result(resp: pb.ExplainResponse, overlays: bool = False) -> list[list[Any]]:
-    """Per image, the Explanations (or (Explanation, overlay PNG bytes) pairs)."""
-    out = []
+    """Per image, the Explanations (or, with ``overlays``, (Explanation, overlay PNG bytes) pairs)."""
+    out: list[list[Any]] = []
     for img in resp.images:
         if overlays:
             out.append([(wire.explanation_from_proto(e), e.overlay_png) for e in img.explanations])
@@ -151,17 +185,17 @@ def explain_result(resp: pb.ExplainResponse, overlays: bool = False) -> list[lis
     return out
 
 
-def dense_result(resp: pb.DenseScoresResponse) -> DenseResult:
-    return DenseResult(
+def dense_result(resp: pb.DenseScoresResponse) -> DenseReply:
+    return DenseReply(
         scales=[
             ScaleScores(s.scale, wire.floatmap_to_array(s.scores), wire.floatmap_to_array(s.boxes)) for s in resp.scales
         ],
         stride=int(resp.stride),
         exact=bool(resp.exact),
         class_names=list(resp.class_names),
-        model=(resp.model.name, int(resp.model.version)),
-        strides=tuple(resp.strides) or (resp.stride, resp.stride),
-        window=tuple(resp.window),
+        model=wire.model_from_proto(resp.model),
+        strides=(int(resp.strides[0]), int(resp.strides[1])) if len(resp.strides) == 2 else (resp.stride, resp.stride),
+        window=(int(resp.window[0]), int(resp.window[1])) if len(resp.window) == 2 else (0, 0),
         mode=resp.mode,
     )
 
@@ -174,14 +208,65 @@ def model_dict(info: pb.ModelInfo) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- channels
 
 
-def _channel_args(target: str, max_message_mb: float, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _duration(seconds: float) -> str:
+    """Seconds as a protobuf JSON Duration ("0.05s"), to the microsecond."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+
+
+def service_config(retries: int = 4, backoff: float = 0.05) -> dict[str, Any]:
+    """The gRPC service config of the client's channels.
+
+    ``round_robin`` over every address the target resolves to, and gRPC's retry policy for
+    every method of :data:`SERVICE`: a call answered UNAVAILABLE is tried again, by gRPC, up to
+    ``retries`` more times (``maxAttempts = retries + 1``, cut to gRPC's limit of
+    :data:`MAX_ATTEMPTS` = 5 attempts, so at most 4 retries), each on the replica round-robin
+    picks next, all within the call's deadline. Retry ``n`` (1, 2, ...) waits about
+    ``backoff * 2 ** (n - 1)`` seconds (gRPC adds +-20 % jitter); ``backoff`` below
+    :data:`MIN_BACKOFF` (10 ms) counts as 10 ms. Other status codes are never retried.
+    ``retries=0``: no policy (and the channel is made with retries off).
+
+    >>> service_config(retries=2, backoff=0.05)["methodConfig"][0]["retryPolicy"]
+    {'maxAttempts': 3, 'initialBackoff': '0.05s', 'maxBackoff': '0.1s', 'backoffMultiplier': 2, 'retryableStatusCodes': ['UNAVAILABLE']}
+    >>> service_config(retries=9)["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+    5
+    >>> "methodConfig" in service_config(retries=0)
+    False
+    """
+    if retries < 0:
+        raise InvalidArgument(f"retries must be >= 0, got {retries}")
+    if backoff < 0:
+        raise InvalidArgument(f"backoff must be >= 0 seconds, got {backoff}")
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    backoff = max(backoff, MIN_BACKOFF)
+    attempts = min(retries + 1, MAX_ATTEMPTS)
+    if attempts >= 2:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": _duration(backoff),
+                    "maxBackoff": _duration(backoff * 2 ** (attempts - 2)),
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": [code.name for code in RETRYABLE],
+                },
+            }
+        ]
+    return config
+
+
+def _channel_args(
+    max_message_mb: float, retries: int, backoff: float, options: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
     size = int(max_message_mb * 1024 * 1024)
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
-        ("grpc.service_config", json.dumps(service_config)),
-        ("grpc.enable_retries", 0),  # retries are ours (below), bounded by the call's deadline
+        ("grpc.service_config", json.dumps(service_config(retries, backoff))),
+        ("grpc.enable_retries", 1 if retries > 0 else 0),
+        # gRPC retries a call only while it still holds what was sent (256 KiB by default);
+        # requests up to the message size limit stay retryable.
+        ("grpc.per_rpc_retry_buffer_size", size),
         *options,
     ]
 
@@ -212,21 +297,27 @@ class _Base:
         self.backoff = backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._creds = _credentials(tls, root_certificates)
-        self._args = _channel_args(target, max_message_mb, options)
+        self._args = _channel_args(max_message_mb, retries, backoff, options)
 
-    def _delay(self, attempt: int) -> float:
-        return self.backoff * (2**attempt) * (0.5 + random.random())
-
-    def _budget(self, timeout: float | None) -> float | None:
-        t = self.timeout if timeout is None else timeout
-        return None if t is None else time.monotonic() + t
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
 
 class Client(_Base):
-    """Blocking client. ``target``: ``host:port`` or a gRPC target naming several replicas
-    (round-robin). ``token``: bearer token. ``tls`` / ``root_certificates``: TLS (PEM roots;
-    None uses the system's). ``timeout``: default per-call deadline in seconds (retries
-    included). ``retries``: extra attempts on UNAVAILABLE.
+    """Blocking client.
+
+    ``target``: ``host:port`` or a gRPC target naming several replicas (round-robin).
+    ``token``: bearer token. ``tls`` / ``root_certificates``: TLS (PEM roots; None uses the
+    system's). ``timeout``: default per-call deadline in seconds, retries included.
+    ``retries``: how many times a call answered UNAVAILABLE is tried again, on the next
+    replica, inside the deadline (default 4; gRPC allows at most 4: larger values act as 4;
+    0: never). ``backoff``: seconds; retry ``n`` waits about ``backoff * 2 ** (n - 1)``
+    (at least 10 ms, see :data:`MIN_BACKOFF`). Both go into gRPC's retry policy (:func:`service_config`), so
+    the retries happen inside gRPC, not in this class. ``max_message_mb``: largest message
+    either way. ``options``: extra gRPC channel arguments.
+
+    :meth:`explain_many` (the ExplainStream RPC) is retried too, but gRPC retries a stream
+    only until its first response arrives; a stream that fails later raises.
 
     >>> with Client("localhost:8500") as c:                      # doctest: +SKIP
     ...     print([m["name"] for m in c.models()])
@@ -251,29 +342,17 @@ class Client(_Base):
         self.channel.close()
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """Call a unary RPC by name with retries on UNAVAILABLE inside the deadline."""
-        fn = getattr(self.stub, method)
-        deadline = self._budget(timeout)
-        attempt = 0
-        while True:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                return fn(request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as e:
-                delay = self._delay(attempt)
-                if e.code() not in RETRYABLE or attempt >= self.retries:
-                    raise
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise
-                time.sleep(delay)
-                attempt += 1
+        """Call a unary RPC of the service by name; ``timeout`` (default: the client's) bounds
+        every attempt together. Raises :class:`grpc.RpcError` with the last attempt's status."""
+        return getattr(self.stub, method)(request, timeout=self._timeout(timeout), metadata=self._metadata)
 
     def models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every model of the server (available or not) as dicts."""
         return [model_dict(m) for m in self.call("ListModels", pb.ListModelsRequest(), timeout).models]
 
     def model(self, name: str, version: int = 0, timeout: float | None = None) -> dict[str, Any]:
-        return model_dict(self.call("GetModel", pb.GetModelRequest(model=_spec(name, version)), timeout).model)
+        request = pb.GetModelRequest(model=wire.model_spec(name, version))
+        return model_dict(self.call("GetModel", request, timeout).model)
 
     def predict(
         self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None
@@ -293,7 +372,7 @@ class Client(_Base):
         raw: bool = True,
         heatmap: bool = True,
         timeout: float | None = None,
-    ) -> list[list[Any]]:
+    ) -> list[list[Explanation]]:
         """Per image, one Explanation per (target, method), targets outer, like
         :meth:`camserve.Explainer.explain`. ``raw`` / ``heatmap``: False saves bandwidth
         (the field is then None)."""
@@ -312,7 +391,7 @@ class Client(_Base):
         raw: bool = True,
         heatmap: bool = True,
         timeout: float | None = None,
-    ) -> list[list[tuple[Any, bytes]]]:
+    ) -> list[list[tuple[Explanation, bytes]]]:
         """Like :meth:`explain`, with the server-made overlay PNG next to each Explanation."""
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
         return explain_result(self.call("Explain", req, timeout), overlays=True)
@@ -331,10 +410,12 @@ class Client(_Base):
         overlay: bool = False,
         chunk: int = 8,
         timeout: float | None = None,
-    ) -> Iterator[list[Any]]:
+    ) -> Iterator[Any]:
         """Bulk explanations over one ExplainStream: yields per image (in input order) what
         :meth:`explain` (or :meth:`explain_with_overlays` when ``overlay``) gives for it.
-        ``targets``: None, one target for all, or per image."""
+        ``targets``: None, one target for all, or per image. ``timeout`` bounds the whole
+        stream. UNAVAILABLE is retried only before the first response arrives (gRPC's rule
+        for streams)."""
         items = list(images)
         per_image = targets if isinstance(targets, (list, tuple)) and len(targets) == len(items) else None
 
@@ -346,11 +427,8 @@ class Client(_Base):
                     part, model, methods, t, top_k, layer, version, raw, heatmap, overlay, request_id=str(start)
                 )
 
-        results: dict[int, list[list[Any]]] = {}
-        deadline = self._budget(timeout)
-        stream = self.stub.ExplainStream(
-            requests(), timeout=None if deadline is None else deadline - time.monotonic(), metadata=self._metadata
-        )
+        results: dict[int, list[Any]] = {}
+        stream = self.stub.ExplainStream(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
         next_start = 0
         for resp in stream:
             results[int(resp.request_id)] = explain_result(resp, overlays=overlay)
@@ -368,14 +446,15 @@ class Client(_Base):
         mode: str = "fcn",
         version: int = 0,
         timeout: float | None = None,
-    ) -> DenseResult:
+    ) -> DenseReply:
         """Dense sliding-window scores of one image (see :func:`camserve.dense.dense_scores`)."""
         return dense_result(
             self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
         )
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
-        """The health status name of ``service`` ("" = the whole server, or a model name)."""
+        """The health status name of ``service`` ("" = the whole server, or a model name).
+        Not retried."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -384,7 +463,8 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """The asyncio twin of :class:`Client` (same arguments and methods, awaitable).
+    """The asyncio twin of :class:`Client` (same arguments, same retry policy, awaitable
+    methods; :meth:`explain_stream` is the raw ExplainStream).
 
     >>> async with AsyncClient("localhost:8500") as c:              # doctest: +SKIP
     ...     result = await c.predict(images, model="shapes_gap")
@@ -408,27 +488,15 @@ class AsyncClient(_Base):
         await self.channel.close()
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        fn = getattr(self.stub, method)
-        deadline = self._budget(timeout)
-        attempt = 0
-        while True:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                return await fn(request, timeout=remaining, metadata=self._metadata)
-            except grpc.aio.AioRpcError as e:
-                delay = self._delay(attempt)
-                if e.code() not in RETRYABLE or attempt >= self.retries:
-                    raise
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise
-                await asyncio.sleep(delay)
-                attempt += 1
+        """Call a unary RPC of the service by name (see :meth:`Client.call`)."""
+        return await getattr(self.stub, method)(request, timeout=self._timeout(timeout), metadata=self._metadata)
 
     async def models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         return [model_dict(m) for m in (await self.call("ListModels", pb.ListModelsRequest(), timeout)).models]
 
     async def model(self, name: str, version: int = 0, timeout: float | None = None) -> dict[str, Any]:
-        return model_dict((await self.call("GetModel", pb.GetModelRequest(model=_spec(name, version)), timeout)).model)
+        request = pb.GetModelRequest(model=wire.model_spec(name, version))
+        return model_dict((await self.call("GetModel", request, timeout)).model)
 
     async def predict(
         self, images: Any, model: str, top_k: int = 0, version: int = 0, timeout: float | None = None
@@ -447,7 +515,7 @@ class AsyncClient(_Base):
         raw: bool = True,
         heatmap: bool = True,
         timeout: float | None = None,
-    ) -> list[list[Any]]:
+    ) -> list[list[Explanation]]:
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap)
         return explain_result(await self.call("Explain", req, timeout))
 
@@ -463,14 +531,16 @@ class AsyncClient(_Base):
         raw: bool = True,
         heatmap: bool = True,
         timeout: float | None = None,
-    ) -> list[list[tuple[Any, bytes]]]:
+    ) -> list[list[tuple[Explanation, bytes]]]:
         req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
         return explain_result(await self.call("Explain", req, timeout), overlays=True)
 
     async def explain_stream(
         self, requests: AsyncIterator[pb.ExplainRequest] | Iterable[pb.ExplainRequest]
     ) -> AsyncIterator[pb.ExplainResponse]:
-        """Raw ExplainStream: responses (with their request_id) in completion order."""
+        """Raw ExplainStream: responses (with their request_id) in completion order, within
+        the client's ``timeout``. UNAVAILABLE is retried only before the first response
+        arrives (gRPC's rule for streams)."""
         async for resp in self.stub.ExplainStream(requests, metadata=self._metadata, timeout=self.timeout):
             yield resp
 
@@ -483,7 +553,7 @@ class AsyncClient(_Base):
         mode: str = "fcn",
         version: int = 0,
         timeout: float | None = None,
-    ) -> DenseResult:
+    ) -> DenseReply:
         return dense_result(
             await self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
         )

@@ -19,7 +19,7 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from camserve.explanation import Explanation
 
 #: What a caller may pass as one image.
-ImageLike = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
+ImageLike: TypeAlias = np.ndarray | bytes | bytearray | memoryview | str | Path
 
 #: Tensor dtypes accepted on the wire and what they mean.
 TENSOR_DTYPES = {
@@ -301,6 +301,28 @@ def floatmap_to_array(m: pb.FloatMap) -> np.ndarray:
     return values.reshape(shape)
 
 
+# ------------------------------------------------------------------ models
+
+
+def model_spec(name: str, version: int | None = 0) -> pb.ModelSpec:
+    """The ModelSpec naming ``name`` at ``version`` (0 or None: the newest).
+
+    >>> model_spec("shapes_gap", None)
+    name: "shapes_gap"
+    <BLANKLINE>
+    """
+    return pb.ModelSpec(name=name, version=int(version or 0))
+
+
+def model_from_proto(spec: pb.ModelSpec) -> tuple[str, int]:
+    """(name, version) of a ModelSpec.
+
+    >>> model_from_proto(model_spec("shapes_gap", 2))
+    ('shapes_gap', 2)
+    """
+    return spec.name, int(spec.version)
+
+
 # ------------------------------------------------------------------ predictions
 
 
@@ -311,6 +333,11 @@ def top_classes(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> l
         pb.ClassScore(index=int(i), label=class_names[i] if i < len(class_names) else str(i), score=float(scores[i]))
         for i in order
     ]
+
+
+def top_from_proto(p: pb.Prediction) -> list[tuple[int, str, float]]:
+    """The (index, label, score) best classes of a wire Prediction, as :func:`top_classes` made them."""
+    return [(int(c.index), c.label, float(c.score)) for c in p.top]
 
 
 def prediction_to_proto(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> pb.Prediction:
@@ -379,7 +406,8 @@ def target_from_proto(t: pb.Target) -> int | str:
     return int(t.index) if kind == "index" else str(t.name)
 
 
-def target_to_proto(t: int | str) -> pb.Target:
+def target_to_proto(t: int | np.integer | str) -> pb.Target:
+    """A class index or class name as a wire Target."""
     if isinstance(t, (int, np.integer)):
         return pb.Target(index=int(t))
     if isinstance(t, str):

@@ -1,8 +1,13 @@
-"""The Python client: async twin, round-robin over replicas, retries on UNAVAILABLE."""
+"""The Python client: async twin, round-robin over replicas, retries on UNAVAILABLE (gRPC's
+retry policy, seen from a bare gRPC server that fails on purpose)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -10,8 +15,10 @@ import numpy as np
 import pytest
 from helpers_serving import RunningServer, make_repository, metric_value
 
-from camserve.client import AsyncClient, Client
+from camserve.client import MAX_ATTEMPTS, SERVICE, AsyncClient, Client, service_config
+from camserve.errors import InvalidArgument
 from camserve.imaging import encode_png
+from camserve.proto import pb
 from camserve.serving.config import ServerConfig
 
 
@@ -97,49 +104,219 @@ def test_round_robin_reaches_every_replica_and_survives_one_down(tmp_path_factor
         b.stop()
 
 
-class _Unavailable(grpc.RpcError):
-    def __init__(self, code=grpc.StatusCode.UNAVAILABLE) -> None:
-        self._code = code
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return "fake"
+# ---------------------------------------------------------------------------- retries through gRPC's policy
 
 
-def test_retries_only_unavailable(replicas) -> None:
-    a, _ = replicas
-    with Client(a.target, retries=3, backoff=0.001) as c:
-        real = c.stub.ListModels
-        calls = []
+class _FlakyReplica:
+    """A bare gRPC server speaking camserve.v1.CamService that answers ``code`` to the first
+    ``fail`` attempts of every call and then OK; it records each attempt it sees, with the
+    ``grpc-previous-rpc-attempts`` header gRPC's retry machinery adds to attempts 2, 3, ..."""
 
-        def flaky(request, **kw):
-            calls.append(1)
-            if len(calls) <= 2:
-                raise _Unavailable()
-            return real(request, **kw)
+    def __init__(self, fail: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        from concurrent import futures
 
-        c.stub.ListModels = flaky
-        assert {m["name"] for m in c.models()} == {"gap", "fc"}
-        assert len(calls) == 3
+        self.fail, self.code = fail, code
+        self.attempts: list[tuple[str, str | None]] = []  # (method, grpc-previous-rpc-attempts)
+        self._lock = threading.Lock()
 
-        def invalid(request, **kw):
-            calls.append(1)
-            raise _Unavailable(grpc.StatusCode.INVALID_ARGUMENT)
+        def unary(method, response):
+            def handler(request, context):
+                self._attempt(method, context)
+                return response(request)
 
-        calls.clear()
-        c.stub.ListModels = invalid
-        with pytest.raises(grpc.RpcError):
+            return handler
+
+        def stream(request_iterator, context):
+            self._attempt("ExplainStream", context)
+            for req in request_iterator:
+                yield pb.ExplainResponse(request_id=req.request_id, images=[pb.ImageExplanations() for _ in req.images])
+
+        methods = {
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                unary("ListModels", lambda r: pb.ListModelsResponse(models=[pb.ModelInfo(name="fake")])),
+                request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                unary(
+                    "Predict", lambda r: pb.PredictResponse(predictions=[pb.Prediction(scores=[float(len(r.images))])])
+                ),
+                request_deserializer=pb.PredictRequest.FromString,
+                response_serializer=pb.PredictResponse.SerializeToString,
+            ),
+            "ExplainStream": grpc.stream_stream_rpc_method_handler(
+                stream,
+                request_deserializer=pb.ExplainRequest.FromString,
+                response_serializer=pb.ExplainResponse.SerializeToString,
+            ),
+        }
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            handlers=[grpc.method_handlers_generic_handler(SERVICE, methods)],
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _attempt(self, method: str, context) -> None:
+        previous = dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts")
+        with self._lock:
+            self.attempts.append((method, previous))
+            failing = sum(1 for m, _ in self.attempts if m == method) <= self.fail
+        if failing:
+            context.abort(self.code, f"fake {self.code.name}")
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+@pytest.fixture()
+def flaky():
+    made: list[_FlakyReplica] = []
+
+    def make(fail: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> _FlakyReplica:
+        made.append(_FlakyReplica(fail, code))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def test_unavailable_is_retried_by_grpc_until_ok(flaky) -> None:
+    replica = flaky(fail=2)
+    with Client(replica.target, retries=3, backoff=0.01, timeout=10) as c:
+        assert [m["name"] for m in c.models()] == ["fake"]
+    # Three attempts reached the server; the 2nd and 3rd carry gRPC's retry header, so the
+    # retries were made by gRPC's retry policy, not by a loop in the client.
+    assert replica.attempts == [("ListModels", None), ("ListModels", "1"), ("ListModels", "2")]
+
+
+def test_async_client_retries_unavailable_through_the_policy(flaky) -> None:
+    replica = flaky(fail=3)
+
+    async def main():
+        async with AsyncClient(replica.target, retries=4, backoff=0.01, timeout=10) as c:
+            return await c.models()
+
+    assert [m["name"] for m in asyncio.run(main())] == ["fake"]
+    assert [previous for _, previous in replica.attempts] == [None, "1", "2", "3"]
+
+
+def test_other_codes_are_never_retried(flaky) -> None:
+    replica = flaky(fail=10, code=grpc.StatusCode.INVALID_ARGUMENT)
+    with Client(replica.target, retries=4, backoff=0.01, timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as info:
             c.models()
-        assert len(calls) == 1
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(replica.attempts) == 1
 
-        def down(request, **kw):
-            calls.append(1)
-            raise _Unavailable()
 
-        calls.clear()
-        c.stub.ListModels = down
-        with pytest.raises(grpc.RpcError):
+@pytest.mark.parametrize(("retries", "attempts"), [(0, 1), (2, 3), (9, MAX_ATTEMPTS)])
+def test_attempts_are_retries_plus_one_capped_by_grpc(flaky, retries: int, attempts: int) -> None:
+    replica = flaky(fail=100)
+    with Client(replica.target, retries=retries, backoff=0.01, timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as info:
             c.models()
-        assert len(calls) == 4  # 1 + 3 retries
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(replica.attempts) == attempts
+
+
+def test_retries_stay_inside_the_deadline(flaky) -> None:
+    replica = flaky(fail=100)
+    with Client(replica.target, retries=4, backoff=2.0, timeout=0.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            c.models()
+        elapsed = time.monotonic() - t0
+    # The first retry would wait about 2 s: the 0.5 s deadline ends the call before it.
+    assert info.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    assert elapsed < 1.5 and len(replica.attempts) == 1
+
+
+def test_large_requests_stay_retryable(flaky) -> None:
+    # gRPC keeps at most grpc.per_rpc_retry_buffer_size bytes of a call for retrying (256 KiB
+    # by default); the client raises it to the message size limit.
+    replica = flaky(fail=1)
+    big = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MiB
+    with Client(replica.target, retries=2, backoff=0.01, timeout=30) as c:
+        assert c.predict([big, big], model="x").scores.tolist() == [[2.0]]
+    assert [previous for _, previous in replica.attempts] == [None, "1"]
+
+
+def test_unavailable_goes_to_the_other_replica(flaky) -> None:
+    draining, healthy = flaky(fail=10**6), flaky(fail=0)
+    with Client(f"ipv4:{draining.target},{healthy.target}", retries=2, backoff=0.01, timeout=10) as c:
+        for _ in range(4):  # until round-robin has connected to both
+            c.models()
+        draining.attempts.clear()
+        healthy.attempts.clear()
+        for _ in range(10):
+            assert [m["name"] for m in c.models()] == ["fake"]
+    # Every call ended OK on the healthy replica. Round-robin sent some first attempts to the
+    # draining one; each of those was retried once, on the healthy replica (never again on the
+    # draining one).
+    assert len(healthy.attempts) == 10
+    assert draining.attempts, "round-robin never picked the draining replica"
+    assert all(previous is None for _, previous in draining.attempts), draining.attempts
+    retried = [previous for _, previous in healthy.attempts if previous is not None]
+    assert retried == ["1"] * len(draining.attempts)
+
+
+def test_stream_is_retried_before_its_first_response(flaky) -> None:
+    replica = flaky(fail=1)
+    pics = [np.zeros((8, 8, 3), np.uint8)] * 5
+    with Client(replica.target, retries=2, backoff=0.01, timeout=10) as c:
+        got = list(c.explain_many(pics, model="x", chunk=2))
+    assert got == [[]] * 5  # one (empty) explanation list per image, in order
+    assert replica.attempts == [("ExplainStream", None), ("ExplainStream", "1")]
+
+
+def test_service_config_is_what_grpc_accepts() -> None:
+    config = service_config(retries=4, backoff=0.05)
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "camserve.v1.CamService"}]
+    assert method["retryPolicy"] == {
+        "maxAttempts": 5,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "0.4s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    with pytest.raises(InvalidArgument, match="retries must be >= 0"):
+        service_config(retries=-1)
+    # Shorter first delays hit a gRPC race (grpc/grpc#41036): they are raised to 10 ms.
+    tiny = service_config(retries=1, backoff=0.0001)["methodConfig"][0]["retryPolicy"]
+    assert (tiny["initialBackoff"], tiny["maxBackoff"]) == ("0.01s", "0.01s")
+
+
+def test_dense_result_is_renamed_dense_reply() -> None:
+    import camserve.client as client
+    from camserve.dense import DenseResult as LibraryDenseResult
+
+    assert client.DenseReply is not LibraryDenseResult
+    with pytest.warns(DeprecationWarning, match="DenseReply"):
+        assert client.DenseResult is client.DenseReply
+    reply = client.DenseReply(
+        scales=[client.ScaleScores(1.0, np.zeros((2, 2, 3), np.float32), np.zeros((2, 2, 4), np.float32))],
+        stride=8,
+        exact=True,
+        class_names=["a", "b", "c"],
+        model=("m", 1),
+    )
+    assert len(reply) == 1 and reply[0].scale == 1.0 and [s.scale for s in reply] == [1.0]
+
+
+def test_client_does_not_import_tensorflow() -> None:
+    code = (
+        "import sys, camserve.client, camserve.wire\n"
+        "from camserve.proto import pb\n"
+        "camserve.client.explain_result(pb.ExplainResponse(images=[pb.ImageExplanations("
+        "explanations=[pb.Explanation(method='cam')])]))\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

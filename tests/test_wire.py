@@ -171,3 +171,15 @@ def test_targets_to_proto() -> None:
     assert [[wire.target_from_proto(t) for t in tl.targets] for tl in lists] == [[1], ["circle", 2]]
     with pytest.raises(InvalidArgument, match="3 target entries for 2 images"):
         wire.targets_to_proto([1, 2, 3], 2)
+
+
+def test_prediction_round_trip_keeps_scores_and_top_classes() -> None:
+    scores = np.array([0.1, 0.6, 0.05, 0.25], np.float32)
+    msg = wire.prediction_to_proto(scores, top_k=3, class_names=["a", "b", "c"])
+    top = wire.top_from_proto(msg)
+    assert [(i, label) for i, label, _ in top] == [(1, "b"), (3, "3"), (0, "a")]  # index 3 has no name
+    np.testing.assert_allclose([s for _, _, s in top], [0.6, 0.25, 0.1], rtol=1e-6)
+    resp = pb.PredictResponse(model=wire.model_spec("m", 2), predictions=[msg, msg])
+    np.testing.assert_array_equal(wire.predictions_from_proto(resp), np.stack([scores, scores]))
+    assert wire.model_from_proto(resp.model) == ("m", 2)
+    assert wire.model_spec("m", None).version == 0  # 0: the newest version
