@@ -29,17 +29,22 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from camserve.errors import CamserveError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger("camserve.serving.batching")
 
+#: The batch key type (anything hashable) and the item type of a batcher.
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
 #: compute(key, items) -> one result per item (an Exception instance fails only that item).
-ComputeFn = Callable[[Hashable, list[Any]], Sequence[Any]]
+ComputeFn = Callable[[K, list[T]], Sequence[Any]]
 
 
 class BatcherError(CamserveError):
@@ -59,7 +64,7 @@ class BatcherClosed(BatcherError, Unavailable):
 
 
 @dataclasses.dataclass
-class BatcherMetrics:
+class BatcherMetrics(Generic[K]):
     """Optional hooks, called on the event loop thread.
 
     ``queue_depth(n)``: requests waiting, after every change. ``batch(key, size)``: a batch
@@ -68,22 +73,22 @@ class BatcherMetrics:
     """
 
     queue_depth: Callable[[int], None] | None = None
-    batch: Callable[[Hashable, int], None] | None = None
-    queue_time: Callable[[Hashable, float], None] | None = None
-    dropped: Callable[[Hashable, str], None] | None = None
+    batch: Callable[[K, int], None] | None = None
+    queue_time: Callable[[K, float], None] | None = None
+    dropped: Callable[[K, str], None] | None = None
 
 
 @dataclasses.dataclass(eq=False)
-class _Entry:
-    key: Hashable
-    item: Any
+class _Entry(Generic[K, T]):
+    key: K
+    item: T
     size: int
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future
     enqueued: float
 
 
-class Batcher:
+class Batcher(Generic[K, T]):
     """Merge concurrent requests with equal keys into batched ``compute`` calls.
 
     ``max_batch_size``: units of work per batch (a request of ``size`` n counts n; a single
@@ -94,13 +99,13 @@ class Batcher:
 
     def __init__(
         self,
-        compute: ComputeFn,
+        compute: ComputeFn[K, T],
         *,
         max_batch_size: int = 32,
         batch_timeout: float = 0.005,
         max_queued: int = 1024,
         workers: int = 1,
-        metrics: BatcherMetrics | None = None,
+        metrics: BatcherMetrics[K] | None = None,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queued < 1 or workers < 1 or batch_timeout < 0:
@@ -113,12 +118,12 @@ class Batcher:
         self.batch_timeout = batch_timeout
         self.max_queued = max_queued
         self.workers = workers
-        self.metrics = metrics or BatcherMetrics()
+        self.metrics: BatcherMetrics[K] = metrics or BatcherMetrics()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="camserve-batch")
         # key -> waiting entries, oldest first; dict order = order in which keys became non-empty.
-        self._pending: dict[Hashable, collections.deque[_Entry]] = {}
-        self._claimed: set[Hashable] = set()
+        self._pending: dict[K, collections.deque[_Entry[K, T]]] = {}
+        self._claimed: set[K] = set()
         self._depth = 0
         self._running = 0  # batches in compute
         self._cond: asyncio.Condition | None = None
@@ -144,7 +149,7 @@ class Batcher:
         self._cond = asyncio.Condition()
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-worker-{i}") for i in range(self.workers)]
 
-    async def submit(self, key: Hashable, item: Any, *, size: int = 1, deadline: float | None = None) -> Any:
+    async def submit(self, key: K, item: T, *, size: int = 1, deadline: float | None = None) -> Any:
         """Queue ``item`` under ``key`` and wait for its result.
 
         ``deadline`` is a ``time.monotonic()`` instant. Raises QueueFull, DeadlineExpired,
@@ -152,6 +157,8 @@ class Batcher:
         """
         if self._cond is None:
             await self.start()
+        cond = self._cond
+        assert cond is not None
         if self._closing:
             raise BatcherClosed("the server is shutting down and accepts no new requests; retry on another replica")
         now = time.monotonic()
@@ -166,9 +173,9 @@ class Batcher:
         entry = _Entry(key, item, max(1, int(size)), deadline, loop.create_future(), now)
         self._pending.setdefault(key, collections.deque()).append(entry)
         self._set_depth(self._depth + 1)
-        entry.future.add_done_callback(lambda f, e=entry: self._on_done(e))
-        async with self._cond:
-            self._cond.notify_all()
+        entry.future.add_done_callback(functools.partial(self._on_done, entry))
+        async with cond:
+            cond.notify_all()
         return await entry.future
 
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -196,11 +203,11 @@ class Batcher:
         if self.metrics.queue_depth:
             self.metrics.queue_depth(n)
 
-    def _drop_metric(self, key: Hashable, reason: str) -> None:
+    def _drop_metric(self, key: K, reason: str) -> None:
         if self.metrics.dropped:
             self.metrics.dropped(key, reason)
 
-    def _remove(self, entry: _Entry) -> bool:
+    def _remove(self, entry: _Entry[K, T]) -> bool:
         q = self._pending.get(entry.key)
         if q is None:
             return False
@@ -213,15 +220,15 @@ class Batcher:
         self._set_depth(self._depth - 1)
         return True
 
-    def _on_done(self, entry: _Entry) -> None:
+    def _on_done(self, entry: _Entry[K, T], _future: asyncio.Future | None = None) -> None:
         # A cancelled (or externally failed) request leaves the queue at once.
         if self._remove(entry) and entry.future.cancelled():
             self._drop_metric(entry.key, "cancelled")
 
-    def _units(self, key: Hashable) -> int:
+    def _units(self, key: K) -> int:
         return sum(e.size for e in self._pending.get(key, ()))
 
-    def _next_key(self) -> Hashable | None:
+    def _next_key(self) -> K | None:
         best, best_t = None, None
         for key, q in self._pending.items():
             if key in self._claimed or not q:
@@ -230,9 +237,9 @@ class Batcher:
                 best, best_t = key, q[0].enqueued
         return best
 
-    def _take(self, key: Hashable) -> list[_Entry]:
+    def _take(self, key: K) -> list[_Entry[K, T]]:
         q = self._pending.get(key)
-        batch: list[_Entry] = []
+        batch: list[_Entry[K, T]] = []
         units = 0
         now = time.monotonic()
         while q:
@@ -286,7 +293,7 @@ class Batcher:
                 continue
             await self._run(loop, key, batch)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, key: Hashable, batch: list[_Entry]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, key: K, batch: list[_Entry[K, T]]) -> None:
         start = time.monotonic()
         units = sum(e.size for e in batch)
         if self.metrics.batch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -26,7 +27,7 @@ ENV_PREFIX = "CAMSERVE_"
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=functools.partial(list, default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -140,10 +141,10 @@ class ServerConfig:
             for key, value in data.items():
                 _check_key(key, f"{toml_path}")
                 values[key] = _coerce(key, value, f"{toml_path}: {key}")
-        for f in dataclasses.fields(cls):
-            name = f"{ENV_PREFIX}{f.name.upper()}"
+        for fld in dataclasses.fields(cls):
+            name = f"{ENV_PREFIX}{fld.name.upper()}"
             if name in env:
-                values[f.name] = _coerce(f.name, env[name], name)
+                values[fld.name] = _coerce(fld.name, env[name], name)
         for key, value in (overrides or {}).items():
             if value is not None:
                 _check_key(key, "overrides")
@@ -188,7 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default: Any = f.default
+        if default is dataclasses.MISSING and callable(f.default_factory):
+            default = f.default_factory()
         shown = "" if f.metadata.get("secret") else f" (default: {default})"
         parser.add_argument(
             flag,

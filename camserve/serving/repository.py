@@ -241,6 +241,13 @@ class ModelRepository:
         except KeyError:
             raise ModelNotFound(f"unknown model {name!r}; available: {self.names()}") from None
 
+    def mark_failed(self, name: str, version: int, reason: str) -> None:
+        """Record that a loaded version cannot serve after all (e.g. its warm-up failed): it
+        leaves the loaded entries and ``reason`` is reported for it."""
+        st = self.status(name)
+        st.entries.pop(version, None)
+        st.errors[version] = reason
+
     def get(self, name: str, version: int | None = None) -> ModelEntry:
         """The loaded entry of ``name`` (newest loaded version when ``version`` is None or 0).
 

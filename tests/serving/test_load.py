@@ -69,7 +69,7 @@ def served(repo: Path):
 def _idle(rs: RunningServer) -> None:
     """Wait until nothing is queued, computing or in a handler; then check the metric agrees."""
     server = rs.server
-    _wait(lambda: not server.batcher.busy and server._inflight == 0, 30, "the server to go idle")
+    _wait(lambda: not server.batcher.busy and server.inflight == 0, 30, "the server to go idle")
     assert server.batcher.depth == 0 and not server.batcher._pending
     assert metric_value(rs.metrics_text(), "camserve_queue_depth") == 0
 

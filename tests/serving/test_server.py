@@ -176,7 +176,7 @@ def test_explain_stream_matches_unary(client: Client, pictures) -> None:
 
 
 def test_warm_up_compiled_every_bucket(served: RunningServer, client: Client, pictures) -> None:
-    ex = served.server._runtimes[("gap", 2)].explainers[""]
+    ex = served.server.runtimes.get("gap", 2).explainers[""]
     before = ex.trace_count
     for n in range(1, MAX_BATCH + 1):
         client.predict([pictures[0]] * n, model="gap")

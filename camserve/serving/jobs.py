@@ -1,0 +1,111 @@
+"""Typed batch keys and jobs: what the data plane hands to the generic
+:class:`~camserve.serving.batching.Batcher`.
+
+A *key* holds everything that must be equal for requests to share one computation (model
+version, operation, input shape and the parameters that change the graph); requests with
+equal keys are merged. A *job* is one request's share of a batch. Every key names its
+``operation`` ("predict", "explain", "dense"), the label of the batch metrics.
+
+>>> key = PredictKey("gap", 2, (32, 32, 3))
+>>> key.operation, key == PredictKey("gap", 2, (32, 32, 3)), key == PredictKey("gap", 1, (32, 32, 3))
+('predict', True, False)
+>>> ExplainKey("gap", 2, "last_conv", ("gradcam",), (32, 32, 3), top_k=None).operation
+'explain'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from camserve.explain import Explainer
+    from camserve.serving.runtime import ModelRuntime
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictKey:
+    """Class scores of ``shape`` inputs of one model version."""
+
+    operation: ClassVar[str] = "predict"
+    model: str
+    version: int
+    shape: tuple[int, ...]  # one preprocessed input (H, W, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainKey:
+    """Explanations by ``methods`` at ``layer``; ``top_k`` predicted classes per image, or
+    ``top_k=None`` when every request names its classes (targets)."""
+
+    operation: ClassVar[str] = "explain"
+    model: str
+    version: int
+    layer: str  # the resolved layer name
+    methods: tuple[str, ...]
+    shape: tuple[int, ...]
+    top_k: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseKey:
+    """Dense sliding-window scores of one image; ``stride=None``: the network's total stride."""
+
+    operation: ClassVar[str] = "dense"
+    model: str
+    version: int
+    shape: tuple[int, ...]  # the whole preprocessed image (H, W, C)
+    stride: int | None
+    scales: tuple[float, ...]
+    mode: str
+
+
+BatchKey = PredictKey | ExplainKey | DenseKey
+
+
+@dataclasses.dataclass(eq=False)
+class PredictJob:
+    """One Predict request: ``images`` (n, H, W, C) preprocessed."""
+
+    runtime: ModelRuntime
+    explainer: Explainer
+    images: np.ndarray
+
+
+@dataclasses.dataclass(eq=False)
+class ExplainJob:
+    """One Explain request: ``images`` (n, H, W, C) preprocessed, and per image the class
+    indices to explain (None: the key's ``top_k`` predicted classes)."""
+
+    runtime: ModelRuntime
+    explainer: Explainer
+    images: np.ndarray
+    targets: list[list[int]] | None
+
+
+@dataclasses.dataclass(eq=False)
+class DenseJob:
+    """One DenseScores request: one preprocessed (H, W, C) image of any size."""
+
+    runtime: ModelRuntime
+    image: np.ndarray
+
+
+Job = PredictJob | ExplainJob | DenseJob
+
+
+def split(values: Any, jobs: list[PredictJob] | list[ExplainJob]) -> list[Any]:
+    """Results of a merged batch (one per image) cut back into one slice per job.
+
+    >>> class J: images = np.zeros((2, 1))
+    >>> split([1, 2, 3, 4], [J(), J()])
+    [[1, 2], [3, 4]]
+    """
+    out, start = [], 0
+    for job in jobs:
+        n = len(job.images)
+        out.append(values[start : start + n])
+        start += n
+    return out

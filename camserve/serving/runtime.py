@@ -1,0 +1,189 @@
+"""Models at run time: each loaded version with its explainers, and its readiness.
+
+A :class:`ModelRuntime` is one loaded model version of the repository, with one
+:class:`~camserve.Explainer` per target layer (built on first use; the default layer's is
+built and warmed up at start-up: every (operation, bucket) graph compiled, so the first
+request is fast). :class:`ModelRuntimes` loads the whole repository, warms every version
+up and answers which runtimes are ready; a version whose warm-up fails is reported
+unavailable through the repository (:meth:`~camserve.serving.repository.ModelRepository.mark_failed`)
+and the others serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from camserve.errors import InvalidArgument
+from camserve.serving.config import ServerConfig
+from camserve.serving.repository import ModelEntry, ModelRepository, ModelUnavailable
+
+if TYPE_CHECKING:
+    from camserve.explain import Explainer
+    from camserve.serving.observability import ServerMetrics
+
+log = logging.getLogger("camserve.serving.runtime")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainerSettings:
+    """How the server builds its explainers (from :class:`~camserve.serving.config.ServerConfig`)."""
+
+    chunk_size: int = 32
+    max_channels: int | None = None
+    max_batch_size: int = 32
+    warmup_methods: tuple[str, ...] = ("gradcam",)
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ExplainerSettings:
+        return cls(
+            chunk_size=config.chunk_size,
+            max_channels=config.max_channels or None,
+            max_batch_size=config.max_batch_size,
+            warmup_methods=tuple(config.warmup_methods),
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class ModelRuntime:
+    """A loaded model version with its explainers (one per layer, ``""`` = the default
+    layer) and readiness; ``methods`` are those the model supports, ``layers`` the names of
+    the layers that can be explained."""
+
+    entry: ModelEntry
+    settings: ExplainerSettings = ExplainerSettings()
+    explainers: dict[str, Explainer] = dataclasses.field(default_factory=dict)
+    ready: bool = False
+    methods: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    @property
+    def default_explainer(self) -> Explainer:
+        return self.explainers[""]
+
+    def explainer(self, layer: str) -> Explainer:
+        """The Explainer of ``layer`` ("" = the default), built on first use; UnknownLayer
+        (NOT_FOUND) lists the choices."""
+        ex = self.explainers.get(layer)
+        if ex is None:
+            if layer not in self.layers:
+                from camserve.keras_graph import resolve_layer
+
+                resolve_layer(self.entry.model, layer)  # raises UnknownLayer listing the choices
+            with self._lock:
+                ex = self.explainers.get(layer) or self._make_explainer(layer)
+                self.explainers[layer] = ex
+        return ex
+
+    def _make_explainer(self, layer: str | None) -> Explainer:
+        from camserve.explain import Explainer
+
+        s = self.settings
+        return Explainer(
+            self.entry.model,
+            layer=layer or None,
+            class_names=self.entry.config.class_names,
+            chunk_size=s.chunk_size,
+            max_channels=s.max_channels,
+            max_batch_size=s.max_batch_size,
+        )
+
+    def warm_up(self) -> None:
+        """Build the default layer's explainer, find the supported methods and the layers,
+        and compile every batch bucket for the warm-up methods (blocking: run it in a
+        thread)."""
+        from camserve import keras_graph as graph
+
+        ex = self._make_explainer(self.entry.config.default_layer)
+        self.explainers[""] = ex
+        usable = []
+        for m in ex.methods:
+            try:
+                ex.check_methods((m,))
+                usable.append(m)
+            except InvalidArgument:
+                pass
+        self.methods = tuple(usable)
+        self.layers = tuple(graph.layer_path_name(p) for p in graph.candidate_layers(self.entry.model))
+        warm = [m for m in self.settings.warmup_methods if m in usable]
+        ex.warm_up(methods=tuple(warm) or ("gradcam",))
+
+
+class ModelRuntimes:
+    """The runtimes of a repository's versions, by (name, version); only ready ones are
+    kept."""
+
+    def __init__(
+        self, repository: ModelRepository, settings: ExplainerSettings, metrics: ServerMetrics | None = None
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self._metrics = metrics
+        self._ready: dict[tuple[str, int], ModelRuntime] = {}
+
+    def get(self, name: str, version: int | None = None) -> ModelRuntime:
+        """The ready runtime of ``name`` (newest loaded version when ``version`` is None or 0);
+        ModelNotFound / ModelUnavailable (also while it warms up) otherwise."""
+        entry = self.repository.get(name, version or None)
+        rt = self._ready.get((entry.name, entry.version))
+        if rt is None:
+            raise ModelUnavailable(f"model {entry.name!r} version {entry.version} is warming up; retry shortly")
+        return rt
+
+    def ready_versions(self, name: str) -> dict[int, ModelRuntime]:
+        """The ready runtimes of ``name`` by version, ascending."""
+        return {v: rt for (n, v), rt in sorted(self._ready.items()) if n == name}
+
+    async def load_all(
+        self,
+        pool: concurrent.futures.Executor,
+        on_model: Callable[[str, bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """Load every model of the repository and warm each version up, in ``pool``; after
+        each model, ``on_model(name, available)``. Failures are recorded, never raised."""
+        loop = asyncio.get_running_loop()
+        repo = self.repository
+        for name in repo.names():
+            await loop.run_in_executor(pool, repo.load, [name])
+            st = repo.status(name)
+            if st.errors:
+                log.warning("model failed to load", extra={"model": name, "reason": st.reason})
+            for version, entry in sorted(st.entries.items()):
+                rt = ModelRuntime(entry, self.settings)
+                t0 = time.perf_counter()
+                try:
+                    await loop.run_in_executor(pool, rt.warm_up)
+                except Exception as e:  # only this version becomes unavailable
+                    log.exception("warm-up failed", extra={"model": name, "version": version})
+                    repo.mark_failed(name, version, f"warm-up failed: {type(e).__name__}: {e}")
+                    continue
+                rt.ready = True
+                self._ready[(name, version)] = rt
+                if self._metrics is not None:
+                    self._metrics.model_is_ready(name, version)
+                log.info(
+                    "model ready",
+                    extra={
+                        "model": name,
+                        "version": version,
+                        "layer": rt.default_explainer.layer_name,
+                        "warmup_s": round(time.perf_counter() - t0, 3),
+                    },
+                )
+            if on_model is not None:
+                await on_model(name, repo.status(name).available)

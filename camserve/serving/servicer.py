@@ -1,0 +1,164 @@
+"""``camserve.v1.CamService`` over gRPC: thin adapters from request messages to
+:class:`~camserve.serving.dataplane.DataPlane` calls and from its results to response
+messages (:mod:`camserve.serving.convert`). Nothing else happens here: errors are raised as
+they come and answered by the :class:`~camserve.serving.status.StatusInterceptor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from camserve import wire
+from camserve.errors import kind_of
+from camserve.proto import pb, pb_grpc
+from camserve.serving import convert
+from camserve.serving.dataplane import DataPlane
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["CamService"].full_name
+
+R = TypeVar("R")
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` instant (None: none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def targets_of(request: Any) -> list[list[int | str]] | None:
+    """An ExplainRequest's TargetLists as classes (indices or names); None when it has none."""
+    if not request.targets:
+        return None
+    return [[wire.target_from_proto(t) for t in tl.targets] for tl in request.targets]
+
+
+def for_request(exc: Exception, request_id: str) -> Exception:
+    """``exc`` with ``request '<id>': `` before its message (same kind), so that a stream's
+    error names the request that failed; bugs stay as they are (INTERNAL)."""
+    kind = kind_of(exc)
+    if not request_id or kind is None:
+        return exc
+    tagged = kind(f"request {request_id!r}: {exc.args[0] if exc.args else exc}")
+    tagged.__cause__ = exc
+    return tagged
+
+
+async def completion_order(
+    requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[R]], inflight: int
+) -> AsyncIterator[R]:
+    """Handle ``requests`` concurrently (``inflight`` at a time) and yield the answers as they
+    complete; the first error (tagged with its request's ``request_id``) ends the stream."""
+    done = object()
+    out: asyncio.Queue[Any] = asyncio.Queue()
+    slots = asyncio.Semaphore(inflight)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(req: Any) -> None:
+        try:
+            await out.put(await handle(req))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer below
+            await out.put(for_request(e, req.request_id))
+        finally:
+            slots.release()
+
+    async def reader() -> None:
+        try:
+            async for req in requests:
+                await slots.acquire()
+                t = asyncio.create_task(one(req))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            await asyncio.gather(*list(tasks))
+        except Exception as e:  # noqa: BLE001 - e.g. a request that failed to parse
+            await out.put(e)
+        finally:
+            await out.put(done)
+
+    read = asyncio.create_task(reader())
+    try:
+        while True:
+            item = await out.get()
+            if item is done:
+                break
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        read.cancel()
+        for t in list(tasks):
+            t.cancel()
+
+
+class CamServicer(pb_grpc.CamServiceServicer):
+    """The RPCs of ``camserve.v1.CamService`` over one :class:`DataPlane`."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        m = request.model
+        result = await self.plane.predict(
+            m.name, m.version, request.images, top_k=request.top_k, deadline=deadline_of(context)
+        )
+        return convert.predict_response(result, request.top_k)
+
+    async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._explain(request, context)
+
+    async def ExplainStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """Requests are processed concurrently (``stream_inflight`` at a time, batched with
+        everything else); answers come in completion order with their request_id."""
+        handle = lambda req: self._explain(req, context)
+        async for response in completion_order(request_iterator, handle, self.plane.config.stream_inflight):
+            yield response
+
+    async def _explain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        plane, m = self.plane, request.model
+        result = await plane.explain(
+            m.name,
+            m.version,
+            request.images,
+            layer=request.layer,
+            methods=request.methods,
+            targets=targets_of(request),
+            top_k=request.top_k,
+            deadline=deadline_of(context),
+        )
+        want_maps = request.return_raw or request.return_heatmap
+        inline = not request.return_overlay and (not want_maps or plane.small(request.images))
+        return await plane.in_pool(
+            lambda: convert.explain_response(
+                result,
+                raw=request.return_raw,
+                heatmap=request.return_heatmap,
+                overlay=request.return_overlay,
+                request_id=request.request_id,
+            ),
+            inline=inline,
+        )
+
+    async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        m = request.model
+        result = await self.plane.dense_scores(
+            m.name,
+            m.version,
+            request.image if request.HasField("image") else None,
+            stride=request.stride,
+            scales=request.scales,
+            mode=request.mode,
+            deadline=deadline_of(context),
+        )
+        return await self.plane.in_pool(convert.dense_response, result)
+
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ListModelsResponse(models=[convert.model_info(d) for d in self.plane.list_models()])
+
+    async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.GetModelResponse(
+            model=convert.model_info(self.plane.get_model(request.model.name, request.model.version))
+        )

@@ -1,0 +1,229 @@
+"""The protocol-independent data plane (camserve.serving.dataplane) and its typed batch keys
+and jobs (camserve.serving.jobs): called directly, without gRPC, it answers like the gRPC
+service; requests are checked by the library before queueing; batches carry typed keys."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+import grpc
+import numpy as np
+import pytest
+from helpers_serving import CLASSES, RunningServer, make_repository, metric_value
+
+from camserve import errors, wire
+from camserve.imaging import encode_png, model_input
+from camserve.proto import pb, pb_grpc
+from camserve.serving.config import ServerConfig
+from camserve.serving.dataplane import DataPlane, decode_image, display_pixels
+from camserve.serving.jobs import DenseJob, DenseKey, ExplainJob, ExplainKey, PredictJob, PredictKey
+
+RNG = np.random.default_rng(5)
+PICTURES = [RNG.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(32, 32), (45, 61)]]
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_keys_are_frozen_hashable_and_name_their_operation() -> None:
+    p = PredictKey("gap", 2, (32, 32, 3))
+    e = ExplainKey("gap", 2, "last_conv", ("gradcam",), (32, 32, 3), top_k=1)
+    d = DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn")
+    assert (p.operation, e.operation, d.operation) == ("predict", "explain", "dense")
+    assert len({p, PredictKey("gap", 2, (32, 32, 3)), PredictKey("gap", 1, (32, 32, 3))}) == 2
+    assert e != dataclasses.replace(e, top_k=None)  # explicit targets never share a batch with top-k
+    assert e != dataclasses.replace(e, methods=("gradcam", "cam"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.version = 3
+    assert "operation" not in [f.name for f in dataclasses.fields(p)]  # a class constant, not a field
+
+
+# ------------------------------------------------------------------ a served repository
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = make_repository(tmp_path_factory.mktemp("models"), corrupt=False)
+    cfg = ServerConfig.load(
+        env={},
+        overrides=dict(
+            models=str(root),
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            max_batch_size=4,
+            max_images=4,
+            batch_timeout_ms=2,
+            log_format="text",
+        ),
+    )
+    with RunningServer(cfg) as rs:
+        yield rs
+
+
+@pytest.fixture(scope="module")
+def stub(served: RunningServer):
+    channel = grpc.insecure_channel(served.target)
+    yield pb_grpc.CamServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture
+def batches(served: RunningServer):
+    """Records (key, jobs) of every batch computed while the test runs."""
+    batcher = served.server.batcher
+    inner = batcher.compute
+    seen: list = []
+
+    def record(key, jobs):
+        seen.append((key, list(jobs)))
+        return inner(key, jobs)
+
+    batcher.compute = record
+    yield seen
+    batcher.compute = inner
+
+
+def _pixels(a: np.ndarray) -> wire.WireImage:
+    return wire.WireImage(a, preprocessed=False)
+
+
+def test_predict_without_grpc_equals_the_grpc_answer(served, stub) -> None:
+    plane = served.server.dataplane
+    got = served.run(plane.predict("gap", 0, [_pixels(p) for p in PICTURES]))
+    assert (got.model, got.version, got.class_names) == ("gap", 2, CLASSES)
+    over_grpc = stub.Predict(
+        pb.PredictRequest(model=pb.ModelSpec(name="gap"), images=[pb.Image(encoded=encode_png(p)) for p in PICTURES]),
+        timeout=30,
+    )
+    np.testing.assert_allclose(got.scores, wire.predictions_from_proto(over_grpc), rtol=1e-6)
+    # An already preprocessed input gives the same scores as its pixels.
+    cfg = served.server.runtimes.get("gap").entry.config
+    pre = wire.WireImage(model_input(PICTURES[1], cfg), preprocessed=True)
+    again = served.run(plane.predict("gap", 2, [pre]))
+    np.testing.assert_allclose(again.scores[0], got.scores[1], rtol=1e-6)
+
+
+def test_explain_without_grpc_and_its_typed_batch(served, batches) -> None:
+    plane = served.server.dataplane
+    got = served.run(
+        plane.explain(
+            "gap", 1, [_pixels(p) for p in PICTURES], methods=["gradcam", "gradcam"], targets=[["star", 0], [2]]
+        )
+    )
+    assert (got.model, got.version, got.layer) == ("gap", 1, "last_conv")
+    assert [[(e.method, e.class_index) for e in img] for img in got.explanations] == [
+        [("gradcam", 3), ("gradcam", 0)],
+        [("gradcam", 2)],
+    ]
+    pngs = got.overlays(1)
+    assert len(pngs) == 1 and pngs[0].startswith(b"\x89PNG")
+    [(key, jobs)] = batches
+    assert key == ExplainKey("gap", 1, "last_conv", ("gradcam",), (32, 32, 3), top_k=None)
+    assert [type(j) for j in jobs] == [ExplainJob] and jobs[0].targets == [[3, 0], [2]]
+    batches.clear()
+    served.run(plane.explain("gap", 0, [_pixels(PICTURES[0])], top_k=0))
+    [(key, _)] = batches
+    assert key.top_k == 1 and key.version == 2 and key.methods == ("gradcam",)
+
+
+def test_dense_without_grpc_and_its_typed_batch(served, stub, batches) -> None:
+    plane = served.server.dataplane
+    pic = RNG.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    got = served.run(plane.dense_scores("fc", 0, _pixels(pic)))
+    [(key, jobs)] = batches
+    assert key == DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn") and isinstance(jobs[0], DenseJob)
+    over_grpc = stub.DenseScores(
+        pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=wire.image_to_proto(pic)), timeout=30
+    )
+    np.testing.assert_allclose(got.result[0].scores, wire.floatmap_to_array(over_grpc.scales[0].scores), rtol=1e-6)
+    assert metric_value(served.metrics_text(), "camserve_batch_size_count", operation="dense") >= 2
+
+
+def test_predict_batch_is_typed_and_labelled(served, batches) -> None:
+    before = metric_value(served.metrics_text(), "camserve_batch_size_count", operation="predict")
+    served.run(served.server.dataplane.predict("gap", 0, [_pixels(PICTURES[0])] * 3, top_k=2))
+    [(key, jobs)] = batches
+    assert key == PredictKey("gap", 2, (32, 32, 3))
+    assert isinstance(jobs[0], PredictJob) and jobs[0].images.shape == (3, 32, 32, 3)
+    assert metric_value(served.metrics_text(), "camserve_batch_size_count", operation="predict") == before + 1
+
+
+@pytest.mark.parametrize(
+    "kw,kind,message",
+    [
+        (dict(targets=[[]]), errors.InvalidArgument, "image 0 has an empty target list"),
+        (dict(targets=[[0]] * 3), errors.InvalidArgument, "3 target lists for 2 images"),
+        (dict(targets=[["dog"]]), errors.NotFound, "unknown class 'dog'"),
+        (dict(targets=[[0, 1, 2, 3, 0]]), errors.InvalidArgument, "image 0 has 5 targets; at most 4"),
+        (dict(top_k=5), errors.InvalidArgument, "top_k must be between 1 and 4"),
+        (dict(methods=["magic"]), errors.InvalidArgument, "unknown method 'magic'"),
+        (dict(layer="nope"), errors.NotFound, "unknown layer 'nope'"),
+    ],
+)
+def test_explain_parameters_are_checked_before_queueing(served, batches, kw, kind, message) -> None:
+    plane = served.server.dataplane
+    with pytest.raises(kind, match=message):
+        served.run(plane.explain("gap", 0, [_pixels(p) for p in PICTURES], **kw))
+    assert batches == []
+
+
+@pytest.mark.parametrize(
+    "call,kind,message",
+    [
+        (lambda p: p.predict("", 0, [_pixels(PICTURES[0])]), errors.InvalidArgument, "model.name is required"),
+        (lambda p: p.predict("gap", -1, [_pixels(PICTURES[0])]), errors.InvalidArgument, "model.version must be"),
+        (lambda p: p.predict("gap", 7, [_pixels(PICTURES[0])]), errors.NotFound, "no version 7"),
+        (lambda p: p.predict("gap", 0, []), errors.InvalidArgument, "no images in the request; send 1 to 4"),
+        (lambda p: p.predict("gap", 0, [_pixels(PICTURES[0])], top_k=5), errors.InvalidArgument, "between 0 and 4"),
+        (lambda p: p.dense_scores("fc", 0, None), errors.InvalidArgument, "image is required"),
+        (lambda p: p.dense_scores("fc", 0, _pixels(PICTURES[0]), mode="x"), errors.InvalidArgument, "mode must be"),
+        (
+            lambda p: p.dense_scores("fc", 0, _pixels(PICTURES[0][:20])),
+            errors.InvalidArgument,
+            "image of 32x20 is smaller than the model's window 32x32",
+        ),
+    ],
+)
+def test_request_errors_are_kinds(served, call, kind, message) -> None:
+    with pytest.raises(kind, match=message):
+        served.run(call(served.server.dataplane))
+
+
+def test_decoded_images_obey_the_pixel_limit() -> None:
+    big = wire.WireImage(np.zeros((100, 100, 3), np.uint8), preprocessed=False)
+    with pytest.raises(errors.InvalidArgument, match="exceeds the limit of 5000"):
+        decode_image(big, max_pixels=5000)
+    assert decode_image(big, max_pixels=10_000) is big
+    msg = wire.image_to_proto(np.zeros((4, 5, 3), np.uint8))
+    assert decode_image(msg, max_pixels=20).array.shape == (4, 5, 3)
+
+
+def test_display_pixels_rescale_a_preprocessed_input() -> None:
+    x = np.linspace(-1, 1, 2 * 3 * 1, dtype=np.float32).reshape(2, 3, 1)
+    rgb = display_pixels(x)
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() >= 254
+
+
+def test_one_bad_job_does_not_fail_its_batch(served) -> None:
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap")
+    ex = rt.explainer("")
+    good = np.stack([model_input(p, rt.entry.config) for p in PICTURES])
+    bad = good[:1].copy()
+    bad[0, 0, 0, 0] = np.nan  # the explainer refuses NaN inputs (InvalidArgument)
+    key = PredictKey("gap", 2, (32, 32, 3))
+    out = plane.compute(key, [PredictJob(rt, ex, good), PredictJob(rt, ex, bad), PredictJob(rt, ex, good[1:])])
+    assert len(out) == 3
+    assert isinstance(out[1], errors.InvalidArgument) and "NaN" in str(out[1])
+    np.testing.assert_allclose(out[0][1], out[2][0], rtol=1e-6)
+
+
+def test_a_draining_plane_refuses_new_requests(served) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(served.server.config, served.server.runtimes, pool)
+        assert not plane.draining
+        plane.drain()
+        with pytest.raises(errors.Unavailable, match="draining"):
+            plane.runtime("gap")
