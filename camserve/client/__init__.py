@@ -20,85 +20,56 @@ server uses. What comes back: :class:`PredictResult`, Explanations, :class:`Dens
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
-import numpy as np
-from google.protobuf import json_format
 
 from camserve import wire
-from camserve.errors import InvalidArgument
+from camserve.client.channel import (
+    MAX_ATTEMPTS,
+    MIN_BACKOFF,
+    RETRYABLE,
+    SERVICE,
+    channel_args,
+    credentials,
+    service_config,
+)
+from camserve.client.messages import (
+    DenseReply,
+    PredictResult,
+    ScaleScores,
+    dense_request,
+    dense_result,
+    explain_request,
+    explain_result,
+    model_dict,
+    predict_request,
+    predict_result,
+)
 from camserve.explanation import Explanation
 from camserve.proto import pb, pb_grpc
 
-#: The gRPC service whose calls are retried (every method of it; not the health service).
-SERVICE = "camserve.v1.CamService"
-#: Status codes retried, on the next replica, within the call's deadline.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-#: gRPC's own limit on attempts per call (the first one included): larger values are cut to it.
-MAX_ATTEMPTS = 5
-#: Shortest first retry delay, seconds. With delays of a millisecond or two, grpcio 1.85 now and
-#: then never starts the retry and the call waits for its deadline (forever without one): a race
-#: around gRPC's retry timer, https://github.com/grpc/grpc/issues/41036. 10 ms avoids it.
-MIN_BACKOFF = 0.01
-
-
-class PredictResult(NamedTuple):
-    """``scores`` (N, classes) float32; ``top`` per image the best (index, label, score)."""
-
-    scores: np.ndarray
-    top: list[list[tuple[int, str, float]]]
-    model: tuple[str, int]
-
-
-@dataclasses.dataclass
-class ScaleScores:
-    """One pyramid level of a :class:`DenseReply`, as the wire's ``ScaleScores`` message carries
-    it: the ``scale``, ``scores`` (gh, gw, classes) and ``boxes`` (gh, gw, 4, x0 y0 x1 y1 in
-    pixels of the original image).
-
-    The in-process :class:`camserve.dense.DenseScores` has the same three fields plus the
-    per-level ``strides``, ``window`` and ``image_size``, which the wire does not carry.
-    """
-
-    scale: float
-    scores: np.ndarray
-    boxes: np.ndarray
-
-
-@dataclasses.dataclass
-class DenseReply:
-    """What the DenseScores RPC answers: one :class:`ScaleScores` per scale (iterate or index it
-    like a list), the stride used (``stride``; ``strides`` as (sy, sx)), the sliding ``window``
-    (h, w), whether the FCN pass equals the classifier on every crop (``exact``), the ``mode``,
-    the model's ``class_names`` and the (name, version) that answered.
-
-    The remote counterpart of :class:`camserve.dense.DenseResult` (what
-    :func:`camserve.dense.dense_scores` returns in-process), plus ``class_names`` and
-    ``model``. Called ``DenseResult`` before; that name still works, with a DeprecationWarning.
-    """
-
-    scales: list[ScaleScores]
-    stride: int
-    exact: bool
-    class_names: list[str]
-    model: tuple[str, int]
-    strides: tuple[int, int] = (0, 0)
-    window: tuple[int, int] = (0, 0)
-    mode: str = "fcn"
-
-    def __iter__(self) -> Iterator[ScaleScores]:
-        return iter(self.scales)
-
-    def __getitem__(self, i: int) -> ScaleScores:
-        return self.scales[i]
-
-    def __len__(self) -> int:
-        return len(self.scales)
+__all__ = [
+    "MAX_ATTEMPTS",
+    "MIN_BACKOFF",
+    "RETRYABLE",
+    "SERVICE",
+    "AsyncClient",
+    "Client",
+    "DenseReply",
+    "PredictResult",
+    "ScaleScores",
+    "dense_request",
+    "dense_result",
+    "explain_request",
+    "explain_result",
+    "model_dict",
+    "predict_request",
+    "predict_result",
+    "service_config",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -111,170 +82,6 @@ def __getattr__(name: str) -> Any:
         )
         return DenseReply
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------- requests / responses
-
-
-def predict_request(images: Any, model: str, version: int = 0, top_k: int = 0) -> pb.PredictRequest:
-    return pb.PredictRequest(model=wire.model_spec(model, version), images=wire.images_to_proto(images), top_k=top_k)
-
-
-def explain_request(
-    images: Any,
-    model: str,
-    methods: Sequence[str] = ("gradcam",),
-    targets: Any = None,
-    top_k: int = 1,
-    layer: str | None = None,
-    version: int = 0,
-    raw: bool = True,
-    heatmap: bool = True,
-    overlay: bool = False,
-    request_id: str = "",
-) -> pb.ExplainRequest:
-    msgs = wire.images_to_proto(images)
-    if isinstance(methods, str):
-        methods = [methods]
-    return pb.ExplainRequest(
-        model=wire.model_spec(model, version),
-        images=msgs,
-        methods=list(methods),
-        targets=wire.targets_to_proto(targets, len(msgs)),
-        top_k=top_k,
-        layer=layer or "",
-        return_raw=raw,
-        return_heatmap=heatmap,
-        return_overlay=overlay,
-        request_id=request_id,
-    )
-
-
-def dense_request(
-    image: Any,
-    model: str,
-    stride: int | None = None,
-    scales: Sequence[float] = (1.0,),
-    mode: str = "fcn",
-    version: int = 0,
-) -> pb.DenseScoresRequest:
-    msgs = wire.images_to_proto(image)
-    if len(msgs) != 1:
-        raise InvalidArgument(f"DenseScores takes one image; got {len(msgs)}")
-    return pb.DenseScoresRequest(
-        model=wire.model_spec(model, version), image=msgs[0], stride=int(stride or 0), scales=list(scales), mode=mode
-    )
-
-
-def predict_result(resp: pb.PredictResponse) -> PredictResult:
-    return PredictResult(
-        scores=wire.predictions_from_proto(resp),
-        top=[wire.top_from_proto(p) for p in resp.predictions],
-        model=wire.model_from_proto(resp.model),
-    )
-
-
-def explain_result(resp: pb.ExplainResponse, overlays: bool = False) -> list[list[Any]]:
-    """Per image, the Explanations (or, with ``overlays``, (Explanation, overlay PNG bytes) pairs)."""
-    out: list[list[Any]] = []
-    for img in resp.images:
-        if overlays:
-            out.append([(wire.explanation_from_proto(e), e.overlay_png) for e in img.explanations])
-        else:
-            out.append([wire.explanation_from_proto(e) for e in img.explanations])
-    return out
-
-
-def dense_result(resp: pb.DenseScoresResponse) -> DenseReply:
-    return DenseReply(
-        scales=[
-            ScaleScores(s.scale, wire.floatmap_to_array(s.scores), wire.floatmap_to_array(s.boxes)) for s in resp.scales
-        ],
-        stride=int(resp.stride),
-        exact=bool(resp.exact),
-        class_names=list(resp.class_names),
-        model=wire.model_from_proto(resp.model),
-        strides=(int(resp.strides[0]), int(resp.strides[1])) if len(resp.strides) == 2 else (resp.stride, resp.stride),
-        window=(int(resp.window[0]), int(resp.window[1])) if len(resp.window) == 2 else (0, 0),
-        mode=resp.mode,
-    )
-
-
-def model_dict(info: pb.ModelInfo) -> dict[str, Any]:
-    """A ModelInfo as a plain dict with every field present."""
-    return json_format.MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
-# ---------------------------------------------------------------------------- channels
-
-
-def _duration(seconds: float) -> str:
-    """Seconds as a protobuf JSON Duration ("0.05s"), to the microsecond."""
-    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
-
-
-def service_config(retries: int = 4, backoff: float = 0.05) -> dict[str, Any]:
-    """The gRPC service config of the client's channels.
-
-    ``round_robin`` over every address the target resolves to, and gRPC's retry policy for
-    every method of :data:`SERVICE`: a call answered UNAVAILABLE is tried again, by gRPC, up to
-    ``retries`` more times (``maxAttempts = retries + 1``, cut to gRPC's limit of
-    :data:`MAX_ATTEMPTS` = 5 attempts, so at most 4 retries), each on the replica round-robin
-    picks next, all within the call's deadline. Retry ``n`` (1, 2, ...) waits about
-    ``backoff * 2 ** (n - 1)`` seconds (gRPC adds +-20 % jitter); ``backoff`` below
-    :data:`MIN_BACKOFF` (10 ms) counts as 10 ms. Other status codes are never retried.
-    ``retries=0``: no policy (and the channel is made with retries off).
-
-    >>> service_config(retries=2, backoff=0.05)["methodConfig"][0]["retryPolicy"]
-    {'maxAttempts': 3, 'initialBackoff': '0.05s', 'maxBackoff': '0.1s', 'backoffMultiplier': 2, 'retryableStatusCodes': ['UNAVAILABLE']}
-    >>> service_config(retries=9)["methodConfig"][0]["retryPolicy"]["maxAttempts"]
-    5
-    >>> "methodConfig" in service_config(retries=0)
-    False
-    """
-    if retries < 0:
-        raise InvalidArgument(f"retries must be >= 0, got {retries}")
-    if backoff < 0:
-        raise InvalidArgument(f"backoff must be >= 0 seconds, got {backoff}")
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
-    backoff = max(backoff, MIN_BACKOFF)
-    attempts = min(retries + 1, MAX_ATTEMPTS)
-    if attempts >= 2:
-        config["methodConfig"] = [
-            {
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": attempts,
-                    "initialBackoff": _duration(backoff),
-                    "maxBackoff": _duration(backoff * 2 ** (attempts - 2)),
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": [code.name for code in RETRYABLE],
-                },
-            }
-        ]
-    return config
-
-
-def _channel_args(
-    max_message_mb: float, retries: int, backoff: float, options: Sequence[tuple[str, Any]]
-) -> list[tuple[str, Any]]:
-    size = int(max_message_mb * 1024 * 1024)
-    return [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
-        ("grpc.service_config", json.dumps(service_config(retries, backoff))),
-        ("grpc.enable_retries", 1 if retries > 0 else 0),
-        # gRPC retries a call only while it still holds what was sent (256 KiB by default);
-        # requests up to the message size limit stay retryable.
-        ("grpc.per_rpc_retry_buffer_size", size),
-        *options,
-    ]
-
-
-def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None:
-        return None
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 class _Base:
@@ -296,8 +103,8 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._creds = _credentials(tls, root_certificates)
-        self._args = _channel_args(max_message_mb, retries, backoff, options)
+        self._creds = credentials(tls, root_certificates)
+        self._args = channel_args(max_message_mb, retries, backoff, options)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
