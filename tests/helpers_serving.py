@@ -126,3 +126,46 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+class LogLines:
+    """Records of one logger while in the ``with`` block, attached to the logger itself (so it
+    works whatever ``configure_logging`` did to propagation): ``records`` and ``json`` (the
+    lines as :class:`~camserve.serving.observability.JsonFormatter` writes them).
+
+    >>> with LogLines("camserve.serving.status") as log: ...   # doctest: +SKIP
+    """
+
+    def __init__(self, name: str) -> None:
+        import logging
+
+        self.logger = logging.getLogger(name)
+        self.records: list = []
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                outer.records.append(record)
+
+        self._handler = _Handler(logging.DEBUG)
+
+    @property
+    def json(self) -> list[dict]:
+        import json
+
+        from camserve.serving.observability import JsonFormatter
+
+        fmt = JsonFormatter()
+        return [json.loads(fmt.format(r)) for r in list(self.records)]
+
+    def __enter__(self) -> LogLines:
+        import logging
+
+        self._level = self.logger.level
+        self.logger.addHandler(self._handler)
+        self.logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self._handler)
+        self.logger.setLevel(self._level)

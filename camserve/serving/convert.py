@@ -17,14 +17,10 @@ if TYPE_CHECKING:
     from camserve.serving.dataplane import DenseScoresResult, ExplainResult, ModelDescription, PredictResult
 
 
-def model_spec(name: str, version: int) -> Any:
-    return pb.ModelSpec(name=name, version=version)
-
-
 def predict_response(result: PredictResult, top_k: int) -> Any:
     """A PredictResponse listing the ``top_k`` best classes per image (0: all of them)."""
     return pb.PredictResponse(
-        model=model_spec(result.model, result.version),
+        model=wire.model_spec(result.model, result.version),
         predictions=[wire.prediction_to_proto(row, top_k, result.class_names) for row in result.scores],
     )
 
@@ -39,7 +35,9 @@ def explain_response(
 ) -> Any:
     """An ExplainResponse; maps and overlays only when asked for (overlays are PNG encoding
     work: call it off the event loop)."""
-    resp = pb.ExplainResponse(model=model_spec(result.model, result.version), layer=result.layer, request_id=request_id)
+    resp = pb.ExplainResponse(
+        model=wire.model_spec(result.model, result.version), layer=result.layer, request_id=request_id
+    )
     for i, per_image in enumerate(result.explanations):
         pngs: list[bytes | None] = list(result.overlays(i)) if overlay else [None] * len(per_image)
         resp.images.append(
@@ -61,7 +59,7 @@ def dense_to_proto(result: DenseResult, model: str, version: int, class_names: t
     """A :func:`camserve.dense.dense_scores` result as a DenseScoresResponse."""
     sy, sx = (int(v) for v in result.strides)
     resp = pb.DenseScoresResponse(
-        model=model_spec(model, version),
+        model=wire.model_spec(model, version),
         stride=sy if sy == sx else 0,
         strides=[sy, sx],
         window=[int(v) for v in result.window],

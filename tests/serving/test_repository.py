@@ -112,3 +112,22 @@ def test_loading_state_reported(tmp_path: Path) -> None:
     assert r.status("m").reason == "loading"
     with pytest.raises(ModelUnavailable, match="loading"):
         r.get("m")
+
+
+def test_mark_failed_takes_a_loaded_version_out_of_service(tmp_path: Path) -> None:
+    save_model(tmp_path, "gap", 1, tiny_gap(1))
+    save_model(tmp_path, "gap", 2, tiny_gap(2))
+    r = ModelRepository(tmp_path)
+    r.load()
+    r.mark_failed("gap", 2, "warm-up failed: RuntimeError: out of memory")
+    assert r.get("gap").version == 1  # the newest version that still serves
+    with pytest.raises(ModelUnavailable, match="version 2 is unavailable: warm-up failed: RuntimeError: out of memory"):
+        r.get("gap", 2)
+    st = r.status("gap")
+    assert st.available and st.reason == "version 2: warm-up failed: RuntimeError: out of memory"
+    r.mark_failed("gap", 1, "warm-up failed: boom")
+    assert not r.status("gap").available
+    with pytest.raises(ModelUnavailable, match="model 'gap' is unavailable: version 1: warm-up failed: boom"):
+        r.get("gap")
+    with pytest.raises(ModelNotFound):
+        r.mark_failed("nope", 1, "x")

@@ -4,20 +4,17 @@ traceback; the server serves on afterwards."""
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, make_repository, metric_value
+from helpers_serving import LogLines, RunningServer, make_repository, metric_value
 
 from camserve import errors, wire
 from camserve.proto import pb, pb_grpc
 from camserve.serving.batching import BatcherClosed, DeadlineExpired, QueueFull
 from camserve.serving.config import ServerConfig
-from camserve.serving.observability import JsonFormatter
 from camserve.serving.repository import ModelNotFound, ModelUnavailable
 from camserve.serving.status import MAX_STATUS_MESSAGE_BYTES, clip_message, request_id_from, status_for
 
@@ -99,27 +96,11 @@ def stub(served: RunningServer):
     channel.close()
 
 
-class JsonLines(logging.Handler):
-    """The server's log lines as JsonFormatter writes them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.lines: list[dict] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(self.format(record)))
-
-
 @pytest.fixture
 def server_log():
-    logger = logging.getLogger("camserve.serving.status")
-    handler, level = JsonLines(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    """The status module's log lines (JSON) while the test runs."""
+    with LogLines("camserve.serving.status") as log:
+        yield log
 
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -149,8 +130,9 @@ def _internal(e: pytest.ExceptionInfo, type_name: str) -> str:
     return m.group(2)
 
 
-def _logged(lines: list[dict], request_id: str, type_name: str, text: str) -> None:
+def _logged(log: LogLines, request_id: str, type_name: str, text: str) -> None:
     """One 'internal error' line with the id and the traceback, and one 'request failed'."""
+    lines = log.json
     internal = [r for r in lines if r["msg"] == "internal error" and r.get("request_id") == request_id]
     assert len(internal) == 1, lines
     exc = internal[0]["exc"]

@@ -1,0 +1,79 @@
+"""Bearer-token auth (camserve.serving.auth) behind the status interceptor: denied calls are
+UNAUTHENTICATED (the errors.Unauthenticated kind), counted and logged like any failed call;
+health is exempt; the right token passes. (TLS + token together: test_server_ops.)"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from helpers_serving import LogLines, RunningServer, metric_value, save_model, tiny_gap
+
+from camserve import errors, wire
+from camserve.proto import pb, pb_grpc
+from camserve.serving.config import ServerConfig
+
+TOKEN = "t0ken"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_model(root, "gap", 1, tiny_gap(1))
+    cfg = ServerConfig.load(
+        env={},
+        overrides=dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, token=TOKEN, log_format="text"),
+    )
+    with RunningServer(cfg) as rs:
+        yield rs
+
+
+@pytest.fixture(scope="module")
+def stub(served: RunningServer):
+    channel = grpc.insecure_channel(served.target)
+    yield pb_grpc.CamServiceStub(channel)
+    channel.close()
+
+
+def _request() -> pb.PredictRequest:
+    return pb.PredictRequest(
+        model=pb.ModelSpec(name="gap"), images=[wire.image_to_proto(np.zeros((32, 32, 3), np.uint8))]
+    )
+
+
+@pytest.mark.parametrize(
+    "metadata,details",
+    [
+        ((), "missing bearer token: send metadata 'authorization: Bearer <token>'"),
+        ((("authorization", "Bearer nope"),), "invalid bearer token"),
+        ((("authorization", TOKEN),), "invalid bearer token"),  # the scheme is required
+    ],
+)
+def test_denied_calls_are_unauthenticated_counted_and_logged(served, stub, metadata, details) -> None:
+    before = metric_value(served.metrics_text(), "camserve_errors_total", method="Predict", code="UNAUTHENTICATED")
+    with LogLines("camserve.serving.status") as log, pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_request(), timeout=30, metadata=metadata)
+    assert e.value.code() == grpc.StatusCode[errors.Unauthenticated.code] == grpc.StatusCode.UNAUTHENTICATED
+    assert e.value.details() == details
+    after = metric_value(served.metrics_text(), "camserve_errors_total", method="Predict", code="UNAUTHENTICATED")
+    assert after == before + 1
+    failed = [r for r in log.records if r.getMessage() == "request failed"]
+    assert [(r.method, r.code, r.error) for r in failed] == [("Predict", "UNAUTHENTICATED", details)]
+    assert served.server.inflight == 0
+
+
+def test_streams_are_guarded_too(stub) -> None:
+    request = pb.ExplainRequest(model=pb.ModelSpec(name="gap"), images=_request().images)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.ExplainStream(iter([request]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_right_token_passes_and_health_needs_none(served, stub) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = stub.Predict(_request(), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert len(reply.predictions) == 1
+    with grpc.insecure_channel(served.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
