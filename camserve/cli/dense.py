@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
+from camserve.cli import load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 #: Class colours of the arg-max map (RGB, matplotlib's tab10), repeated for more classes.
@@ -142,6 +143,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_tensorflow(log_level(args))
     from camserve.dense import dense_scores, detections, score_map
     from camserve.serving.repository import load_model_dir
 
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = entry.config
     names = tuple(cfg.class_names)
     args.out.mkdir(parents=True, exist_ok=True)
-    report, used = [], set()
+    report: list[dict[str, Any]] = []
+    used: set[str] = set()
     for path in tqdm(args.images, unit="img", desc="dense", disable=len(args.images) < 2):
         rgb = imaging.read_image(path)
         x = imaging.model_input(rgb, cfg, resize_to_input=False)

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
+from camserve.cli import load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 BATCH = 32
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 layer=args.layer,
             )
     else:
+        load_tensorflow(log_level(args))
         from camserve import Explainer
         from camserve.serving.repository import load_model_dir
 

@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from camserve.cli import load_tensorflow, log_level
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -57,7 +59,8 @@ def _table(models: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _local(root: str) -> list[dict[str, Any]]:
+def _local(root: str, level: str) -> list[dict[str, Any]]:
+    load_tensorflow(level)
     from camserve.serving.repository import ModelRepository
 
     repo = ModelRepository(root)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     if args.repository:
-        models = _local(args.repository)
+        models = _local(args.repository, log_level(args))
     else:
         import grpc
 

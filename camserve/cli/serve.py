@@ -4,6 +4,9 @@
 
 Every flag is also a ``CAMSERVE_*`` environment variable and a key of the ``--config`` TOML
 file; flags win over the environment, which wins over the file. SIGTERM drains then exits 0.
+``--log-level`` here is the server's (default INFO); ``camserve --log-level LEVEL serve`` sets it
+too when it is not given after ``serve``. TensorFlow's native start-up messages show only when
+the level is DEBUG.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from camserve.cli import load_tensorflow
 from camserve.serving import config as server_config
 
 
@@ -25,9 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def config_from_args(args: argparse.Namespace) -> server_config.ServerConfig:
+    """The server's configuration; ``camserve --log-level X serve`` counts as ``--log-level X``
+    after ``serve`` unless that is given too."""
+    if getattr(args, "log_level", None) is None and getattr(args, "cli_log_level", None):
+        args.log_level = args.cli_log_level.upper()
+    return server_config.from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    load_tensorflow(cfg.log_level)
     from camserve.serving.server import configure_logging, serve
 
-    cfg = server_config.from_args(args)
     configure_logging(cfg.log_level, cfg.log_format)
     return asyncio.run(serve(cfg))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from camserve.cli import load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train, write the models and print their metrics as JSON."""
+    load_tensorflow(log_level(args))
     from camserve.datasets.bundled import RECIPES, train_bundled
 
     if args.epochs is not None and args.epochs < 1:
