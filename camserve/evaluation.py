@@ -384,19 +384,6 @@ class SanityResult:
     randomized: tuple[str, ...]
 
 
-def _weighted_layers(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(path, layer) of every leaf layer with weights, in model order; nested models are
-    flattened and their layers named "outer/inner"."""
-    found: list[tuple[str, Any]] = []
-    for layer in model.layers:
-        path = f"{prefix}{layer.name}"
-        if hasattr(layer, "layers"):
-            found += _weighted_layers(layer, f"{path}/")
-        elif layer.weights:
-            found.append((path, layer))
-    return found
-
-
 def _initializer_for(layer: Any, weight_name: str) -> Any:
     candidates = [f"{weight_name}_initializer", f"{weight_name.removesuffix('_kernel')}_initializer"]
     if weight_name == "kernel":
@@ -447,11 +434,13 @@ def randomized_copy(
     """
     import keras
 
+    from camserve.keras_graph import weighted_layers
+
     if reinit not in ("initializer", "normal"):
         raise InvalidArgument(f"reinit must be 'initializer' or 'normal', got {reinit!r}")
     if not normal_stddev > 0:
         raise InvalidArgument(f"normal_stddev must be > 0, got {normal_stddev}")
-    paths = [p for p, _ in _weighted_layers(model)]
+    paths = [p for p, _ in weighted_layers(model)]
     if isinstance(layers_to_randomize, (int, np.integer)):
         if not 0 <= layers_to_randomize <= len(paths):
             raise InvalidArgument(
@@ -470,7 +459,7 @@ def randomized_copy(
     except Exception as exc:  # subclassed models without get_config/from_config
         raise InvalidArgument(f"cannot copy model {model.name!r} with keras.models.clone_model: {exc}") from exc
     copy.set_weights(model.get_weights())
-    copy_layers = [layer for _, layer in _weighted_layers(copy)]
+    copy_layers = [layer for _, layer in weighted_layers(copy)]
     if len(copy_layers) != len(paths):
         raise InvalidArgument(f"the clone of {model.name!r} does not mirror its layers; cannot randomize it")
     rng = np.random.default_rng(seed)

@@ -46,10 +46,13 @@ def flatten_net(padding: str = "valid", size: int = 20, classes: int = 5, seed: 
     return model
 
 
-def gap_net(padding: str = "valid", pool: str = "avg", size: int = 20, classes: int = 5, seed: int = 0) -> keras.Model:
-    """conv3 → pool2 → conv3 (``last_conv``) → Global{Average,Max}Pooling2D → Dropout → Dense(softmax).
+def gap_net(
+    padding: str = "valid", pool: str = "avg", size: int = 20, classes: int = 5, seed: int = 0, batchnorm: bool = False
+) -> keras.Model:
+    """conv3 → pool2 → conv3 (``last_conv``) → Global{Average,Max}Pooling2D → Dropout → [BN] → Dense(softmax).
 
-    Total stride 2; valid padding: 20 → 18 → 9 → 7, so the window pool is 7×7.
+    Total stride 2; valid padding: 20 → 18 → 9 → 7, so the window pool is 7×7. ``batchnorm``:
+    a BatchNormalization ``head_bn`` with random statistics (some scales negative) before the Dense.
     """
     keras.utils.set_random_seed(seed)
     inp = keras.Input((size, size, 3))
@@ -58,8 +61,14 @@ def gap_net(padding: str = "valid", pool: str = "avg", size: int = 20, classes: 
     x = keras.layers.Conv2D(6, 3, padding=padding, activation="relu", name="last_conv")(x)
     x = (keras.layers.GlobalAveragePooling2D if pool == "avg" else keras.layers.GlobalMaxPooling2D)()(x)
     x = keras.layers.Dropout(0.3)(x)
+    bn = keras.layers.BatchNormalization(name="head_bn") if batchnorm else None
+    if bn is not None:
+        x = bn(x)
     out = keras.layers.Dense(classes, activation="softmax", name="predictions")(x)
-    return keras.Model(inp, out, name=f"gap_{pool}_{padding}")
+    model = keras.Model(inp, out, name=f"gap_{pool}_{padding}" + ("_bn" if batchnorm else ""))
+    if bn is not None:
+        _randomize_batchnorm(bn, seed + 1)
+    return model
 
 
 def crops_reference(model: keras.Model, image: np.ndarray, stride: int) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Dense sliding-window scores: classifier heads turned into convolutions
-(:mod:`camserve.dense.fcn`) and the score grids, detections and maps built on them
-(:mod:`camserve.dense.scores`).
+(:mod:`camserve.dense.fcn`), the backbone's receptive field (:mod:`camserve.dense.receptive_field`)
+and the score grids, detections and maps built on them (:mod:`camserve.dense.scores`).
 
 >>> from camserve.dense import dense_scores, to_fully_convolutional   # doctest: +SKIP
 """
 
-from camserve.dense.fcn import ConversionError, FullyConvolutional, analyze, layer_flops, to_fully_convolutional
+from camserve.dense.fcn import FullyConvolutional, layer_flops, to_fully_convolutional
+from camserve.dense.receptive_field import ConversionError, ReceptiveField, analyze
 from camserve.dense.scores import DenseResult, DenseScores, Detection, dense_scores, detections, nms, score_map
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "DenseScores",
     "Detection",
     "FullyConvolutional",
+    "ReceptiveField",
     "analyze",
     "dense_scores",
     "detections",

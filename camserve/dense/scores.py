@@ -22,7 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from camserve.dense.fcn import FullyConvolutional, analyze, to_fully_convolutional
+from camserve.dense.fcn import FullyConvolutional, to_fully_convolutional
+from camserve.dense.receptive_field import analyze
 from camserve.errors import InvalidArgument
 
 __all__ = ["MODES", "DenseResult", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
@@ -242,7 +243,10 @@ def dense_scores(
     """
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    image = np.asarray(image, np.float32)
+    try:
+        image = np.asarray(image, np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"image must be one numeric (H, W, C) array: {exc}") from None
     if image.ndim != 3:
         raise InvalidArgument(f"image must be one (H, W, C) array; got shape {image.shape}")
     if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
@@ -259,10 +263,13 @@ def dense_scores(
         classifier = model.source if isinstance(model, FullyConvolutional) else model
         window = _input_size(classifier)
         exact = True
-        default_stride = model.stride if isinstance(model, FullyConvolutional) else None
-        if stride is None and default_stride is None:
+        if isinstance(model, FullyConvolutional):
+            default_stride = model.stride
+        elif stride is None:
             default_stride = analyze(classifier).stride
-    step = _stride_pair(stride, default_stride)  # type: ignore[arg-type]
+        else:
+            default_stride = (1, 1)  # not used: the stride is given
+    step = _stride_pair(stride, default_stride)
     h0, w0 = image.shape[:2]
     levels = []
     for scale in scales:
@@ -343,7 +350,8 @@ def detections(
         b, s, sc = np.concatenate(boxes), np.concatenate(scores), np.concatenate(scale_of)
         label = class_names[c] if class_names is not None else str(c)
         for i in nms(b, s, iou_threshold):
-            found.append(Detection(c, label, float(s[i]), tuple(float(v) for v in b[i]), float(sc[i])))
+            x0, y0, x1, y1 = (float(v) for v in b[i])
+            found.append(Detection(c, label, float(s[i]), (x0, y0, x1, y1), float(sc[i])))
     found.sort(key=lambda d: -d.score)
     return found[:max_detections]
 
@@ -358,6 +366,10 @@ def score_map(
     >>> score, cls = score_map(dense_scores(model, image), image.shape)   # doctest: +SKIP
     """
     h, w = int(image_shape[0]), int(image_shape[1])
+    if class_index is not None and len(results):
+        n_classes = results[0].scores.shape[-1]
+        if not 0 <= class_index < n_classes:
+            raise InvalidArgument(f"class index {class_index} out of range; allowed: 0..{n_classes - 1}")
     best = np.full((h, w), -np.inf, np.float32)
     best_cls = np.zeros((h, w), np.int64)
     for r in results:

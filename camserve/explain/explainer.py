@@ -23,7 +23,9 @@ import tensorflow as tf
 
 from camserve import keras_graph as graph
 from camserve.errors import InvalidArgument, NotFound
-from camserve.explain.methods import METHODS, weighted_sum
+from camserve.explain import heads
+from camserve.explain.layer_pass import SharedPass
+from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
 
@@ -33,10 +35,6 @@ Targets = Sequence[Target | Sequence[Target]] | None
 
 class UnknownClass(NotFound):
     """A target that names no class of the model."""
-
-
-class UnknownMethod(InvalidArgument):
-    """A method name that is not in :data:`camserve.explain.methods.METHODS`."""
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -55,6 +53,14 @@ def _activation_name(layer: keras.layers.Layer) -> str:
     return getattr(getattr(layer, "activation", None), "__name__", "linear")
 
 
+class _Registered:
+    """The names in :data:`~camserve.explain.methods.METHODS`, read when asked (on the class
+    or an instance), so methods registered later are seen."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> tuple[str, ...]:
+        return tuple(METHODS)
+
+
 class Explainer:
     """Explain a Keras image classifier with the CAM family.
 
@@ -68,7 +74,7 @@ class Explainer:
     'conv5_block3_out'
     """
 
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods = _Registered()
 
     def __init__(
         self,
@@ -104,6 +110,7 @@ class Explainer:
         self.input_shape = tuple(model.input_shape[1:])
         self.head = graph.head_after(model, self.layer_path)
         self.trace_count = 0  # graphs traced so far: a test checks that buckets stop retracing
+        self._cam: heads.GapDense | None | bool = False  # False: not looked for yet
         self._graphs: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
@@ -122,15 +129,16 @@ class Explainer:
         (target, method), targets outer, methods inner.
         """
         images = self._check_images(images)
-        methods = self.check_methods(methods)
+        chosen = self._methods(methods)
+        names = tuple(m.name for m in chosen)
         encoded, valid = self._encode_targets(len(images), targets, top_k)
-        fn = self._graph(("explain", methods, encoded.shape[1]))
+        fn = self._graph(("explain", chosen, encoded.shape[1]))
         results: list[list[Explanation]] = []
         for start, batch, n in self._batches(images):
             out = fn(batch, tf.constant(self._pad(encoded[start : start + n], len(batch))))
             out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
             for i in range(n):
-                results.append(self._collect(out, i, methods, valid[start + i]))
+                results.append(self._collect(out, i, names, valid[start + i]))
         return results
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -152,7 +160,10 @@ class Explainer:
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> np.ndarray:
-        images = np.asarray(images, dtype=np.float32)
+        try:
+            images = np.asarray(images, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"images must be a numeric (N, H, W, C) array: {exc}") from None
         expected = self.input_shape
         if images.ndim != 4 or any(e is not None and e != s for e, s in zip(expected, images.shape[1:])):
             raise InvalidArgument(
@@ -165,17 +176,24 @@ class Explainer:
     def check_methods(self, methods: Sequence[str]) -> tuple[str, ...]:
         """Validated, de-duplicated method names; raises UnknownMethod, or InvalidArgument
         for ``cam`` without a GAP → Dense head. Servers call it before queueing work."""
-        if isinstance(methods, str):
-            methods = (methods,)
-        methods = tuple(dict.fromkeys(methods))
-        if not methods:
+        return tuple(m.name for m in self._methods(methods))
+
+    def _methods(self, names: Sequence[str]) -> tuple[Method, ...]:
+        """The registered methods of :meth:`check_methods`, read once from the live registry."""
+        if isinstance(names, str):
+            names = (names,)
+        names = tuple(dict.fromkeys(names))
+        if not names:
             raise InvalidArgument(f"no method given; allowed: {', '.join(METHODS)}")
-        for m in methods:
-            if m not in METHODS:
-                raise UnknownMethod(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
-        if "cam" in methods:
+        found = []
+        for name in names:
+            method = METHODS.get(name)
+            if method is None:
+                raise UnknownMethod(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+            found.append(method)
+        if "cam" in names:
             self.cam_head()  # raises with the head it found
-        return methods
+        return tuple(found)
 
     def class_index(self, target: Target) -> int:
         """A class index from an index or a class name; :class:`UnknownClass` otherwise."""
@@ -216,7 +234,7 @@ class Explainer:
             )
         per_image = []
         for i, entry in enumerate(targets):
-            classes = list(entry) if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
+            classes: list[Any] = list(entry) if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
             if not classes:
                 raise InvalidArgument(f"image {i} has an empty target list; give at least one class")
             if len(classes) > self.num_classes:
@@ -262,7 +280,7 @@ class Explainer:
             if key not in self._graphs:
                 if key[0] == "predict":
                     self._graphs[key] = tf.function(self._predict_graph)
-                else:
+                else:  # keyed by the Method objects: a method replaced in the registry recompiles
                     _, methods, width = key
                     self._graphs[key] = tf.function(
                         lambda images, targets: self._explain_graph(images, targets, methods, width)
@@ -324,20 +342,20 @@ class Explainer:
         self.trace_count += 1
         return self._forward(images, need_activations=False)[2]
 
-    def _explain_graph(self, images, targets, methods: tuple[str, ...], width: int):
+    def _explain_graph(self, images, targets, methods: tuple[Method, ...], width: int):
         self.trace_count += 1
-        need_gradients = any(METHODS[m].needs_gradients for m in methods)
+        need_gradients = any(m.needs_gradients for m in methods)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             activations, logits, outputs = self._forward(images, on_activations=tape.watch if need_gradients else None)
             ranked = tf.math.top_k(logits, k=width).indices
             classes = tf.where(targets >= 0, targets, tf.gather(ranked, tf.maximum(-targets - 1, 0), batch_dims=1))
             target_logits = [tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)]
-        shared = _Pass(self, images, activations, logits, classes)
+        shared = SharedPass(self, images, activations, logits, classes)
         maps = []
         for t in range(width):
             gradients = tape.gradient(target_logits[t], activations) if need_gradients else None
             view = shared.for_target(t, gradients)
-            maps.append(tf.stack([tf.nn.relu(METHODS[m].fn(view)) for m in methods], axis=1))
+            maps.append(tf.stack([tf.nn.relu(m.fn(view)) for m in methods], axis=1))
         raw = tf.stack(maps, axis=1)  # (B, T, M, h, w)
         b, h, w = tf.shape(raw)[0], tf.shape(raw)[3], tf.shape(raw)[4]
         size = tf.shape(images)[1:3]
@@ -348,41 +366,41 @@ class Explainer:
         return {"outputs": outputs, "classes": classes, "raw": raw, "heatmap": heat}
 
     # ----------------------------------------------------------------- CAM head
-    def cam_head(self) -> tuple[keras.layers.GlobalAveragePooling2D, list, keras.layers.Dense]:
+    def cam_head(self) -> tuple[Any, list, Any]:
         """(GAP, BatchNorms between, Dense) after the layer; InvalidArgument naming the head
-        found when it is not GlobalAveragePooling2D → (BatchNorm/Dropout)* → Dense."""
-        head = [l for l in self.head if not isinstance(l, graph.PASSTHROUGH_LAYERS)]
-        head = [l for l in head if not (isinstance(l, keras.layers.Activation) and _activation_name(l) == "linear")]
-        if (
-            head
-            and head[-1] is self._output_layer
-            and isinstance(head[-1], (keras.layers.Softmax, keras.layers.Activation))
+        found when it is not GlobalAveragePooling2D → (BatchNorm/Dropout)* → Dense (the one
+        head finder, :mod:`camserve.explain.heads`, as for FCN class maps)."""
+        if self._cam is False:
+            self._cam = self._find_cam_head()
+        if not isinstance(self._cam, heads.GapDense):
+            raise InvalidArgument(
+                f"'cam' needs a GlobalAveragePooling2D → Dense head after layer {self.layer_name!r} "
+                f"(BatchNormalization/Dropout between allowed); found {graph.describe_layers(self.head)}. "
+                "Use gradcam (equal to CAM up to scale on GAP heads) or another method."
+            )
+        return self._cam.pool.layer, [op.layer for op in self._cam.norms], self._cam.dense.layer
+
+    def _find_cam_head(self) -> heads.GapDense | None:
+        """The GAP → Dense head reading the layer's output and giving the logits, or None."""
+        try:
+            model_graph = graph.walk(self.model).graph(strict=False)
+            head = heads.find_head(model_graph)
+            parts = heads.gap_dense(head, needs="'cam'")
+        except (graph.UnsupportedGraph, heads.UnsupportedHead):
+            return None
+        # The logits are the Dense's output: nothing may follow it but the model's output
+        # softmax / activation layer, whose input the logits hook returns.
+        after = parts.after
+        if len(after) > 1 or (
+            after and (after[0].layer is not self._output_layer or after[0].kind not in ("Softmax", "Activation"))
         ):
-            head = head[:-1]  # a separate softmax after a linear Dense: the logits are its input
-        if (
-            len(head) >= 2
-            and isinstance(head[0], keras.layers.GlobalAveragePooling2D)
-            and isinstance(head[-1], keras.layers.Dense)
-            and all(isinstance(l, keras.layers.BatchNormalization) for l in head[1:-1])
-            and not getattr(head[0], "keepdims", False)
-        ):
-            return head[0], head[1:-1], head[-1]
-        raise InvalidArgument(
-            f"'cam' needs a GlobalAveragePooling2D → Dense head after layer {self.layer_name!r} "
-            f"(BatchNormalization/Dropout between allowed); found {graph.describe_layers(self.head)}. "
-            "Use gradcam (equal to CAM up to scale on GAP heads) or another method."
-        )
+            return None
+        return parts if head.follows(model_graph, self.layer_path) else None
 
     def cam_weights(self) -> tf.Tensor:
         """(K, classes) Dense kernel with the BatchNorm scales between GAP and Dense folded in."""
         _, norms, dense = self.cam_head()
-        kernel = tf.cast(dense.kernel, tf.float32)
-        for bn in norms:
-            scale = tf.math.rsqrt(tf.cast(bn.moving_variance, tf.float32) + bn.epsilon)
-            if bn.gamma is not None:
-                scale = scale * tf.cast(bn.gamma, tf.float32)
-            kernel = scale[:, None] * kernel
-        return kernel
+        return heads.fold_batchnorm(dense.kernel, norms)
 
     # ----------------------------------------------------------------- results
     def _collect(self, out: dict[str, np.ndarray], i: int, methods, valid: np.ndarray) -> list[Explanation]:
@@ -404,107 +422,6 @@ class Explainer:
                     )
                 )
         return found
-
-
-class _Pass:
-    """What one compiled pass shares between targets and methods. The masked-input and
-    ablation scores are computed once for all targets, in chunks of ``chunk_size``."""
-
-    def __init__(self, ex: Explainer, images, activations, logits, classes):
-        self.ex, self.images, self.logits, self.classes_all = ex, images, logits, classes
-        self.activations = tf.cast(activations, tf.float32)
-        self._cache: dict[str, tf.Tensor] = {}
-
-    def for_target(self, t: int, gradients) -> _TargetView:
-        grads = None if gradients is None else tf.cast(gradients, tf.float32)
-        return _TargetView(self, t, grads)
-
-    def cached(self, key: str, compute):
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
-    def selected_channels(self) -> tf.Tensor:
-        def compute():
-            a = self.activations
-            b, k = a.shape[0], a.shape[-1]
-            cap = self.ex.max_channels
-            if cap is None or cap >= k:
-                return tf.tile(tf.range(k)[None, :], (b, 1))
-            spread = tf.math.reduce_std(a, axis=(1, 2))
-            return tf.math.top_k(spread, k=cap).indices
-
-        return self.cached("channels", compute)
-
-    def _chunked(self, per_chunk) -> tf.Tensor:
-        """Run ``per_chunk(image_index, channel)`` -> (S, T) over every (image, selected
-        channel) pair in chunks of ``chunk_size``; (B, K', T) out."""
-        channels = self.selected_channels()
-        b, k_sel = channels.shape
-        total = b * k_sel
-        size = min(self.ex.chunk_size, total)  # never pad a small job up to a full chunk
-        n_chunks = -(-total // size)
-        flat = tf.minimum(tf.range(n_chunks * size), total - 1)
-        image_index = flat // k_sel
-        channel = tf.gather(tf.reshape(channels, (-1,)), flat)
-        scores = tf.map_fn(
-            lambda args: per_chunk(args[0], args[1]),
-            (tf.reshape(image_index, (n_chunks, size)), tf.reshape(channel, (n_chunks, size))),
-            fn_output_signature=tf.TensorSpec((size, self.classes_all.shape[1]), tf.float32),
-            parallel_iterations=1,
-        )
-        return tf.reshape(tf.reshape(scores, (-1, self.classes_all.shape[1]))[:total], (b, k_sel, -1))
-
-    def _target_columns(self, values, image_index) -> tf.Tensor:
-        return tf.gather(values, tf.gather(self.classes_all, image_index), batch_dims=1)
-
-    def masked_input_scores(self) -> tf.Tensor:
-        def per_chunk(image_index, channel):
-            a = tf.transpose(self.activations, (0, 3, 1, 2))  # (B, K, h, w)
-            maps = tf.gather_nd(a, tf.stack([image_index, channel], axis=1))[..., None]
-            maps = tf.image.resize(maps, tf.shape(self.images)[1:3], method="bilinear")
-            low = tf.reduce_min(maps, axis=(1, 2, 3), keepdims=True)
-            high = tf.reduce_max(maps, axis=(1, 2, 3), keepdims=True)
-            masks = (maps - low) / tf.maximum(high - low, 1e-7)
-            masked = tf.gather(self.images, image_index) * tf.cast(masks, self.images.dtype)
-            _, logits, _ = self.ex._forward(masked, need_activations=False)
-            return self._target_columns(self.ex._probabilities(logits), image_index)
-
-        return self.cached("scorecam", lambda: self._chunked(per_chunk))
-
-    def ablated_logits(self) -> tf.Tensor:
-        def per_chunk(image_index, channel):
-            a = tf.gather(self.activations, image_index)
-            keep = 1.0 - tf.one_hot(channel, a.shape[-1], dtype=a.dtype)
-            ablated = a * keep[:, None, None, :]
-            # The ablated activations replace the layer's output; what feeds the layer is unused.
-            _, logits, _ = self.ex._forward(tf.gather(self.images, image_index), replace_activations=lambda: ablated)
-            return self._target_columns(logits, image_index)
-
-        return self.cached("ablation", lambda: self._chunked(per_chunk))
-
-
-class _TargetView:
-    """The pass as one target sees it (the :class:`camserve.explain.methods.LayerPass` protocol)."""
-
-    def __init__(self, shared: _Pass, t: int, gradients):
-        self._shared, self._t = shared, t
-        self.activations = shared.activations
-        self.gradients = gradients
-        self.logits = shared.logits
-        self.classes = shared.classes_all[:, t]
-
-    def head_weights(self) -> tf.Tensor:
-        return self._shared.cached("cam_weights", self._shared.ex.cam_weights)
-
-    def selected_channels(self) -> tf.Tensor:
-        return self._shared.selected_channels()
-
-    def masked_input_scores(self) -> tf.Tensor:
-        return self._shared.masked_input_scores()[:, :, self._t]
-
-    def ablated_logits(self) -> tf.Tensor:
-        return self._shared.ablated_logits()[:, :, self._t]
 
 
 __all__ = ["Explainer", "Explanation", "UnknownClass", "UnknownMethod", "bucket_sizes", "weighted_sum"]

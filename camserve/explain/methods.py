@@ -7,23 +7,34 @@ The pass gives ``activations`` A (B, h, w, K) and, for gradient methods, ``gradi
 dY_c/dA of the target's logit. Score-CAM and Ablation-CAM ask the pass to score masked
 inputs or ablated activations (``masked_input_scores``, ``ablated_logits``).
 
->>> sorted(METHODS)[:3]
-['ablationcam', 'cam', 'eigencam']
+New methods are registered with :func:`register`; an :class:`~camserve.explain.Explainer`
+sees them at once, also one made before:
+
+>>> @register("gradcam_x2", needs_gradients=True, doc="Twice Grad-CAM.")
+... def gradcam_x2(p):
+...     return 2.0 * gradcam(p)
+>>> list(METHODS)[-2:], METHODS["gradcam_x2"].doc
+(['ablationcam', 'gradcam_x2'], 'Twice Grad-CAM.')
+>>> unregister("gradcam_x2").name
+'gradcam_x2'
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
 import tensorflow as tf
 
+from camserve.errors import InvalidArgument
+
 _EPS = 1e-7
 
 
 class LayerPass(Protocol):
-    """What a method can read from the shared pass (see :class:`camserve.explain._Pass`)."""
+    """What a method can read from the shared pass (see :class:`camserve.explain.layer_pass.SharedPass`)."""
 
     activations: tf.Tensor  # (B, h, w, K) float32
     gradients: tf.Tensor  # (B, h, w, K) float32, d logit[target] / d activations
@@ -36,15 +47,60 @@ class LayerPass(Protocol):
     def ablated_logits(self) -> tf.Tensor: ...  # (B, K') target logit, channel k zeroed
 
 
+MethodFn = Callable[[LayerPass], tf.Tensor]
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method: ``fn(pass) -> (B, h, w)``; ``needs_gradients`` asks the shared
     pass for dY/dA of each target."""
 
     name: str
-    fn: Callable[[LayerPass], tf.Tensor]
+    fn: MethodFn
     needs_gradients: bool = False
     doc: str = ""
+
+
+#: All methods by their public name, in registration order (the built-ins first).
+METHODS: dict[str, Method] = {}
+_LOCK = threading.Lock()
+
+
+class UnknownMethod(InvalidArgument):
+    """A method name that is not in :data:`METHODS`."""
+
+
+def register(
+    name: str, *, needs_gradients: bool = False, replace: bool = False, doc: str | None = None
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding ``fn(pass) -> (B, h, w)`` to :data:`METHODS` as ``name``.
+
+    ``needs_gradients``: the pass computes dY/dA of each target for it. ``doc``: defaults to
+    the function's docstring. A name already registered raises InvalidArgument unless
+    ``replace=True`` (the method then keeps its place in the registry).
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise InvalidArgument(f"a method name must be a non-empty string without surrounding spaces, got {name!r}")
+
+    def add(fn: MethodFn) -> MethodFn:
+        if not callable(fn):
+            raise InvalidArgument(f"method {name!r} must be a function of the pass, got {fn!r}")
+        method = Method(name, fn, needs_gradients=needs_gradients, doc=(fn.__doc__ or "") if doc is None else doc)
+        with _LOCK:
+            if name in METHODS and not replace:
+                raise InvalidArgument(f"method {name!r} is already registered; pass replace=True to replace it")
+            METHODS[name] = method
+        return fn
+
+    return add
+
+
+def unregister(name: str) -> Method:
+    """Remove method ``name`` from :data:`METHODS` and return it; UnknownMethod if absent."""
+    with _LOCK:
+        if name not in METHODS:
+            raise UnknownMethod(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+        return METHODS.pop(name)
 
 
 def weighted_sum(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
@@ -64,16 +120,19 @@ def _scatter_channels(p: LayerPass, weights: tf.Tensor) -> tf.Tensor:
     return tf.einsum("bj,bjk->bk", weights, one_hot)
 
 
+@register("cam")
 def cam(p: LayerPass) -> tf.Tensor:
     """CAM (Zhou et al. 2016): Σ_k w_k^c A_k with w the GAP → Dense kernel."""
     return weighted_sum(p.activations, tf.gather(tf.transpose(p.head_weights()), p.classes))
 
 
+@register("gradcam", needs_gradients=True)
 def gradcam(p: LayerPass) -> tf.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): channel weights = spatial mean of dY_c/dA."""
     return weighted_sum(p.activations, tf.reduce_mean(p.gradients, axis=(1, 2)))
 
 
+@register("gradcam++", needs_gradients=True)
 def gradcam_plus_plus(p: LayerPass) -> tf.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018) with the exponential-score closed form for the
     higher derivatives and alphas normalised per channel, as in tf-keras-vis. The factor
@@ -87,35 +146,33 @@ def gradcam_plus_plus(p: LayerPass) -> tf.Tensor:
     return weighted_sum(a, _spatial_sum(tf.nn.relu(g) * alphas))
 
 
+@register("hirescam", needs_gradients=True)
 def hirescam(p: LayerPass) -> tf.Tensor:
     """HiResCAM (Draelos & Carin 2020): Σ_k dY_c/dA_k ⊙ A_k, element-wise."""
     return tf.reduce_sum(p.gradients * p.activations, axis=-1)
 
 
+@register("xgradcam", needs_gradients=True)
 def xgradcam(p: LayerPass) -> tf.Tensor:
     """XGrad-CAM (Fu et al. 2020): w_k = Σ_ij G_k A_k / Σ_ij A_k."""
     a = p.activations
     return weighted_sum(a, _spatial_sum(p.gradients * a) / (_spatial_sum(a) + _EPS))
 
 
+@register("layercam", needs_gradients=True)
 def layercam(p: LayerPass) -> tf.Tensor:
     """LayerCAM (Jiang et al. 2021): Σ_k ReLU(dY_c/dA_k) ⊙ A_k."""
     return tf.reduce_sum(tf.nn.relu(p.gradients) * p.activations, axis=-1)
 
 
+@register("scorecam")
 def scorecam(p: LayerPass) -> tf.Tensor:
     """Score-CAM (Wang et al. 2020): w_k = class probability of the input masked by the
     upsampled, min-max normalised A_k (softmax head; sigmoid for a single-logit head)."""
     return weighted_sum(p.activations, _scatter_channels(p, p.masked_input_scores()))
 
 
-def ablationcam(p: LayerPass) -> tf.Tensor:
-    """Ablation-CAM (Desai & Ramaswamy 2020): w_k = (Y_c − Y_c with A_k zeroed) / |Y_c|."""
-    y = tf.gather(p.logits, p.classes, batch_dims=1)[:, None]
-    drop = (y - p.ablated_logits()) / tf.maximum(tf.abs(y), _EPS)
-    return weighted_sum(p.activations, _scatter_channels(p, drop))
-
-
+@register("eigencam")
 def eigencam(p: LayerPass) -> tf.Tensor:
     """Eigen-CAM (Muhammad & Yeasin 2020): the activations projected on their first principal
     component (class-agnostic). The SVD's sign is fixed so the map correlates positively with
@@ -131,18 +188,9 @@ def eigencam(p: LayerPass) -> tf.Tensor:
     return tf.reshape(projection * sign[:, None], (b, h, w))
 
 
-#: All methods by their public name.
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("cam", cam, doc=cam.__doc__ or ""),
-        Method("gradcam", gradcam, needs_gradients=True, doc=gradcam.__doc__ or ""),
-        Method("gradcam++", gradcam_plus_plus, needs_gradients=True, doc=gradcam_plus_plus.__doc__ or ""),
-        Method("hirescam", hirescam, needs_gradients=True, doc=hirescam.__doc__ or ""),
-        Method("xgradcam", xgradcam, needs_gradients=True, doc=xgradcam.__doc__ or ""),
-        Method("layercam", layercam, needs_gradients=True, doc=layercam.__doc__ or ""),
-        Method("scorecam", scorecam, doc=scorecam.__doc__ or ""),
-        Method("eigencam", eigencam, doc=eigencam.__doc__ or ""),
-        Method("ablationcam", ablationcam, doc=ablationcam.__doc__ or ""),
-    )
-}
+@register("ablationcam")
+def ablationcam(p: LayerPass) -> tf.Tensor:
+    """Ablation-CAM (Desai & Ramaswamy 2020): w_k = (Y_c − Y_c with A_k zeroed) / |Y_c|."""
+    y = tf.gather(p.logits, p.classes, batch_dims=1)[:, None]
+    drop = (y - p.ablated_logits()) / tf.maximum(tf.abs(y), _EPS)
+    return weighted_sum(p.activations, _scatter_channels(p, drop))

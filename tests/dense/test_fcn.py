@@ -108,6 +108,26 @@ def test_gap_class_maps_spatial_mean_plus_bias_is_the_logits(padding: str) -> No
     np.testing.assert_allclose(maps, features @ kernel, rtol=1e-5, atol=1e-6)
 
 
+def test_gap_class_maps_fold_a_batchnorm_between_gap_and_dense() -> None:
+    model = gap_net("valid", batchnorm=True)
+    fcn = to_fully_convolutional(model, head="classmap")
+    images = RNG.random((3, 20, 20, 3), dtype=np.float32)
+    maps = fcn.model.predict_on_batch(images)
+    # independent logits: the BatchNorm's own output (a sub-model of the classifier) times the Dense
+    normed = keras.Model(model.input, model.get_layer("head_bn").output).predict(images, verbose=0)
+    kernel, bias = model.get_layer("predictions").get_weights()
+    logits = normed @ kernel + bias
+    assert max_rel_err(maps.mean(axis=(1, 2)) + fcn.bias, logits) <= 1e-5
+    np.testing.assert_allclose(
+        tf.nn.softmax(maps.mean(axis=(1, 2)) + fcn.bias).numpy(), model.predict(images, verbose=0), rtol=1e-5, atol=1e-7
+    )
+    assert np.abs(fcn.bias - bias).max() > 0.1  # the BatchNorm's shift went into the bias
+    # the window model keeps the BatchNorm as a layer and equals the classifier on every crop
+    window = to_fully_convolutional(model)
+    image = _image(27, 24)
+    assert max_rel_err(_grid(window, image), crops_reference(model, image, 2)) <= 1e-5
+
+
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_gap_window_model_on_valid_backbone_equals_classifier_on_every_crop(pool: str) -> None:
     model = gap_net("valid", pool)

@@ -258,12 +258,9 @@ def test_cam_is_the_dense_weighted_sum(variant):
 
 @pytest.mark.parametrize("head", ["separate", "softmax_layer"])
 def test_cam_accepts_a_linear_dense_followed_by_a_softmax_layer(head):
-    # FAILS ON PURPOSE until camserve/explain.py is fixed (bug reported to the lead):
     # GAP → Dense(linear) → Activation("softmax") / keras.layers.Softmax() is a GAP → Dense
-    # head whose logits the engine already reads (_forward's logits hook returns the softmax
-    # layer's input), but Explainer.cam_head() requires the *last* head layer to be the
-    # Dense and raises "found GlobalAveragePooling2D → Dense → Activation" (→ Softmax).
-    # A trailing softmax/sigmoid Activation or Softmax layer after the Dense should be accepted.
+    # head whose logits the engine reads (_forward's logits hook returns the softmax layer's
+    # input): CAM must accept the trailing softmax layer (a bug once; kept as a regression test).
     model = gap_model(head=head)
     x = images(2, 24, seed=2)
     ours = explain_raw(model, x, ("cam",), [[1], [3]])
@@ -498,10 +495,8 @@ def test_scorecam_agrees_with_tf_keras_vis():
 
 @pytest.mark.parametrize("cap", [0, -3, 2.5])
 def test_a_bad_channel_cap_is_rejected_by_name(cap):
-    # FAILS ON PURPOSE until camserve/explain.py is fixed (bug reported to the lead):
-    # Explainer validates chunk_size but not max_channels; 0 dies inside tracing with a
-    # ZeroDivisionError, -3 with a tf.math.top_k ValueError, 2.5 with a TypeError, none of
-    # which names max_channels or what is allowed (None or an integer ≥ 1).
+    # Regression test (a bug once): a bad max_channels must be refused by name, not die inside
+    # tracing with a ZeroDivisionError (0), a tf.math.top_k ValueError (-3) or a TypeError (2.5).
     from camserve.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="max_channels"):
