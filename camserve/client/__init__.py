@@ -118,10 +118,12 @@ class Client(_Base):
     system's). ``timeout``: default per-call deadline in seconds, retries included.
     ``retries``: how many times a call answered UNAVAILABLE is tried again, on the next
     replica, inside the deadline (default 4; gRPC allows at most 4: larger values act as 4;
-    0: never). ``backoff``: seconds; retry ``n`` waits about ``backoff * 2 ** (n - 1)``
-    (at least 10 ms, see :data:`MIN_BACKOFF`). Both go into gRPC's retry policy (:func:`service_config`), so
-    the retries happen inside gRPC, not in this class. ``max_message_mb``: largest message
-    either way. ``options``: extra gRPC channel arguments.
+    0: never). ``backoff``: seconds; retry ``n`` waits about ``backoff * 2 ** (n - 1)`` (at
+    least 10 ms, see :data:`MIN_BACKOFF`). Both go into gRPC's retry policy
+    (:func:`service_config`), so the retries happen inside gRPC, not in this class; a call
+    raises the last attempt's status, or DEADLINE_EXCEEDED when the deadline ends a wait
+    between attempts. ``max_message_mb``: largest message either way. ``options``: extra gRPC
+    channel arguments.
 
     :meth:`explain_many` (the ExplainStream RPC) is retried too, but gRPC retries a stream
     only until its first response arrives; a stream that fails later raises.
