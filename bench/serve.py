@@ -1,22 +1,49 @@
-"""Service benchmark (SPEC §8.4, issue 4 §8): throughput and p50 / p99 latency of single-image
-Predict and Explain (gradcam) requests at several client concurrencies, with dynamic batching
-and with ``max_batch_size=1``, against the in-process batched throughput of the same
-operation. Not a test; results go to ``bench/results/serve.md``.
+"""Service benchmark (SPEC §8.4, issue 9 §8): what ``camserve serve`` costs per single-image
+request on the host, beside the model, against a bare ``grpc.aio`` server; 1-client latency with
+and without dynamic batching; throughput at 32 clients against the in-process batched
+throughput, and with batching against ``max_batch_size=1``. Not a test; results go to
+``bench/results/serve.md`` (a section per ``--label``; other sections are kept).
 
-    python bench/serve.py                              # shapes_gap, 1/8/32/64 clients, 8 s per level
-    python bench/serve.py --resnet --seconds 15        # also ResNet50 (weights=None, 224 px)
+    python bench/serve.py                                  # shapes_gap (64 px) and gap224, Predict and Explain
+    python bench/serve.py --quick                          # a smoke run: a few hundred requests per measurement
+    python bench/serve.py --code /tmp/camserve_base --label before   # the server from another checkout
+    python bench/serve.py --models shapes_gap --ops explain --profile bench/results/serve_profile.md
 
-The server runs as a separate ``camserve serve`` process; the load generator is one asyncio
-process with one in-flight request per simulated client. Both share this machine's cores.
+Processes: the server (``camserve serve``, or ``bench/bare_grpc.py``) runs on its own; every
+measurement starts a separate load-generator process (this script's ``_load`` command: one
+asyncio loop, K requests in flight, raw bytes in and out, no protobuf work); the in-process cost
+of the model is measured in a third process (``_inproc``) with the same code as the server.
+
+Figures:
+- **server CPU per request**: CPU time of the server's threads (``/proc/<pid>/task/*/schedstat``,
+  to the ns; checked against the process's utime + stime from ``/proc/<pid>/stat``, in 10 ms
+  ticks) across a fixed number of requests at 32 clients, read just before the first and just
+  after the last (the load generator connects and warms up first, then waits for a go);
+- **model CPU per image**: ``process_time`` of ``Explainer.predict`` / ``.explain(gradcam)`` on
+  a batch of 32 preprocessed images, the median of several calls, divided by 32;
+- **camserve beyond the model** = the first minus the second; **bare floor** = the CPU per
+  request of ``bench/bare_grpc.py`` under the same load: it parses each request into its
+  message and answers with a canned copy of camserve's real answer (same size on the wire).
+  Target: beyond-model ≤ 1.5× the floor.
+
+``--code DIR`` runs the server and the in-process measurement with ``PYTHONPATH=DIR`` from a
+neutral working directory, so that ``camserve`` is imported from ``DIR`` (the editable install
+comes later on ``sys.path``); the server process prints where it imported camserve from, and
+the run stops if that is not ``DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,78 +55,363 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, timeit
+from common import machine, process_cpu_seconds, table, threads_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+SERVICE = "camserve.v1.CamService"
+OPS = {"predict": "Predict", "explain": "Explain"}
+MODELS = {
+    "shapes_gap": "the bundled model (models/shapes_gap), 64 px",
+    "gap224": "4 strided 3x3 convs (16-32-64-64 channels) -> GAP -> Dense(10), random weights, 224 px",
+    "resnet50": "keras.applications.ResNet50(weights=None), 224 px (slow on CPU)",
+}
+LIMIT = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
 
 
 # ------------------------------------------------------------------ models
 
 
-def _write_config(model_dir: Path, name: str, classes: list[str], size: int, pre: str) -> None:
+def _write_config(
+    model_dir: Path, name: str, classes: list[str], size: int, pre: str, default_layer: str | None = None
+) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     names = ", ".join(json.dumps(c) for c in classes)
-    (model_dir / "config.toml").write_text(
-        f'name = "{name}"\nclass_names = [{names}]\ninput_size = [{size}, {size}]\nchannels = 3\npreprocessing = "{pre}"\n'
-    )
+    text = f'name = "{name}"\nclass_names = [{names}]\ninput_size = [{size}, {size}]\nchannels = 3\npreprocessing = "{pre}"\n'
+    if default_layer:
+        text += f'default_layer = "{default_layer}"\n'
+    (model_dir / "config.toml").write_text(text)
 
 
-def build_repository(root: Path, resnet: bool) -> dict[str, str]:
-    """shapes_gap (bundled, or an untrained stand-in of the same shape) and optionally ResNet50.
-    Returns model name -> a note on what it is."""
+def gap224_model():
+    """A cheap 224 px GAP classifier: the host path dominates, as on an accelerator."""
     import keras
 
-    notes = {}
-    bundled = REPO / "models" / "shapes_gap"
-    if (bundled / "config.toml").is_file():
-        shutil.copytree(bundled, root / "shapes_gap")
-        notes["shapes_gap"] = "bundled model"
-    else:
-        from camserve.datasets.bundled import build_gap_model
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3))
+    x = inputs
+    for i, filters in enumerate((16, 32, 64, 64)):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i}")(x)
+    x = keras.layers.Activation("linear", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="gap224")
 
-        model = build_gap_model()
-        _write_config(
-            root / "shapes_gap", "shapes_gap", ["circle", "square", "triangle", "star", "cross"], 64, "scale_0_1"
-        )
-        (root / "shapes_gap" / "1").mkdir()
-        model.save(root / "shapes_gap" / "1" / "model.keras")
-        notes["shapes_gap"] = "untrained stand-in with the bundled architecture (models/ not committed yet)"
-    if resnet:
-        model = keras.applications.ResNet50(weights=None)
-        _write_config(root / "resnet50", "resnet50", [f"c{i}" for i in range(1000)], 224, "caffe")
-        (root / "resnet50" / "1").mkdir()
-        model.save(root / "resnet50" / "1" / "model.keras")
-        notes["resnet50"] = "keras.applications.ResNet50(weights=None), 224 px"
+
+def build_repository(root: Path, models: list[str] | bool = ("shapes_gap",)) -> dict[str, str]:
+    """A model repository under ``root`` with ``models``; returns model name -> what it is.
+    (``models`` True / False: shapes_gap with / without ResNet50, the old signature.)"""
+    if isinstance(models, bool):
+        models = ["shapes_gap", "resnet50"] if models else ["shapes_gap"]
+    notes = {}
+    for name in models:
+        if name == "shapes_gap":
+            bundled = REPO / "models" / "shapes_gap"
+            if not (bundled / "config.toml").is_file():
+                raise SystemExit(f"{bundled} is missing")
+            shutil.copytree(bundled, root / "shapes_gap")
+        elif name == "gap224":
+            _write_config(root / name, name, [f"c{i}" for i in range(10)], 224, "scale_0_1", "last_conv")
+            (root / name / "1").mkdir()
+            gap224_model().save(root / name / "1" / "model.keras")
+        elif name == "resnet50":
+            import keras
+
+            _write_config(root / name, name, [f"c{i}" for i in range(1000)], 224, "caffe")
+            (root / name / "1").mkdir()
+            keras.applications.ResNet50(weights=None).save(root / name / "1" / "model.keras")
+        else:
+            raise SystemExit(f"unknown model {name!r}; use {', '.join(MODELS)}")
+        notes[name] = MODELS[name]
     return notes
 
 
-# ------------------------------------------------------------------ in-process baseline
+def input_size(root: Path, name: str) -> tuple[int, int]:
+    import tomllib
+
+    with open(root / name / "config.toml", "rb") as f:
+        h, w = tomllib.load(f)["input_size"]
+    return int(h), int(w)
 
 
-def in_process(root: Path, name: str, batch: int) -> dict[str, float]:
-    """Images per second of Explainer.predict / .explain(gradcam) on full batches."""
-    from camserve.explain import Explainer
-    from camserve.serving.repository import load_model_dir
+def request_bytes(name: str, size: tuple[int, int], op: str) -> bytes:
+    """A single-image request as a typical client sends it: a raw uint8 tensor of the model's
+    input size; Predict with top_k=1; Explain gradcam with the raw map and the heatmap."""
+    from camserve.proto import pb
 
-    entry = load_model_dir(root / name)
-    ex = Explainer(
-        entry.model, layer=entry.config.default_layer, class_names=entry.config.class_names, max_batch_size=batch
-    )
-    h, w = entry.config.input_size
-    x = np.random.default_rng(0).random((batch, h, w, 3), dtype=np.float32) * 255
-    from camserve.imaging import preprocess
-
-    x = preprocess(x, entry.config.preprocessing)
-    return {
-        "predict": batch / timeit(lambda: ex.predict(x), repeats=5, warmup=2),
-        "explain": batch / timeit(lambda: ex.explain(x, methods=("gradcam",)), repeats=5, warmup=2),
-    }
+    h, w = size
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = pb.Image(tensor=pb.Tensor(dtype="uint8", shape=[h, w, 3], data=pixels.tobytes()))
+    spec = pb.ModelSpec(name=name)
+    if op == "predict":
+        return pb.PredictRequest(model=spec, images=[image], top_k=1).SerializeToString()
+    return pb.ExplainRequest(
+        model=spec, images=[image], methods=["gradcam"], return_heatmap=True, return_raw=True
+    ).SerializeToString()
 
 
-# ------------------------------------------------------------------ server process
+# ------------------------------------------------------------------ in-process cost (subprocess)
+
+
+def inproc_main(argv: list[str]) -> int:
+    """``_inproc``: model CPU time and throughput at one batch, printed as JSON."""
+    p = argparse.ArgumentParser(prog="serve.py _inproc")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--models", required=True)
+    p.add_argument("--ops", default="predict,explain")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    import tomllib
+
+    import keras
+
+    import camserve
+    from camserve import Explainer
+
+    out: dict = {"camserve": camserve.__file__, "models": {}}
+    for name in args.models.split(","):
+        with open(args.root / name / "config.toml", "rb") as f:
+            cfg = tomllib.load(f)
+        model = keras.models.load_model(args.root / name / "1" / "model.keras", compile=False)
+        ex = Explainer(model, layer=cfg.get("default_layer"), class_names=cfg["class_names"], max_batch_size=args.batch)
+        h, w = cfg["input_size"]
+        x = np.random.default_rng(0).random((args.batch, h, w, 3), dtype=np.float32)
+        fns = {
+            "predict": lambda ex=ex, x=x: ex.predict(x),
+            "explain": lambda ex=ex, x=x: ex.explain(x, methods=("gradcam",)),
+        }
+        res = {}
+        for op in args.ops.split(","):
+            fn = fns[op]
+            for _ in range(3):
+                fn()
+            cpu, wall = [], []
+            for _ in range(args.repeats):
+                c0, w0 = time.process_time(), time.perf_counter()
+                fn()
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
+            res[op] = {
+                "cpu_ms_per_image": statistics.median(cpu) / args.batch * 1000,
+                "images_per_s": args.batch / statistics.median(wall),
+            }
+        out["models"][name] = res
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------ load generator (subprocess)
+
+
+async def _load_async(args) -> None:
+    import grpc
+
+    request = args.request.read_bytes()
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/{args.method}")  # no (de)serializers: bytes in and out
+
+        async def phase(n: int) -> dict:
+            remaining = n
+            latencies: list[float] = []
+            errors: dict[str, int] = {}
+            first_error = ""
+            last = b""
+
+            async def worker() -> None:
+                nonlocal remaining, first_error, last
+                while remaining > 0:
+                    remaining -= 1
+                    t = time.perf_counter()
+                    try:
+                        last = await call(request, timeout=120)
+                    except grpc.aio.AioRpcError as e:
+                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                        first_error = first_error or f"{e.code().name}: {e.details()}"
+                        continue
+                    latencies.append(time.perf_counter() - t)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(min(args.clients, n))))
+            wall = time.perf_counter() - t0
+            q = sorted(latencies) or [float("nan")]
+            pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
+            return {
+                "count": len(latencies),
+                "errors": errors,
+                "first_error": first_error,
+                "wall_s": wall,
+                "rps": len(latencies) / wall,
+                "p50_ms": statistics.median(q) * 1000,
+                "p90_ms": pick(0.90),
+                "p99_ms": pick(0.99),
+                "response_bytes": len(last),
+                "_last": last,
+            }
+
+        warm = await phase(args.warmup) if args.warmup else {"count": 0, "errors": {}}
+        print(json.dumps({"ready": True, "warmup_errors": warm["errors"]}), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # the go: the caller has read the CPU clock
+        res = await phase(args.count)
+        last = res.pop("_last")
+        print(json.dumps(res), flush=True)
+        if args.save and last:
+            args.save.write_bytes(last)
+
+
+def load_main(argv: list[str]) -> int:
+    """``_load``: warm up, print ready, wait for a line on stdin, run ``--count`` requests, print JSON."""
+    p = argparse.ArgumentParser(prog="serve.py _load")
+    p.add_argument("--target", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--request", type=Path, required=True, help="serialized request message")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--save", type=Path, help="write the last response's bytes here")
+    asyncio.run(_load_async(p.parse_args(argv)))
+    return 0
+
+
+def run_load(pid: int, target: str, method: str, request: Path, clients: int, count: int, warmup: int, save=None):
+    """One load-generator process against server ``pid``; the server's CPU seconds across the
+    counted requests go in ``cpu_s``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_load", "--target", target, "--method", method]
+    cmd += ["--request", str(request), "--clients", str(clients), "--count", str(count), "--warmup", str(warmup)]
+    if save:
+        cmd += ["--save", str(save)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")  # type: ignore[union-attr]
+        if not ready.get("ready"):
+            raise RuntimeError(f"load generator failed to start ({method} {target})")
+        cpu0, fine0 = process_cpu_seconds(pid), threads_cpu_seconds(pid)
+        proc.stdin.write("go\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        cpu1, fine1 = process_cpu_seconds(pid), threads_cpu_seconds(pid)
+        res = json.loads(line)
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(60)
+    # The threads' schedstat sum is exact to the ns but misses threads that ended during the run;
+    # the process's clock ticks count every thread, to 10 ms. The finer one unless they disagree.
+    n = max(res["count"], 1)
+    res["cpu_ticks_ms_per_request"] = (cpu1 - cpu0) / n * 1000
+    res["cpu_ms_per_request"] = (fine1 - fine0) / n * 1000
+    if abs((fine1 - fine0) - (cpu1 - cpu0)) > 0.03 + 0.05 * (cpu1 - cpu0):
+        print(f"  (threads' CPU {fine1 - fine0:.3f} s, process ticks {cpu1 - cpu0:.2f} s: using the ticks)", flush=True)
+        res["cpu_ms_per_request"] = res["cpu_ticks_ms_per_request"]
+    res["warmup_errors"] = ready.get("warmup_errors", {})
+    return res
+
+
+# ------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def code_env(code: Path | None) -> dict[str, str]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if code is not None:
+        env["PYTHONPATH"] = str(code) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+#: Runs ``camserve`` as ``python -m camserve`` would, after printing where camserve comes from.
+#: With BENCH_PROFILE set, SIGUSR1 starts cProfile on the main thread (the event loop) and
+#: SIGUSR2 stops it and writes the stats to that file.
+_SERVER_MAIN = """\
+import os, runpy, signal, sys
+import camserve
+print("camserve from " + camserve.__file__, file=sys.stderr, flush=True)
+sys.argv = ["camserve"] + sys.argv[1:]
+if os.environ.get("BENCH_PROFILE"):
+    import cProfile
+    _prof = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: _prof.enable())
+
+    def _dump(*_):
+        _prof.disable()
+        _prof.dump_stats(os.environ["BENCH_PROFILE"] + ".part")
+        os.replace(os.environ["BENCH_PROFILE"] + ".part", os.environ["BENCH_PROFILE"])
+
+    signal.signal(signal.SIGUSR2, _dump)
+runpy.run_module("camserve", run_name="__main__", alter_sys=True)
+"""
+
+
+class BenchServer:
+    """A server process on a free loopback port: ``camserve serve`` (``kind`` "camserve") or
+    ``bench/bare_grpc.py`` (``kind`` "bare"), started from a neutral working directory."""
+
+    def __init__(self, kind: str, workdir: Path, env: dict[str, str], args: list[str], profile: Path | None = None):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.logfile = workdir / f"{kind}-{self.port}.log"
+        env = dict(env)
+        if profile:
+            env["BENCH_PROFILE"] = str(profile)
+        if kind == "camserve":
+            cmd = [sys.executable, "-c", _SERVER_MAIN, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+            cmd += ["--metrics-port", "-1", "--max-queued", "4096", "--log-level", "WARNING", *args]
+        else:
+            cmd = [sys.executable, str(BENCH / "bare_grpc.py"), "--port", str(self.port), *args]
+        with open(self.logfile, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=log)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+    def camserve_file(self, timeout: float = 120) -> str:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            m = re.search(r"^camserve from (.*)$", self.log(), re.M)
+            if m:
+                return m.group(1).strip()
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError("server did not say where camserve comes from:\n" + self.log()[-3000:])
+
+    def wait_answering(self, calls: list[tuple[str, bytes]], timeout: float = 900) -> None:
+        """Until every (method, request) is answered OK (models loaded, warmed up)."""
+        import grpc
+
+        t0 = time.monotonic()
+        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+            for method, request in calls:
+                call = channel.unary_unary(f"/{SERVICE}/{method}")
+                while True:
+                    try:
+                        call(request, timeout=60)
+                        break
+                    except grpc.RpcError as e:
+                        if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                            raise RuntimeError(f"server never answered {method}: {e}\n" + self.log()[-3000:]) from e
+                        time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 class Server:
+    """``camserve serve`` in its own process (used by ``bench/load.py`` and ``bench/soak.py``):
+    port and metrics port from its "listening" log record, the log kept in ``log``."""
+
     def __init__(self, root: Path, max_batch_size: int, batch_timeout_ms: float) -> None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json", CAMSERVE_LOG_LEVEL="INFO")
         self.proc = subprocess.Popen(
@@ -164,141 +476,357 @@ class Server:
         self.proc.wait(120)
 
 
-# ------------------------------------------------------------------ load
+# ------------------------------------------------------------------ the run
 
 
-async def load(target: str, request, method: str, clients: int, seconds: float) -> dict[str, float]:
-    from camserve.client import AsyncClient
-
-    async with AsyncClient(target, timeout=600, retries=0) as c:
-        await c.call(method, request)  # connection up
-        latencies: list[float] = []
-        stop_at = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < stop_at:
-                t = time.perf_counter()
-                await c.call(method, request)
-                latencies.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
-    return {"rps": len(latencies) / elapsed, "p50": q[49] * 1000, "p99": q[98] * 1000, "n": len(latencies)}
+def git_describe(code: Path) -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no", "--", "camserve"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return "unknown commit"
+    if head.returncode:
+        return "not a git checkout"
+    return head.stdout.strip() + (" with uncommitted changes under camserve/" if dirty.stdout.strip() else "")
 
 
-def requests_for(name: str, size: int):
-    from camserve import wire
-    from camserve.proto import pb
+def measure_server(
+    server: BenchServer, work: list[tuple[str, str, Path]], args, save_dir: Path | None = None
+) -> dict[tuple[str, str], dict[str, dict]]:
+    """Per (model, op): the ``clients``-client run (CPU, throughput) and the 1-client run (latency)."""
+    out: dict[tuple[str, str], dict[str, dict]] = {}
+    for name, op, request in work:
+        method = OPS[op]
+        save = save_dir / f"{method}__{name}.bin" if save_dir else None
+        many = run_load(
+            server.pid, server.target, method, request, args.clients, args.count, args.warmup or 2 * args.clients, save
+        )
+        one = run_load(server.pid, server.target, method, request, 1, args.latency_count, args.warmup or 20)
+        out[(name, op)] = {"many": many, "one": one}
+        for label, r in ((f"{args.clients} clients", many), ("1 client", one)):
+            err = f" errors {r['errors']} ({r['first_error']})" if r["errors"] else ""
+            print(
+                f"  {name} {op} {label}: {r['count']} ok, {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                f"p99 {r['p99_ms']:.2f} ms, server CPU {r['cpu_ms_per_request']:.3f} ms/request{err}",
+                flush=True,
+            )
+    return out
 
-    img = wire.image_to_proto(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    spec = pb.ModelSpec(name=name)
-    return {
-        "predict": ("Predict", pb.PredictRequest(model=spec, images=[img])),
-        "explain": ("Explain", pb.ExplainRequest(model=spec, images=[img], methods=["gradcam"])),
-    }
+
+def write_section(path: Path, label: str, body: str) -> None:
+    """Replace (or add, before "## Earlier runs") the section ``## <label> ...`` of ``path``."""
+    header = (
+        "# Service benchmark (`python bench/serve.py`)\n\n"
+        "Host cost of `camserve serve` per single-image request (SPEC §8.4, issue 9): see the script's "
+        "docstring for the method. One section per labelled run; the latest run of a label replaces "
+        "its section.\n"
+    )
+    text = path.read_text() if path.is_file() else header
+    parts = re.split(r"(?m)^(?=## )", text)
+    head, sections = parts[0], parts[1:]
+    new = f"## {label}{body}".rstrip() + "\n\n"
+    title = lambda s: s.split("\n", 1)[0][3:].split(" — ")[0].strip()
+    for i, s in enumerate(sections):
+        if title(s) == label:
+            sections[i] = new
+            break
+    else:
+        at = next((i for i, s in enumerate(sections) if title(s).lower().startswith("earlier runs")), len(sections))
+        sections.insert(at, new)
+    if not head.endswith("\n\n"):
+        head = head.rstrip("\n") + "\n\n"
+    path.write_text((head + "".join(sections)).rstrip() + "\n")
+
+
+def profile_report(prof: Path, out: Path, heading: str, top: int = 25) -> None:
+    import io
+    import pstats
+
+    parts = [f"# {heading}\n"]
+    for key in ("cumulative", "tottime"):
+        s = io.StringIO()
+        st = pstats.Stats(str(prof), stream=s)
+        st.strip_dirs().sort_stats(key).print_stats(top)
+        body = s.getvalue()
+        body = body[body.find("   ncalls") :] if "   ncalls" in body else body
+        parts.append(f"## Top {top} by {key} time\n\n```\n{body.rstrip()}\n```\n")
+    out.write_text("\n".join(parts))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_load"]:
+        return load_main(argv[1:])
+    if argv[:1] == ["_inproc"]:
+        return inproc_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--levels", default="1,8,32,64", help="concurrent clients per level (default 1,8,32,64)")
-    p.add_argument("--seconds", type=float, default=8.0, help="seconds of load per level (default 8)")
+    p.add_argument("--models", default="shapes_gap,gap224", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--resnet", action="store_true", help="also resnet50 (same as adding it to --models)")
+    p.add_argument("--ops", default="predict,explain", help="comma-separated, from predict, explain")
+    p.add_argument("--clients", type=int, default=32, help="concurrent requests of the CPU / throughput runs")
+    p.add_argument("--count", type=int, default=1000, help="counted requests per CPU / throughput run")
+    p.add_argument("--latency-count", type=int, default=200, help="counted requests per 1-client run")
+    p.add_argument("--warmup", type=int, default=0, help="uncounted requests first (default 2 x clients; 20)")
+    p.add_argument("--repeats", type=int, default=10, help="in-process calls timed per model and op")
+    p.add_argument("--quick", action="store_true", help="a smoke run: --count 200 --latency-count 50 --repeats 3")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout-ms", type=float, default=5.0)
-    p.add_argument("--resnet", action="store_true", help="also ResNet50 (weights=None); slow on CPU")
+    p.add_argument("--code", type=Path, help="run the server (and the in-process cost) from this checkout")
+    p.add_argument("--label", default="latest", help="section of the results file to write (default latest)")
+    p.add_argument("--note", default="", help="a sentence added to the section (e.g. what else ran)")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare grpc.aio server")
+    p.add_argument("--profile", type=Path, help="also profile the batching server (cProfile) into this .md")
+    p.add_argument("--profile-only", action="store_true", help="only the --profile run (no results file)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.md")
     args = p.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
+    if args.quick:
+        args.count, args.latency_count, args.repeats = 200, 50, 3
+    models = [m for m in args.models.split(",") if m] + (["resnet50"] if args.resnet else [])
+    ops = [o for o in args.ops.split(",") if o]
+    if unknown := [o for o in ops if o not in OPS]:
+        p.error(f"unknown ops {unknown}; use {', '.join(OPS)}")
+    code = args.code.resolve() if args.code else REPO
+    env = code_env(args.code.resolve() if args.code else None)
 
-    root = Path(tempfile.mkdtemp(prefix="camserve-bench-"))
-    notes = build_repository(root, args.resnet)
-    sizes = {"shapes_gap": 64, "resnet50": 224}
-    rows, summary = [], []
-    baselines = {name: in_process(root, name, args.max_batch_size) for name in notes}
-    results: dict[tuple, dict] = {}
-    for label, mbs in [("batching", args.max_batch_size), ("max_batch_size=1", 1)]:
-        server = Server(root, mbs, args.batch_timeout_ms)
+    work_dir = Path(tempfile.mkdtemp(prefix="camserve-bench-"))
+    root, responses = work_dir / "models", work_dir / "responses"
+    root.mkdir()
+    responses.mkdir()
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        notes = build_repository(root, models)
+        work = []
+        for name in models:
+            for op in ops:
+                f = work_dir / f"{op}__{name}.req"
+                f.write_bytes(request_bytes(name, input_size(root, name), op))
+                work.append((name, op, f))
+        calls = [(OPS[op], f.read_bytes()) for _, op, f in work]
+
+        if not args.profile_only:
+            inproc, results, imported = measure_all(
+                args, models, ops, work, calls, root, responses, work_dir, env, code
+            )
+        if args.profile:
+            profile_server(args, argv, work, calls, root, work_dir, env, code, started)
+        if not args.profile_only:
+            body = report(args, argv, models, ops, notes, inproc, results, imported, code, started)
+            write_section(args.out, args.label, body)
+            print(f"## {args.label}{body}")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+def checked_import(server: BenchServer, code: Path) -> str:
+    """Where the server imported camserve from; an error unless from ``code``."""
+    found = server.camserve_file()
+    expected = (code / "camserve" / "__init__.py").resolve()
+    if Path(found).resolve() != expected:
+        raise RuntimeError(f"the server imported {found}, not {expected}")
+    return found
+
+
+def measure_all(args, models, ops, work, calls, root, responses, work_dir, env, code):
+    """The in-process cost, then each server under load: (in-process, results, where camserve came from)."""
+    print("in-process model cost ...", flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_inproc", "--root", str(root), "--models"]
+    cmd += [",".join(models), "--ops", ",".join(ops), "--batch", str(args.max_batch_size)]
+    cmd += ["--repeats", str(args.repeats)]
+    done = subprocess.run(cmd, cwd=work_dir, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError("in-process measurement failed:\n" + done.stderr[-3000:])
+    inproc = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(inproc["models"]), flush=True)
+
+    results: dict[str, dict] = {}
+    imported: dict[str, str] = {"in-process": inproc["camserve"]}
+    configs = [
+        ("batching", "camserve", ["--max-batch-size", str(args.max_batch_size)]),
+        ("unbatched", "camserve", ["--max-batch-size", "1"]),
+    ]
+    if not args.no_bare:
+        configs.append(("bare", "bare", ["--responses", str(responses)]))
+    for label, kind, extra in configs:
+        if kind == "camserve":
+            extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms), *extra]
+        print(f"{label} server ...", flush=True)
+        server = BenchServer(kind, work_dir, env, extra)
         try:
-            server.wait_serving()
-            for name in notes:
-                for op, (method, req) in requests_for(name, sizes[name]).items():
-                    for c in levels:
-                        r = asyncio.run(load(server.target, req, method, c, args.seconds))
-                        results[(name, op, label, c)] = r
-                        print(
-                            f"{name} {op} {label} clients={c}: {r['rps']:.1f} req/s p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms",
-                            flush=True,
-                        )
+            imported[label] = checked_import(server, code)
+            server.wait_answering(calls)
+            results[label] = measure_server(server, work, args, responses if label == "batching" else None)
         finally:
             server.stop()
-    for name in notes:
-        for op in ("predict", "explain"):
-            base = baselines[name][op]
-            for c in levels:
-                b, n = results[(name, op, "batching", c)], results[(name, op, "max_batch_size=1", c)]
-                rows.append(
-                    [
-                        name,
-                        op,
-                        c,
-                        f"{b['rps']:.1f}",
-                        f"{b['p50']:.1f} / {b['p99']:.1f}",
-                        f"{n['rps']:.1f}",
-                        f"{n['p50']:.1f} / {n['p99']:.1f}",
-                        f"{b['rps'] / base:.0%}",
-                        f"{b['rps'] / n['rps']:.1f}x",
-                    ]
-                )
-            at = 32 if 32 in levels else levels[-1]
-            b, n = results[(name, op, "batching", at)], results[(name, op, "max_batch_size=1", at)]
-            summary.append(
-                [name, op, f"{base:.1f}", at, f"{b['rps'] / base:.0%}", "≥ 80 %", f"{b['rps'] / n['rps']:.1f}x", "≥ 3x"]
-            )
-    text = "\n\n".join(
-        [
-            "# Service benchmark (`python bench/serve.py`)",
-            f"Machine: {machine()}. Server: `camserve serve` in its own process "
-            f"(max_batch_size={args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms}); load: one asyncio process, one "
-            f"in-flight single-image request per client, {args.seconds:g} s per level, raw uint8 tensors of the model's size. "
-            "Client and server share the machine's cores.",
-            "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
-            "## Targets (SPEC §8.4)",
-            table(
-                [
-                    "model",
-                    "op",
-                    "in-process img/s (batch %d)" % args.max_batch_size,
-                    "clients",
-                    "served / in-process",
-                    "target",
-                    "batching / no batching",
-                    "target",
-                ],
-                summary,
-            ),
-            "## All levels (throughput in requests = images per second; latency p50 / p99 in ms)",
-            table(
-                [
-                    "model",
-                    "op",
-                    "clients",
-                    "batching req/s",
-                    "batching ms",
-                    "no-batching req/s",
-                    "no-batching ms",
-                    "batching / in-process",
-                    "batching / no batching",
-                ],
-                rows,
-            ),
-        ]
+    return inproc, results, imported
+
+
+def profile_server(args, argv, work, calls, root, work_dir, env, code, started):
+    """cProfile of a batching server's main thread under load, into ``args.profile``."""
+    print("profiled batching server ...", flush=True)
+    prof = work_dir / "server.prof"
+    extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms)]
+    server = BenchServer("camserve", work_dir, env, [*extra, "--max-batch-size", str(args.max_batch_size)], prof)
+    try:
+        checked_import(server, code)
+        server.wait_answering(calls)
+        for _name, op, request in work:  # warm up, outside the profile
+            run_load(server.pid, server.target, OPS[op], request, args.clients, 2 * args.clients, 0)
+        server.proc.send_signal(signal.SIGUSR1)
+        for _name, op, request in work:
+            run_load(server.pid, server.target, OPS[op], request, args.clients, args.count, 0)
+        server.proc.send_signal(signal.SIGUSR2)
+        t0 = time.monotonic()
+        while not prof.is_file() and time.monotonic() - t0 < 60:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    if not prof.is_file():
+        raise RuntimeError("no profile written:\n" + server.log()[-3000:])
+    profile_report(
+        prof,
+        args.profile,
+        f"Profile of the `camserve serve` process under load ({args.label}: code {git_describe(code)})\n\n"
+        f"cProfile of the server's main thread (the asyncio event loop; executor threads are not "
+        f"seen; the profiler adds its own overhead, and every resumption of a coroutine counts as a call) while it answered {args.count} single-image requests at {args.clients} clients for each "
+        f"of {', '.join(f'{n} {o}' for n, o, _ in work)} (after start-up and a warm-up, which are not in the profile); "
+        f"max_batch_size={args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g}. "
+        f"Run {started}; machine: {machine()} (cores shared with the load generator and other jobs). "
+        f"Command: `{shlex.join(['python', 'bench/serve.py', *argv])}`.",
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
-    shutil.rmtree(root, ignore_errors=True)
-    return 0
+    print(f"profile written to {args.profile}", flush=True)
+
+
+def report(args, argv, models, ops, notes, inproc, results, imported, code, started) -> str:
+    ms = lambda v: f"{v:.3f} ms"
+    host, lat, detail = [], [], []
+    for name in models:
+        for op in ops:
+            model = inproc["models"][name][op]
+            b, u = results["batching"][(name, op)], results["unbatched"][(name, op)]
+            bare = results.get("bare", {}).get((name, op))
+            beyond = b["many"]["cpu_ms_per_request"] - model["cpu_ms_per_image"]
+            floor = bare["many"]["cpu_ms_per_request"] if bare else float("nan")
+            host.append(
+                [
+                    name,
+                    op,
+                    ms(b["many"]["cpu_ms_per_request"]),
+                    ms(model["cpu_ms_per_image"]),
+                    f"**{ms(beyond)}**",
+                    ms(floor),
+                    f"**{beyond / floor:.1f}×**" if bare else "-",
+                    "≤ 1.5×",
+                ]
+            )
+            lat.append(
+                [
+                    name,
+                    op,
+                    f"{b['one']['p50_ms']:.2f} ms",
+                    f"{u['one']['p50_ms']:.2f} ms",
+                    f"**{b['one']['p50_ms'] / u['one']['p50_ms']:.2f}×** (≤ 1.1×)",
+                    f"{b['many']['rps']:.0f}",
+                    f"{model['images_per_s']:.0f}",
+                    f"**{b['many']['rps'] / model['images_per_s']:.0%}** (≥ 60 %)",
+                    f"{u['many']['rps']:.0f}",
+                    f"**{b['many']['rps'] / u['many']['rps']:.1f}×** (≥ 3×)",
+                ]
+            )
+            for label in ("batching", "unbatched", "bare"):
+                if (name, op) not in results.get(label, {}):
+                    continue
+                for which, clients in (("many", args.clients), ("one", 1)):
+                    r = results[label][(name, op)][which]
+                    errs = sum(r["errors"].values()) + sum(r["warmup_errors"].values())
+                    detail.append(
+                        [
+                            name,
+                            op,
+                            label,
+                            clients,
+                            r["count"],
+                            errs,
+                            f"{r['rps']:.0f}",
+                            f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
+                            f"{r['cpu_ms_per_request']:.3f} ({r['cpu_ticks_ms_per_request']:.2f})",
+                            r["response_bytes"],
+                        ]
+                    )
+    where = "; ".join(f"{k}: `{v}`" for k, v in imported.items())
+    lines = [
+        f" — code {git_describe(code)} (`{code}`), run {started}",
+        f"Command: `{shlex.join(['python', 'bench/serve.py', *argv])}`.",
+        f"Machine: {machine()}. The cores are shared: the server, the load-generator process and "
+        "the other processes on the machine all run on them, so wall-clock figures (latency, "
+        "throughput) move with whatever else runs; the server's CPU time per request is the steady "
+        "figure. " + (args.note + " " if args.note else "") + f"camserve imported from: {where}.",
+        "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ". Requests: one raw uint8 "
+        "image tensor of the model's input size; Predict with top_k=1; Explain with gradcam, "
+        "return_raw and return_heatmap. Servers: `camserve serve` with max_batch_size="
+        f"{args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g} (batching) or max_batch_size=1 "
+        "(unbatched), metrics off; `bench/bare_grpc.py` (bare). Load: a separate process per "
+        f"measurement, {args.clients} requests in flight for {args.count} counted requests (CPU and "
+        f"throughput), 1 in flight for {args.latency_count} (latency), after a warm-up.",
+        f"### Host path: server CPU per request at {args.clients} clients (batching server)",
+        "Server CPU = CPU time of the server's threads (/proc/<pid>/task/*/schedstat; checked against "
+        "the process's utime + stime in clock ticks) over the counted requests / their number; "
+        f"model CPU = in-process `Explainer` on a batch of {args.max_batch_size}, process CPU time / "
+        f"{args.max_batch_size} (median of {args.repeats} calls); beyond = server − model; bare "
+        "floor = bench/bare_grpc.py's CPU per request under the same load. The batches the server "
+        "forms at this load are not always full, so a part of 'beyond' can be the model's own extra cost "
+        "at smaller batches.",
+        table(
+            [
+                "model",
+                "op",
+                "server CPU / request",
+                f"model CPU / image (batch {args.max_batch_size})",
+                "camserve beyond model",
+                "bare grpc.aio floor",
+                "beyond / floor",
+                "target",
+            ],
+            host,
+        ),
+        f"### Latency and throughput ({args.clients} clients unless said)",
+        table(
+            [
+                "model",
+                "op",
+                "1-client p50, batching",
+                "1-client p50, max_batch_size=1",
+                "batching / unbatched",
+                "req/s, batching",
+                f"in-process img/s (batch {args.max_batch_size})",
+                "served / in-process",
+                "req/s, max_batch_size=1",
+                "batching / no batching",
+            ],
+            lat,
+        ),
+        "### Every run",
+        table(
+            [
+                "model",
+                "op",
+                "server",
+                "clients",
+                "requests",
+                "errors",
+                "req/s",
+                "p50 / p99 ms",
+                "server CPU ms / request (from clock ticks)",
+                "response bytes",
+            ],
+            detail,
+        ),
+    ]
+    return lines[0] + "\n\n" + "\n\n".join(lines[1:])
 
 
 if __name__ == "__main__":
