@@ -19,52 +19,42 @@ from __future__ import annotations
 
 
 class CamserveError(Exception):
-    """Base of every camserve error. ``code``: the gRPC status code name it maps to."""
+    """Base of every camserve error. ``code``: the gRPC status code name it maps to;
+    ``http_status``: the HTTP status. A kind declares both in its class line."""
 
     code: str = "INTERNAL"
     http_status: int = 500
 
+    def __init_subclass__(cls, code: str | None = None, http_status: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
 
-class InvalidArgument(CamserveError, ValueError):
+
+class InvalidArgument(CamserveError, ValueError, code="INVALID_ARGUMENT", http_status=400):
     """A bad image or parameter sent by the caller."""
 
-    code = "INVALID_ARGUMENT"
-    http_status = 400
 
-
-class NotFound(CamserveError, LookupError):
+class NotFound(CamserveError, LookupError, code="NOT_FOUND", http_status=404):
     """An unknown model, version, layer or class."""
 
-    code = "NOT_FOUND"
-    http_status = 404
 
-
-class ResourceExhausted(CamserveError):
+class ResourceExhausted(CamserveError, code="RESOURCE_EXHAUSTED", http_status=429):
     """A full queue, or a request or answer over a size limit."""
 
-    code = "RESOURCE_EXHAUSTED"
-    http_status = 429
 
-
-class DeadlineExceeded(CamserveError):
+class DeadlineExceeded(CamserveError, code="DEADLINE_EXCEEDED", http_status=504):
     """The caller's deadline passed before the work was done."""
 
-    code = "DEADLINE_EXCEEDED"
-    http_status = 504
 
-
-class Unavailable(CamserveError):
+class Unavailable(CamserveError, code="UNAVAILABLE", http_status=503):
     """Not serving right now (loading, warming up, draining): retry, maybe elsewhere."""
 
-    code = "UNAVAILABLE"
-    http_status = 503
 
-
-class Unauthenticated(CamserveError):
+class Unauthenticated(CamserveError, code="UNAUTHENTICATED", http_status=401):
     """A missing or wrong credential."""
-
-    code = "UNAUTHENTICATED"
-    http_status = 401
 
 
 #: Every kind; an error has exactly one.

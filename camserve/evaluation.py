@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 import cv2
 import numpy as np
@@ -284,14 +284,15 @@ def perturbation_curve(
     return counts / (h * w), scores
 
 
-def deletion_auc(
-    score_fn: ScoreFn,
-    image: np.ndarray,
-    heatmap: np.ndarray,
-    steps: int = 100,
-    baseline: float | np.ndarray | None = None,
-    batch_size: int = 32,
-) -> float:
+class CurveOptions(TypedDict, total=False):
+    """Options of :func:`perturbation_curve` that the AUC functions pass on."""
+
+    steps: int
+    baseline: float | np.ndarray | None
+    batch_size: int
+
+
+def deletion_auc(score_fn: ScoreFn, image: np.ndarray, heatmap: np.ndarray, **options: Unpack[CurveOptions]) -> float:
     """Area under the deletion curve (trapezoid, x in [0, 1]); lower is better.
     ``baseline`` defaults to zeros. See :func:`perturbation_curve`.
 
@@ -300,17 +301,10 @@ def deletion_auc(
     >>> deletion_auc(f, np.ones((2, 2, 1)), hm, steps=2)   # scores 1, 0, 0
     0.25
     """
-    return _trapezoid(*perturbation_curve(score_fn, image, heatmap, "deletion", steps, baseline, batch_size))
+    return _trapezoid(*perturbation_curve(score_fn, image, heatmap, "deletion", **options))
 
 
-def insertion_auc(
-    score_fn: ScoreFn,
-    image: np.ndarray,
-    heatmap: np.ndarray,
-    steps: int = 100,
-    baseline: float | np.ndarray | None = None,
-    batch_size: int = 32,
-) -> float:
+def insertion_auc(score_fn: ScoreFn, image: np.ndarray, heatmap: np.ndarray, **options: Unpack[CurveOptions]) -> float:
     """Area under the insertion curve (trapezoid, x in [0, 1]); higher is better.
     ``baseline`` defaults to :func:`blurred_baseline` of the image. See :func:`perturbation_curve`.
 
@@ -319,7 +313,7 @@ def insertion_auc(
     >>> insertion_auc(f, np.ones((2, 2, 1)), hm, steps=2, baseline=0.0)   # scores 0, 1, 1
     0.75
     """
-    return _trapezoid(*perturbation_curve(score_fn, image, heatmap, "insertion", steps, baseline, batch_size))
+    return _trapezoid(*perturbation_curve(score_fn, image, heatmap, "insertion", **options))
 
 
 # --------------------------------------------------------------------------- rank correlation

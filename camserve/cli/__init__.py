@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_command(
+    sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """A sub-command's parser: ``help`` in the command list, ``description`` (default: ``help``)
+    on its own ``--help``, shown as written."""
+    return sub.add_parser(
+        name, help=help, description=description or help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def log_level(args: argparse.Namespace) -> str:
     """The ``--log-level`` of the command line (lower case), or the default."""
     return getattr(args, "cli_log_level", None) or DEFAULT_LOG_LEVEL

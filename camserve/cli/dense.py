@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
-from camserve.cli import load_tensorflow, log_level
+from camserve.cli import add_command, load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 #: Class colours of the arg-max map (RGB, matplotlib's tab10), repeated for more classes.
@@ -44,8 +44,8 @@ MAX_DEFAULT_HEATMAPS = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "dense", help="dense sliding-window class scores; writes score heatmaps, an arg-max map and detections"
+    p = add_command(
+        sub, "dense", "dense sliding-window class scores; writes score heatmaps, an arg-max map and detections"
     )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP), any size ≥ the model's")
     p.add_argument(

@@ -13,14 +13,14 @@ import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
-from camserve.cli import load_tensorflow, log_level
+from camserve.cli import add_command, load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 BATCH = 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="explain images with CAM methods; writes overlays and a JSON")
+    p = add_command(sub, "explain", "explain images with CAM methods; writes overlays and a JSON")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras")

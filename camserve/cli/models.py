@@ -11,16 +11,11 @@ import argparse
 import json
 from typing import Any
 
-from camserve.cli import load_tensorflow, log_level
+from camserve.cli import add_command, load_tensorflow, log_level
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list a server's (or a local repository's) models; check health",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "models", "list a server's (or a local repository's) models; check health", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="HOST:PORT of a camserve server (or a gRPC target such as dns:///name:8500)")
     src.add_argument("--repository", help="a local model repository folder")

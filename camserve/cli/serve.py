@@ -14,17 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from camserve.cli import load_tensorflow
+from camserve.cli import add_command, load_tensorflow
 from camserve.serving import config as server_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model repository over gRPC (dynamic batching, health, metrics)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "serve", "serve a model repository over gRPC (dynamic batching, health, metrics)", __doc__)
     server_config.add_arguments(p)
     p.set_defaults(func=run)
 

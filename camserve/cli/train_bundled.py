@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from camserve.cli import load_tensorflow, log_level
+from camserve.cli import add_command, load_tensorflow, log_level
 from camserve.errors import InvalidArgument
 
 
@@ -16,9 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-bundled`` parser."""
     from camserve.datasets.bundled import RECIPES
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "train-bundled",
-        help="regenerate models/shapes_gap and models/shapes_fc (deterministic, CPU, minutes)",
+        "regenerate models/shapes_gap and models/shapes_fc (deterministic, CPU, minutes)",
         description="Train the bundled shapes classifiers on freshly generated scenes and write "
         "<out>/<name>/1/model.keras and <out>/<name>/config.toml with measured metrics.",
     )

@@ -1,9 +1,6 @@
 """Dense sliding-window scores: classifier heads turned into convolutions
 (:mod:`camserve.dense.fcn`), the backbone's receptive field (:mod:`camserve.dense.receptive_field`)
-and the score grids, detections and maps built on them (:mod:`camserve.dense.scores`).
-
->>> from camserve.dense import dense_scores, to_fully_convolutional   # doctest: +SKIP
-"""
+and the score grids, detections and maps built on them (:mod:`camserve.dense.scores`)."""
 
 from camserve.dense.fcn import FullyConvolutional, layer_flops, to_fully_convolutional
 from camserve.dense.receptive_field import ConversionError, ReceptiveField, analyze
