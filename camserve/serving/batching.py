@@ -2,20 +2,30 @@
 
 Requests submitted under the same *key* (for the server: model version, operation, input
 shape and the parameters that change the computation) are merged into one call of a
-``compute(key, items)`` function, which runs in a worker thread, off the event loop. A batch
-closes when it holds ``max_batch_size`` units of work or when its oldest request has waited
-``batch_timeout`` seconds; while every worker is busy, requests keep accumulating, so the next
-batch is as large as the load allows (the Triton "dynamic batcher" behaviour).
+``compute(key, items)`` function, which runs in a worker thread, off the event loop.
+
+The policy is Triton's dynamic batcher: a request that finds the device idle (no batch in
+compute) runs at once, alone or with whatever already waits; while a batch computes,
+arrivals accumulate, and the next batch takes up to ``max_batch_size`` units of them as soon
+as a worker is free and the device idle. With several workers, a free worker waits for
+company while another batch computes: it starts when ``max_batch_size`` units wait, when the
+oldest request has waited ``batch_timeout`` seconds, or when the device goes idle. So a lone
+request never waits for ``batch_timeout``, and under load batches are as large as the load
+allows.
 
 The queue is bounded: :meth:`Batcher.submit` raises :class:`QueueFull` at once when
 ``max_queued`` requests are waiting. A request whose deadline has passed is dropped before
 compute (:class:`DeadlineExpired`); a cancelled request leaves the queue at once. Padding
 to fixed batch sizes is the compute function's business (:class:`camserve.Explainer`
-buckets its batches itself).
+buckets its batches itself). Every request of a failed batch gets its own copy of the
+error; :meth:`Batcher.close` resolves every request it does not compute.
+
+Scheduling is event-driven, on the loop's thread: a submit or a finished batch looks for a
+batch to start (no worker coroutines, no per-request tasks); the only timer is the one of a
+free worker waiting for company.
 
 >>> async def demo():
 ...     b = Batcher(lambda key, items: [x * 10 for x in items], max_batch_size=8, batch_timeout=0.01)
-...     await b.start()
 ...     out = await asyncio.gather(*(b.submit("k", i) for i in range(3)))
 ...     await b.close()
 ...     return out
@@ -28,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import functools
 import logging
@@ -88,12 +99,49 @@ class _Entry(Generic[K, T]):
     enqueued: float
 
 
+class _Queue(Generic[K, T]):
+    """The waiting entries of one key, oldest first, and their units of work."""
+
+    __slots__ = ("entries", "units")
+
+    def __init__(self) -> None:
+        self.entries: collections.deque[_Entry[K, T]] = collections.deque()
+        self.units = 0
+
+
+def own_copy(exc: BaseException) -> BaseException:
+    """A fresh exception of the same type and arguments (its own traceback and notes), so that
+    requests that failed together do not share, and cannot rewrite, one object.
+
+    >>> e = ValueError("bad")
+    >>> c = own_copy(e)
+    >>> c is not e and type(c) is ValueError and c.args == ("bad",)
+    True
+    """
+    try:
+        fresh = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied
+        return exc
+    if fresh is exc or type(fresh) is not type(exc):
+        return exc
+    fresh.__traceback__ = None
+    fresh.__cause__ = exc.__cause__
+    return fresh
+
+
+def _as_failure(exc: BaseException) -> BaseException:
+    """What the requests of a batch whose compute raised ``exc`` get."""
+    if isinstance(exc, asyncio.CancelledError | concurrent.futures.CancelledError):
+        return BatcherClosed("the server shut down before this request was computed")
+    return exc
+
+
 class Batcher(Generic[K, T]):
     """Merge concurrent requests with equal keys into batched ``compute`` calls.
 
     ``max_batch_size``: units of work per batch (a request of ``size`` n counts n; a single
-    request larger than the limit runs alone). ``batch_timeout``: seconds the oldest request
-    of a forming batch may wait for company. ``max_queued``: waiting requests before
+    request larger than the limit runs alone). ``batch_timeout``: seconds a free worker waits
+    for company while another batch computes. ``max_queued``: waiting requests before
     :class:`QueueFull`. ``workers``: batches computed concurrently (threads).
     """
 
@@ -121,13 +169,14 @@ class Batcher(Generic[K, T]):
         self.metrics: BatcherMetrics[K] = metrics or BatcherMetrics()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="camserve-batch")
-        # key -> waiting entries, oldest first; dict order = order in which keys became non-empty.
-        self._pending: dict[K, collections.deque[_Entry[K, T]]] = {}
-        self._claimed: set[K] = set()
+        # key -> waiting entries; dict order = order in which keys became non-empty.
+        self._pending: dict[K, _Queue[K, T]] = {}
         self._depth = 0
-        self._running = 0  # batches in compute
-        self._cond: asyncio.Condition | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._running: set[int] = set()  # ids of the batches in compute
+        self._batches: dict[int, list[_Entry[K, T]]] = {}  # those batches' entries
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Event | None = None  # while close() drains
         self._closing = False
 
     # ------------------------------------------------------------ public
@@ -138,16 +187,19 @@ class Batcher(Generic[K, T]):
         return self._depth
 
     @property
+    def running(self) -> int:
+        """Batches in compute."""
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
         """True while anything waits or computes."""
-        return self._depth > 0 or self._running > 0
+        return self._depth > 0 or bool(self._running)
 
     async def start(self) -> None:
-        """Start the worker coroutines on the running loop."""
-        if self._tasks:
-            return
-        self._cond = asyncio.Condition()
-        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-worker-{i}") for i in range(self.workers)]
+        """Bind the batcher to the running loop (``submit`` does it too when needed)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
 
     async def submit(self, key: K, item: T, *, size: int = 1, deadline: float | None = None) -> Any:
         """Queue ``item`` under ``key`` and wait for its result.
@@ -155,10 +207,10 @@ class Batcher(Generic[K, T]):
         ``deadline`` is a ``time.monotonic()`` instant. Raises QueueFull, DeadlineExpired,
         BatcherClosed, or what compute raised / returned for this item.
         """
-        if self._cond is None:
+        if self._loop is None:
             await self.start()
-        cond = self._cond
-        assert cond is not None
+        loop = self._loop
+        assert loop is not None
         if self._closing:
             raise BatcherClosed("the server is shutting down and accepts no new requests; retry on another replica")
         now = time.monotonic()
@@ -169,30 +221,49 @@ class Batcher(Generic[K, T]):
             raise QueueFull(
                 f"the request queue is full ({self._depth} of max_queued={self.max_queued} waiting); retry later"
             )
-        loop = asyncio.get_running_loop()
         entry = _Entry(key, item, max(1, int(size)), deadline, loop.create_future(), now)
-        self._pending.setdefault(key, collections.deque()).append(entry)
+        q = self._pending.get(key)
+        if q is None:
+            q = self._pending[key] = _Queue()
+        q.entries.append(entry)
+        q.units += entry.size
         self._set_depth(self._depth + 1)
-        entry.future.add_done_callback(functools.partial(self._on_done, entry))
-        async with cond:
-            cond.notify_all()
-        return await entry.future
+        self._dispatch()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # A cancelled (or timed out) request leaves the queue at once.
+            if self._remove(entry):
+                self._drop_metric(key, "cancelled")
+            raise
 
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting work; with ``drain`` finish what is queued and running first."""
+        """Stop accepting work; with ``drain`` compute what is queued and wait (at most
+        ``timeout`` seconds) for it. Every request not computed by then fails with
+        :class:`BatcherClosed`, also those of batches still in compute (their threads run on
+        until the compute function returns)."""
         self._closing = True
-        if drain:
-            t0 = time.monotonic()
-            while self.busy and (timeout is None or time.monotonic() - t0 < timeout):
-                await asyncio.sleep(0.005)
-        for entries in list(self._pending.values()):
-            for e in list(entries):
+        if self._loop is not None:
+            self._dispatch()  # closing: what waits starts without waiting for company
+        if drain and self.busy:
+            self._idle = asyncio.Event()  # set by _dispatch once nothing waits or computes
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for q in list(self._pending.values()):
+            for e in q.entries:
                 if not e.future.done():
                     e.future.set_exception(BatcherClosed("the server shut down before this request was computed"))
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        self._pending.clear()
+        self._set_depth(0)
+        for batch in self._batches.values():
+            for e in batch:
+                if not e.future.done():
+                    e.future.set_exception(BatcherClosed("the server shut down while this request was computed"))
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
@@ -212,42 +283,61 @@ class Batcher(Generic[K, T]):
         if q is None:
             return False
         try:
-            q.remove(entry)
+            q.entries.remove(entry)
         except ValueError:
             return False
-        if not q:
+        q.units -= entry.size
+        if not q.entries:
             del self._pending[entry.key]
         self._set_depth(self._depth - 1)
+        self._dispatch()  # a waiting batch may be complete now (or the timer obsolete)
         return True
 
-    def _on_done(self, entry: _Entry[K, T], _future: asyncio.Future | None = None) -> None:
-        # A cancelled (or externally failed) request leaves the queue at once.
-        if self._remove(entry) and entry.future.cancelled():
-            self._drop_metric(entry.key, "cancelled")
-
-    def _units(self, key: K) -> int:
-        return sum(e.size for e in self._pending.get(key, ()))
-
-    def _next_key(self) -> K | None:
-        best, best_t = None, None
+    def _ready(self, now: float) -> tuple[K | None, float | None]:
+        """(the key whose batch starts now, None) or (None, when to look again)."""
+        idle = not self._running or self._closing
+        best: K | None = None
+        best_t = 0.0
+        wake: float | None = None
         for key, q in self._pending.items():
-            if key in self._claimed or not q:
-                continue
-            if best_t is None or q[0].enqueued < best_t:
-                best, best_t = key, q[0].enqueued
-        return best
+            head = q.entries[0].enqueued
+            if idle or q.units >= self.max_batch_size or head + self.batch_timeout <= now:
+                if best is None or head < best_t:
+                    best, best_t = key, head
+            elif wake is None or head + self.batch_timeout < wake:
+                wake = head + self.batch_timeout
+        return best, None if best is not None else wake
 
-    def _take(self, key: K) -> list[_Entry[K, T]]:
-        q = self._pending.get(key)
+    def _dispatch(self) -> None:
+        """Start every batch that should start now; arm the timer for the next one."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending and len(self._running) < self.workers:
+            now = time.monotonic()
+            key, wake = self._ready(now)
+            if key is None:
+                if wake is not None and self._loop is not None:
+                    self._timer = self._loop.call_later(max(0.0, wake - now), self._dispatch)
+                break
+            batch = self._take(key, now)
+            if batch:
+                self._launch(key, batch, now)
+        if self._idle is not None and not self.busy:
+            self._idle.set()
+
+    def _take(self, key: K, now: float) -> list[_Entry[K, T]]:
+        q = self._pending[key]
         batch: list[_Entry[K, T]] = []
-        units = 0
-        now = time.monotonic()
-        while q:
-            e = q[0]
+        units = taken = 0
+        entries = q.entries
+        while entries:
+            e = entries[0]
             if batch and units + e.size > self.max_batch_size:
                 break
-            q.popleft()
-            self._set_depth(self._depth - 1)
+            entries.popleft()
+            taken += 1
+            q.units -= e.size
             if e.future.done():
                 continue
             if e.deadline is not None and e.deadline <= now:
@@ -256,67 +346,52 @@ class Batcher(Generic[K, T]):
                 continue
             batch.append(e)
             units += e.size
-        if q is not None and not q:
-            self._pending.pop(key, None)
+        if not entries:
+            del self._pending[key]
+        self._set_depth(self._depth - taken)
         return batch
 
-    async def _worker(self) -> None:
-        assert self._cond is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            async with self._cond:
-                key = self._next_key()
-                while key is None:
-                    await self._cond.wait()
-                    key = self._next_key()
-                self._claimed.add(key)
-                try:
-                    # Wait for company until the batch is full or the oldest request's time is up.
-                    while True:
-                        q = self._pending.get(key)
-                        if not q:
-                            break
-                        if self._units(key) >= self.max_batch_size or self._closing:
-                            break
-                        remaining = q[0].enqueued + self.batch_timeout - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        try:
-                            await asyncio.wait_for(self._cond.wait(), remaining)
-                        except TimeoutError:
-                            pass
-                    batch = self._take(key)
-                finally:
-                    self._claimed.discard(key)
-                    self._cond.notify_all()
-            if not batch:
-                continue
-            await self._run(loop, key, batch)
-
-    async def _run(self, loop: asyncio.AbstractEventLoop, key: K, batch: list[_Entry[K, T]]) -> None:
-        start = time.monotonic()
-        units = sum(e.size for e in batch)
-        if self.metrics.batch:
-            self.metrics.batch(key, units)
-        if self.metrics.queue_time:
+    def _launch(self, key: K, batch: list[_Entry[K, T]], now: float) -> None:
+        m = self.metrics
+        if m.batch:
+            m.batch(key, sum(e.size for e in batch))
+        if m.queue_time:
             for e in batch:
-                self.metrics.queue_time(key, start - e.enqueued)
-        self._running += 1
+                m.queue_time(key, now - e.enqueued)
+        token = id(batch)
+        self._running.add(token)
+        self._batches[token] = batch
+        items = [e.item for e in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self.compute, key, [e.item for e in batch])
+            cf = self._executor.submit(self.compute, key, items)
+        except RuntimeError as exc:  # the executor was shut down
+            cf = concurrent.futures.Future()
+            cf.set_exception(BatcherClosed(f"the server shut down before this request was computed ({exc})"))
+        fut = asyncio.wrap_future(cf, loop=self._loop)
+        fut.add_done_callback(functools.partial(self._finished, token))
+
+    def _finished(self, token: int, fut: asyncio.Future) -> None:
+        self._running.discard(token)
+        batch = self._batches.pop(token, [])
+        try:
+            results = fut.result()
             if len(results) != len(batch):
                 raise RuntimeError(f"compute returned {len(results)} results for {len(batch)} items")
-        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+        except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
+            failure = _as_failure(exc)
+            first = True
             for e in batch:
                 if not e.future.done():
-                    e.future.set_exception(exc)
-            return
-        finally:
-            self._running -= 1
-        for e, r in zip(batch, results):
-            if e.future.done():
-                continue
-            if isinstance(r, BaseException):
-                e.future.set_exception(r)
-            else:
-                e.future.set_result(r)
+                    e.future.set_exception(failure if first else own_copy(failure))
+                    first = False
+        else:
+            seen: set[int] = set()
+            for e, r in zip(batch, results):
+                if e.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    e.future.set_exception(own_copy(r) if id(r) in seen else r)
+                    seen.add(id(r))
+                else:
+                    e.future.set_result(r)
+        self._dispatch()

@@ -42,31 +42,50 @@ def run(coro):
 
 
 def test_same_key_merges_different_keys_do_not() -> None:
-    rec = Recorder()
+    gate = threading.Event()
+    rec = Recorder(gate)
 
     async def main():
         b = Batcher(rec, max_batch_size=64, batch_timeout=0.2)
-        out = await asyncio.gather(*(b.submit(k, i) for i in range(6) for k in ("a", "b")))
+        busy = asyncio.create_task(b.submit("busy", 0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit(k, i)) for i in range(6) for k in ("a", "b")]
+        await asyncio.sleep(0.01)
+        gate.set()
+        out = await asyncio.gather(*rest)
+        await busy
         await b.close()
         return out
 
     out = run(main())
     assert out == [(k, i) for i in range(6) for k in ("a", "b")]
-    assert sorted((k, sorted(items)) for k, items in rec.batches) == [("a", list(range(6))), ("b", list(range(6)))]
+    assert sorted((k, sorted(items)) for k, items in rec.batches) == [
+        ("a", list(range(6))),
+        ("b", list(range(6))),
+        ("busy", [0]),
+    ]
     assert threading.main_thread().ident not in rec.threads, "compute ran on the event loop thread"
 
 
 def test_batch_closes_at_max_size_without_waiting_for_timeout() -> None:
-    rec = Recorder()
+    gate = threading.Event()
+    rec = Recorder(gate)
 
     async def main():
         b = Batcher(rec, max_batch_size=4, batch_timeout=30.0)  # the timeout would hang the test
-        out = await asyncio.wait_for(asyncio.gather(*(b.submit("k", i) for i in range(8))), 10)
+        busy = asyncio.create_task(b.submit("k", "busy"))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit("k", i)) for i in range(8)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        out = await asyncio.wait_for(asyncio.gather(busy, *rest), 10)
         await b.close()
         return out
 
     run(main())
-    assert [len(items) for _, items in rec.batches] == [4, 4]
+    assert [len(items) for _, items in rec.batches] == [1, 4, 4]
 
 
 def test_sizes_count_units_and_oversize_request_runs_alone() -> None:
@@ -83,23 +102,85 @@ def test_sizes_count_units_and_oversize_request_runs_alone() -> None:
     assert [items for _, items in rec.batches] == [["big"], ["x", "y"]]
 
 
-def test_timeout_closes_partial_batch() -> None:
+def test_lone_request_on_an_idle_device_runs_at_once() -> None:
+    """Issue 9 item 2: a request that finds nothing computing is not held for batch_timeout
+    (30 s here: waiting for it would hit the 10 s limit below)."""
     rec = Recorder()
     sizes: list[int] = []
 
     async def main():
         b = Batcher(
-            rec, max_batch_size=100, batch_timeout=0.05, metrics=BatcherMetrics(batch=lambda k, n: sizes.append(n))
+            rec, max_batch_size=100, batch_timeout=30.0, metrics=BatcherMetrics(batch=lambda k, n: sizes.append(n))
         )
-        t0 = time.monotonic()
-        out = await b.submit("k", 1)
-        waited = time.monotonic() - t0
+        out = [await asyncio.wait_for(b.submit("k", i), 10) for i in range(3)]  # one after the other
         await b.close()
-        return out, waited
+        return out
 
-    out, waited = run(main())
-    assert out == ("k", 1) and sizes == [1]
-    assert waited >= 0.05  # it waited for company (a lower bound, not a timing assertion)
+    assert run(main()) == [("k", 0), ("k", 1), ("k", 2)]
+    assert sizes == [1, 1, 1]
+
+
+def test_arrivals_during_compute_merge_and_start_when_the_device_frees() -> None:
+    """While a batch computes, arrivals accumulate; when it ends they run at once as one batch
+    (not after batch_timeout: 30 s here)."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main():
+        b = Batcher(rec, max_batch_size=32, batch_timeout=30.0)
+        first = asyncio.create_task(b.submit("k", 0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit("k", i)) for i in range(1, 11)]
+        await asyncio.sleep(0.01)
+        assert b.depth == 10 and b.running == 1
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        await b.close()
+
+    run(main())
+    assert [items for _, items in rec.batches] == [[0], list(range(1, 11))]
+
+
+def test_free_worker_waits_for_company_while_another_batch_computes() -> None:
+    """With two workers and one busy, a second key's lone request waits (batch_timeout) for
+    company instead of starting a batch of one; a full batch starts at once."""
+    gate = threading.Event()
+    sizes: list[tuple[str, int]] = []
+    started: dict[str, float] = {}
+
+    def compute(key, items):
+        started.setdefault(key, time.monotonic())
+        if key == "slow":
+            assert gate.wait(10)
+        return items
+
+    async def main():
+        b = Batcher(
+            compute,
+            max_batch_size=4,
+            batch_timeout=0.05,
+            workers=2,
+            metrics=BatcherMetrics(batch=lambda k, n: sizes.append((k, n))),
+        )
+        slow = asyncio.create_task(b.submit("slow", 0))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        lone = asyncio.create_task(b.submit("lone", 1))
+        await asyncio.sleep(0)
+        company = asyncio.create_task(b.submit("lone", 2))
+        assert await asyncio.wait_for(asyncio.gather(lone, company), 10) == [1, 2]
+        waited = started["lone"] - t0
+        full = await asyncio.wait_for(asyncio.gather(*(b.submit("full", i) for i in range(4))), 10)
+        gate.set()
+        await slow
+        await b.close()
+        return waited, full
+
+    waited, full = run(main())
+    assert waited >= 0.05  # a lower bound: it waited for company (not a timing assertion)
+    assert full == [0, 1, 2, 3]
+    assert sizes == [("slow", 1), ("lone", 2), ("full", 4)]
 
 
 def test_requests_accumulate_while_worker_busy() -> None:
@@ -236,21 +317,29 @@ def test_close_drains_then_refuses() -> None:
 
 
 def test_queue_time_and_depth_metrics() -> None:
+    gate = threading.Event()
     qtimes: list[float] = []
     depths: list[int] = []
 
     async def main():
+        rec = Recorder(gate)
         b = Batcher(
-            Recorder(),
+            rec,
             max_batch_size=4,
             batch_timeout=0.01,
             metrics=BatcherMetrics(queue_time=lambda k, s: qtimes.append(s), queue_depth=depths.append),
         )
-        await asyncio.gather(*(b.submit("k", i) for i in range(4)))
+        busy = asyncio.create_task(b.submit("busy", 0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit("k", i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(busy, *rest)
         await b.close()
 
     run(main())
-    assert len(qtimes) == 4 and all(t >= 0 for t in qtimes)
+    assert len(qtimes) == 5 and all(t >= 0 for t in qtimes)
     assert max(depths) == 4 and depths[-1] == 0
 
 
@@ -268,3 +357,76 @@ def test_several_workers_compute_concurrently() -> None:
         return out
 
     assert run(main()) == [1, 2]
+
+
+def test_a_failed_batch_gives_each_request_its_own_exception() -> None:
+    """Issue 9: one exception object was shared by every request of a failed batch (and then
+    rewritten by whoever tagged it); each request now gets its own, of the same kind."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    def compute(key, items):
+        if key == "boom":
+            raise DeadlineExpired("the batch ran out of time")
+        return rec(key, items)
+
+    async def main():
+        b = Batcher(compute, max_batch_size=8, batch_timeout=0.0)
+        busy = asyncio.create_task(b.submit("busy", 0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        doomed = [asyncio.create_task(b.submit("boom", i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await busy
+        out = await asyncio.gather(*doomed, return_exceptions=True)
+        await b.close()
+        return out
+
+    errors = run(main())
+    assert all(isinstance(e, DeadlineExpired) and e.args == ("the batch ran out of time",) for e in errors)
+    assert len({id(e) for e in errors}) == 3
+    errors[0].args = ("request 'x': rewritten",)
+    assert errors[1].args == ("the batch ran out of time",)
+
+
+def test_close_without_drain_resolves_every_future() -> None:
+    """Issue 9: Batcher.close(drain=False) left the requests of the batch in compute pending
+    for ever; now queued and computing requests all fail UNAVAILABLE at once."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main():
+        b = Batcher(rec, max_batch_size=1, batch_timeout=0.0)
+        computing = asyncio.create_task(b.submit("k", "computing"))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        queued = asyncio.create_task(b.submit("k", "queued"))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(b.close(drain=False), 10)
+        done, pending = await asyncio.wait([computing, queued], timeout=5)
+        gate.set()
+        return [t.exception() for t in done], pending
+
+    errors, pending = run(main())
+    assert not pending, "close(drain=False) left requests unresolved"
+    assert len(errors) == 2 and all(isinstance(e, BatcherClosed) for e in errors)
+
+
+def test_close_with_drain_computes_what_waits_without_waiting_for_company() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main():
+        b = Batcher(rec, max_batch_size=8, batch_timeout=30.0, workers=2)
+        busy = asyncio.create_task(b.submit("busy", 0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        waiting = asyncio.create_task(b.submit("k", 1))  # a free worker waits up to 30 s for company
+        await asyncio.sleep(0.01)
+        assert b.depth == 1
+        gate.set()
+        await asyncio.wait_for(b.close(drain=True), 10)
+        return await busy, await waiting
+
+    assert run(main()) == (("busy", 0), ("k", 1))
