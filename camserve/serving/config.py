@@ -54,7 +54,14 @@ class ServerConfig:
     version_policy: str = _field("all", "model versions to load: all | latest")
     chunk_size: int = _field(32, "masked inputs per pass for Score-CAM / Ablation-CAM")
     max_channels: int = _field(0, "Score-CAM channels (highest variance first; 0: all)")
-    stream_inflight: int = _field(16, "requests of one ExplainStream processed at once")
+    stream_inflight: int = _field(16, "requests of one ExplainStream in progress at once (read, not yet sent back)")
+    max_work_units: int = _field(
+        1_000_000,
+        "work one request may ask for, and the requests in progress together (one unit: about one classifier "
+        "pass over an image or window: Predict images; Explain images x targets x methods, Score-CAM and "
+        "Ablation-CAM by channels; DenseScores windows scored over all scales and shifts)",
+    )
+    max_layers_cached: int = _field(8, "explainers kept for layers other than the default (least recently used go)")
     tls_cert: str = _field("", "PEM certificate chain: serve TLS when set (with --tls-key)")
     tls_key: str = _field("", "PEM private key for --tls-cert")
     token: str = _field("", "bearer token required in 'authorization: Bearer <token>' (empty: no auth)", secret=True)
@@ -89,12 +96,15 @@ class ServerConfig:
             "max_pixels",
             "chunk_size",
             "stream_inflight",
+            "max_work_units",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0 or self.max_message_mb <= 0 or self.drain_timeout_s < 0:
             raise InvalidArgument("batch_timeout_ms and drain_timeout_s must be >= 0 and max_message_mb > 0")
+        if self.max_layers_cached < 0:
+            raise InvalidArgument(f"max_layers_cached must be >= 0, got {self.max_layers_cached}")
         if self.max_channels < 0:
             raise InvalidArgument(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
         if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:

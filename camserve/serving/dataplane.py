@@ -1,9 +1,11 @@
 """The protocol-independent request path of the server.
 
-validate → decode → prepare (:func:`camserve.imaging.model_input`) → batch (the
-:class:`~camserve.serving.batching.Batcher`) → compute (:class:`camserve.Explainer`,
-:func:`camserve.dense.dense_scores`, in a worker thread) → results as library objects (numpy
-scores, :class:`~camserve.explanation.Explanation` lists, a
+validate → cost (:mod:`~camserve.serving.budget`: work units against ``max_work_units``, the
+answer's size against ``max_message_mb``) → decode → prepare (pixels resized to the model's
+input; preprocessing runs once per batch in the worker) → batch (the
+:class:`~camserve.serving.batching.Batcher`) → compute (:mod:`~camserve.serving.compute`, in a
+worker thread, stopping between chunks when nobody waits any more) → results as library
+objects (numpy scores, :class:`~camserve.explanation.Explanation` lists, a
 :class:`~camserve.dense.DenseResult`). Protocol front ends (the gRPC servicer; later HTTP and
 the Open Inference Protocol) only convert their messages to these calls and the results
 back, so every front end shares one batcher, one set of limits and the same checks.
@@ -22,42 +24,61 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import numpy as np
 
 from camserve import wire
-from camserve.errors import InvalidArgument, NotFound, Unavailable
-from camserve.imaging import encode_png, model_input, overlay
+from camserve.errors import InvalidArgument, Unavailable
+from camserve.imaging import model_input, resize
 from camserve.proto import pb
+from camserve.serving import budget, compute
 from camserve.serving.batching import Batcher, BatcherMetrics
+from camserve.serving.budget import Cost, Outputs, WorkBudget
 from camserve.serving.config import ServerConfig
-from camserve.serving.jobs import (
-    BatchKey,
-    DenseJob,
-    DenseKey,
-    ExplainJob,
-    ExplainKey,
-    Job,
-    PredictJob,
-    PredictKey,
-    split,
+from camserve.serving.jobs import BatchKey, DenseJob, DenseKey, ExplainJob, ExplainKey, Job, PredictJob, PredictKey
+from camserve.serving.repository import ModelNotFound, ModelRepository
+from camserve.serving.results import (
+    DenseScoresResult,
+    ExplainResult,
+    ModelDescription,
+    PredictResult,
+    Prepared,
+    display_pixels,
 )
-from camserve.serving.repository import ModelConfig, ModelNotFound, ModelRepository
 from camserve.serving.runtime import ModelRuntime, ModelRuntimes
 
 if TYPE_CHECKING:
-    from camserve.dense import DenseResult
-    from camserve.explanation import Explanation
+    from camserve.explain import Explainer
+
+__all__ = [
+    "DataPlane",
+    "DenseScoresResult",
+    "ExplainResult",
+    "ImageInput",
+    "ModelDescription",
+    "Outputs",
+    "PredictResult",
+    "Prepared",
+    "decode_image",
+    "display_pixels",
+]
 
 #: One image of a request: a wire Image (encoded bytes or a tensor) or a decoded WireImage.
 ImageInput = Union["pb.Image", wire.WireImage]
 
-#: Inputs up to this many bytes in all are prepared on the event loop (cheaper than a thread hop).
-SMALL_INPUT_BYTES = 256 * 1024
+#: Raw tensors up to this many bytes in all are prepared on the event loop (they are viewed,
+#: not copied or decoded: cheaper than a thread hop); encoded images always go to the pool.
+SMALL_INPUT_BYTES = 1024 * 1024
 
 MAX_SCALES = 16
+
+#: An Explain answer with labels, scores and boxes only.
+NO_MAPS = Outputs()
+
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------------------- images
@@ -84,102 +105,33 @@ def declared_size(image: ImageInput) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def input_bytes(images: Sequence[ImageInput]) -> int:
-    """Bytes of the raw inputs; encoded images count as large (decoding them is work)."""
+def inline_ok(images: Sequence[ImageInput]) -> bool:
+    """True when preparing ``images`` is cheaper here than a thread hop: no encoded image and
+    at most :data:`SMALL_INPUT_BYTES` of raw tensors (their bytes are viewed, not copied)."""
     total = 0
     for m in images:
         if isinstance(m, wire.WireImage):
             total += m.array.nbytes
+        elif m.WhichOneof("source") == "tensor":
+            total += m.ByteSize()  # the size, without copying the bytes out of the message
         else:
-            total += len(m.tensor.data) if m.WhichOneof("source") == "tensor" else 1 << 30
-    return total
+            return False
+    return total <= SMALL_INPUT_BYTES
 
 
-def display_pixels(x: np.ndarray) -> np.ndarray:
-    """A preprocessed input rescaled to uint8 RGB, as the background of an overlay.
-
-    >>> display_pixels(np.array([[[-1.0], [1.0]]], np.float32))[0].tolist()
-    [[0, 0, 0], [255, 255, 255]]
-    """
-    x = np.asarray(x, np.float32)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    x = x[..., :3]
-    lo, hi = float(x.min()), float(x.max())
-    return ((x - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
+def _label_bytes(names: Sequence[str]) -> int:
+    return max((len(n.encode()) for n in names), default=8)
 
 
-# ---------------------------------------------------------------------------- results
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """Images as the model takes them: ``inputs`` (n, H, W, C) float32, and the pixels as
-    sent (None for preprocessed tensors)."""
-
-    inputs: np.ndarray
-    pixels: list[np.ndarray | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictResult:
-    model: str
-    version: int
-    class_names: tuple[str, ...]
-    scores: np.ndarray  # (n, classes)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExplainResult:
-    """Per image, one Explanation per (target, method), targets outer, methods inner."""
-
-    model: str
-    version: int
-    layer: str
-    explanations: list[list[Explanation]]
-    prepared: Prepared
-
-    def overlays(self, i: int) -> list[bytes]:
-        """PNG overlays of image ``i``'s explanations, drawn on the image as sent (or on its
-        preprocessed input rescaled, when a tensor was sent)."""
-        pixels = self.prepared.pixels[i]
-        background = pixels if pixels is not None else display_pixels(self.prepared.inputs[i])
-        return [encode_png(overlay(background, e.heatmap, box=e.box)) for e in self.explanations[i]]
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseScoresResult:
-    model: str
-    version: int
-    class_names: tuple[str, ...]
-    result: DenseResult
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDescription:
-    """What a client may know about a model: versions on disk and ready, why not ready,
-    its configuration and, when a version is ready, the newest one's layers and methods."""
-
-    name: str
-    versions: list[int]
-    available_versions: list[int]
-    reason: str
-    config: ModelConfig | None
-    version: int = 0  # newest ready version (0: none)
-    default_layer: str = ""
-    target_layers: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ()
-
-    @property
-    def available(self) -> bool:
-        return bool(self.available_versions)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------------------- the data plane
 
 
 class DataPlane:
-    """Requests in (plain values), library results out; owns the batcher.
+    """Requests in (plain values), library results out; owns the batcher and the work budget.
 
     ``pool`` runs decoding and encoding off the event loop; ``deadline`` arguments are
     ``time.monotonic()`` instants (None: none).
@@ -195,8 +147,10 @@ class DataPlane:
         self.config = config
         self.runtimes = runtimes
         self.repository: ModelRepository = runtimes.repository
+        self.budget = WorkBudget(config.max_work_units)
         self._pool = pool
         self._draining = False
+        self._stop_at: float | None = None
         self.batcher: Batcher[BatchKey, Job] = Batcher(
             self.compute,
             max_batch_size=config.max_batch_size,
@@ -209,16 +163,33 @@ class DataPlane:
     async def start(self) -> None:
         await self.batcher.start()
 
-    def drain(self) -> None:
-        """Refuse new requests (UNAVAILABLE) from now on; accepted ones go on."""
+    def drain(self, stop_at: float | None = None) -> None:
+        """Refuse new requests (UNAVAILABLE) from now on; accepted ones go on, until the
+        ``time.monotonic()`` instant ``stop_at`` when given: compute still running then
+        stops at its next checkpoint (UNAVAILABLE)."""
         self._draining = True
+        self._stop_at = stop_at
 
     @property
     def draining(self) -> bool:
         return self._draining
 
+    def stop_reason(self) -> str | None:
+        """Why compute must stop now (the server stops past its drain time), else None.
+        Called from worker threads."""
+        stop_at = self._stop_at
+        if stop_at is not None and time.monotonic() >= stop_at:
+            return (
+                "the server is shutting down and this request did not finish within its drain time "
+                f"(drain_timeout_s={self.config.drain_timeout_s:g}); retry on another replica"
+            )
+        return None
+
     async def close(self) -> None:
-        """Stop the batcher; what is still queued fails UNAVAILABLE."""
+        """Stop: compute still running stops at its next checkpoint, and every request not
+        answered yet fails UNAVAILABLE."""
+        self._draining = True
+        self._stop_at = time.monotonic()
         await self.batcher.close(drain=False)
 
     # ------------------------------------------------------------ checks
@@ -241,6 +212,19 @@ class DataPlane:
                 f"{n} {what} in one request; at most {self.config.max_images} are allowed (max_images)"
             )
 
+    def check_response(self, estimate: int, what: str, change: str) -> None:
+        """RESOURCE_EXHAUSTED, before any compute, for an answer larger than max_message_mb."""
+        budget.check_response(estimate, self.config.max_message_bytes, what, change)
+
+    async def _submit(self, key: BatchKey, job: Job, size: int) -> Any:
+        """Queue ``job``; when its caller stops waiting (cancelled, deadline), the job is
+        marked abandoned so that compute can stop early."""
+        try:
+            return await self.batcher.submit(key, job, size=size, deadline=job.deadline)
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
     # ------------------------------------------------------------ requests
 
     async def predict(
@@ -249,14 +233,21 @@ class DataPlane:
         """Class scores per image. ``top_k`` (0: all classes) is how many classes the caller
         will list; it is checked here."""
         rt = self.runtime(model, version)
-        self.check_count(len(images))
+        n = len(images)
+        self.check_count(n)
         classes = rt.entry.config.class_names
         if not 0 <= top_k <= len(classes):
             raise InvalidArgument(f"top_k must be between 0 and {len(classes)} (the class count), got {top_k}")
-        prepared = await self.in_pool(self.prepare, rt, images, inline=self.small(images))
-        job = PredictJob(rt, rt.explainer(""), prepared.inputs)
-        key = PredictKey(rt.name, rt.version, prepared.inputs.shape[1:])
-        scores = await self.batcher.submit(key, job, size=len(images), deadline=deadline)
+        cost = Cost(budget.predict_units(n), _plural(n, "image"), "send fewer images")
+        self.budget.check(cost)
+        listed = top_k or len(classes)
+        self.check_response(
+            budget.predict_response_bytes(n, listed, _label_bytes(classes)), f"{n} x {listed} scores", "use top_k"
+        )
+        with self.budget.reserve(cost):
+            prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
+            job = PredictJob(rt, rt.default_explainer, prepared.inputs, deadline)
+            scores = await self._submit(PredictKey(rt.name, rt.version, rt.input_shape), job, n)
         return PredictResult(rt.name, rt.version, tuple(classes), scores)
 
     async def explain(
@@ -269,15 +260,19 @@ class DataPlane:
         methods: Sequence[str] = (),
         targets: Sequence[Sequence[int | str]] | None = None,
         top_k: int = 0,
+        outputs: Outputs = NO_MAPS,
         deadline: float | None = None,
     ) -> ExplainResult:
         """Explanations per image. ``layer`` "" is the model's default; no ``methods`` means
         gradcam; ``targets``: None (the ``top_k`` predicted classes, 0 meaning 1), one list
-        of classes (indices or names) for all images, or one per image."""
+        of classes (indices or names) for all images, or one per image; ``outputs``: what the
+        caller will send back (for the answer's size, checked before any compute)."""
         rt = self.runtime(model, version)
         n = len(images)
         self.check_count(n)
-        ex = rt.explainer(layer)
+        ex = rt.cached_explainer(layer)
+        if ex is None:  # a look-up may search the layers for close names, and building is work
+            ex = await self.in_pool(rt.explainer, layer)
         methods = ex.check_methods(tuple(methods) or ("gradcam",))  # before batching
         top_k = top_k or 1
         if targets is not None and len(targets) not in (1, n):
@@ -286,18 +281,61 @@ class DataPlane:
                 f"{len(targets)} target lists for {n} images: give none (top_k), one for all images, or one per image"
             )
         per_image = ex.resolve_targets(n, None if targets is None else [list(t) for t in targets], top_k)
-        prepared = await self.in_pool(self.prepare, rt, images, inline=self.small(images))
-        key = ExplainKey(
-            rt.name,
-            rt.version,
-            ex.layer_name,
-            methods,
-            prepared.inputs.shape[1:],
-            top_k if per_image is None else None,
-        )
-        job = ExplainJob(rt, ex, prepared.inputs, per_image)
-        results = await self.batcher.submit(key, job, size=n, deadline=deadline)
+        cost = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs)
+        with self.budget.reserve(cost):
+            prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
+            key = ExplainKey(
+                rt.name, rt.version, ex.layer_name, methods, rt.input_shape, top_k if per_image is None else None
+            )
+            job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline)
+            results = await self._submit(key, job, n)
         return ExplainResult(rt.name, rt.version, ex.layer_name, list(results), prepared)
+
+    def _explain_cost(
+        self,
+        rt: ModelRuntime,
+        ex: Explainer,
+        images: Sequence[ImageInput],
+        methods: tuple[str, ...],
+        per_image: list[list[int]] | None,
+        top_k: int,
+        outputs: Outputs,
+    ) -> Cost:
+        """The work of an Explain request (checked against the budget) after checking its
+        answer's size."""
+        n = len(images)
+        geo = rt.geometry(ex)
+        counts = [len(t) for t in per_image] if per_image is not None else [top_k]
+        channel_methods = [m for m in methods if m in budget.PER_CHANNEL_METHODS]
+        counted = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"
+        if channel_methods:
+            counted += f", {', '.join(channel_methods)} by {geo.channels} channels per image"
+        cost = Cost(
+            budget.explain_units(n, counts, methods, geo.channels),
+            counted,
+            "send fewer images, targets or methods"
+            + (" (or a server with a smaller max_channels)" if channel_methods else ""),
+        )
+        self.budget.check(cost)
+        cfg = rt.entry.config
+        if outputs.overlay:
+            sizes = [(h, w) if h and w else cfg.input_size for w, h in map(declared_size, images)]
+        else:
+            sizes = [cfg.input_size] * n
+        self.check_response(
+            budget.explain_response_bytes(
+                targets=counts,
+                methods=len(methods),
+                layer_size=geo.size,
+                input_size=cfg.input_size,
+                overlay_sizes=sizes,
+                outputs=outputs,
+                label_bytes=_label_bytes(cfg.class_names),
+            ),
+            f"{counted} with {', '.join(k for k, v in dataclasses.asdict(outputs).items() if v) or 'no maps'}",
+            "ask for fewer maps or overlays, or fewer images, targets or methods per request",
+        )
+        return cost
 
     async def dense_scores(
         self,
@@ -321,15 +359,49 @@ class DataPlane:
         if any(not np.isfinite(x) or x <= 0 for x in scales) or len(scales) > MAX_SCALES:
             raise InvalidArgument(f"scales must be 1 to {MAX_SCALES} positive finite numbers, got {list(scales)}")
         width, height = declared_size(image)
-        for x in scales:
-            wire.check_pixels(round(width * x), round(height * x), self.config.max_pixels, f"image at scale {x}")
+        for scale in scales:
+            wire.check_pixels(
+                round(width * scale), round(height * scale), self.config.max_pixels, f"image at scale {scale}"
+            )
         mode = mode or "fcn"
         if mode not in ("fcn", "crops"):
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
-        x = await self.in_pool(self.dense_input, rt, image)
-        key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
-        result = await self.batcher.submit(key, DenseJob(rt, x), size=1, deadline=deadline)
+        cost = self._dense_cost(rt, (height, width), stride, scales)
+        with self.budget.reserve(cost):
+            x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
+            key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
+            result = await self._submit(key, DenseJob(rt, x, deadline), 1)
         return DenseScoresResult(rt.name, rt.version, tuple(rt.entry.config.class_names), result)
+
+    def _dense_cost(self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...]) -> Cost:
+        """The windows a DenseScores request scores (checked against the budget) after checking
+        its answer's size; 0 when the model's geometry is unknown (the engine then decides)."""
+        geo = rt.dense
+        total = geo.stride if geo is not None else None
+        step = (stride, stride) if stride else total
+        if geo is None or step is None:
+            return Cost(0, "geometry unknown", "")
+        units = budget.dense_units(size, window=geo.window, stride=step, scales=scales)
+        shifts = ""
+        if total is not None and all(t % s == 0 for t, s in zip(total, step)):
+            n_shifts = (total[0] // step[0]) * (total[1] // step[1])
+            if n_shifts > 1:
+                shifts = f" ({n_shifts} shifted passes at the total stride {total[0]})"
+        cost = Cost(
+            units,
+            f"{units} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
+            f"{_plural(len(scales), 'scale')}{shifts}",
+            "use a coarser stride, fewer or smaller scales, or a smaller image",
+        )
+        self.budget.check(cost)
+        self.check_response(
+            budget.dense_response_bytes(
+                size, window=geo.window, stride=step, scales=scales, classes=len(rt.entry.config.class_names)
+            ),
+            f"scores and boxes of {units} windows",
+            "use a coarser stride, fewer or smaller scales, or a smaller image",
+        )
+        return cost
 
     def list_models(self) -> list[ModelDescription]:
         return [self.describe(name) for name in self.repository.names()]
@@ -365,8 +437,10 @@ class DataPlane:
     # ------------------------------------------------------------ preparing (I/O pool or inline)
 
     def prepare(self, rt: ModelRuntime, images: Sequence[ImageInput]) -> Prepared:
-        """Decode, resize and preprocess to the model's input (N, H, W, C) float32; float32
-        tensors must already have exactly that shape."""
+        """Decode and resize to the model's input size: (N, H, W, 3) uint8 pixels (a view of
+        the request's bytes for one raw tensor of that size; preprocessed later, for the whole
+        batch at once) or, when float32 tensors were sent, (N, H, W, C) float32 inputs, which
+        must already have exactly that shape."""
         cfg = rt.entry.config
         h, w = cfg.input_size
         expected = (h, w, cfg.channels)
@@ -385,9 +459,12 @@ class DataPlane:
                 arrays.append(img.array)
                 pixels.append(None)
                 continue
-            arrays.append(model_input(img.array, cfg))
+            arrays.append(resize(img.array, (h, w)))
             pixels.append(img.array)
-        return Prepared(np.stack(arrays).astype(np.float32, copy=False), pixels)
+        if any(a.dtype != arrays[0].dtype for a in arrays):  # pixels beside float inputs: all as inputs
+            arrays = [compute.pixels_to_input(a[None], cfg)[0] if a.dtype == np.uint8 else a for a in arrays]
+        batch = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+        return Prepared(batch, pixels)
 
     def dense_input(self, rt: ModelRuntime, image: ImageInput) -> np.ndarray:
         """One image preprocessed at its own size, at least the model's window."""
@@ -410,12 +487,12 @@ class DataPlane:
 
     @staticmethod
     def small(images: Sequence[ImageInput]) -> bool:
-        """Raw inputs of at most 256 KiB in all: cheap enough to prepare on the event loop."""
-        return input_bytes(images) <= SMALL_INPUT_BYTES
+        """See :func:`inline_ok`."""
+        return inline_ok(images)
 
-    async def in_pool(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> Any:
-        """Run ``fn`` in the I/O pool (decoding, encoding), or right here when ``inline``
-        (small work, where the thread hop would cost more than the work)."""
+    async def in_pool(self, fn: Callable[..., R], *args: Any, inline: bool = False) -> R:
+        """Run ``fn`` in the I/O pool (decoding, encoding, layer look-ups), or right here when
+        ``inline`` (small work, where the thread hop would cost more than the work)."""
         if inline:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
@@ -423,52 +500,5 @@ class DataPlane:
     # ------------------------------------------------------------ compute (worker thread)
 
     def compute(self, key: BatchKey, jobs: list[Job]) -> list[Any]:
-        """One batch of equal-keyed jobs → one result per job (an exception fails only its job)."""
-        try:
-            return self._run(key, jobs)
-        except (InvalidArgument, NotFound, ValueError, LookupError):
-            if len(jobs) == 1:
-                raise
-        # One bad request must not fail the others it was batched with.
-        out: list[Any] = []
-        for job in jobs:
-            try:
-                out.extend(self._run(key, [job]))
-            except Exception as e:  # noqa: BLE001 - this job's own error
-                out.append(e)
-        return out
-
-    def _run(self, key: BatchKey, jobs: list[Job]) -> list[Any]:
-        if isinstance(key, PredictKey):
-            return self._run_predict(cast(list[PredictJob], jobs))
-        if isinstance(key, ExplainKey):
-            return self._run_explain(key, cast(list[ExplainJob], jobs))
-        return self._run_dense(key, cast(list[DenseJob], jobs))
-
-    @staticmethod
-    def _run_predict(jobs: list[PredictJob]) -> list[Any]:
-        scores = jobs[0].explainer.predict(np.concatenate([j.images for j in jobs]))
-        return split(scores, jobs)
-
-    @staticmethod
-    def _run_explain(key: ExplainKey, jobs: list[ExplainJob]) -> list[Any]:
-        images = np.concatenate([j.images for j in jobs])
-        targets = None if key.top_k is not None else [t for j in jobs for t in (j.targets or ())]
-        results = jobs[0].explainer.explain(images, methods=key.methods, targets=targets, top_k=key.top_k or 1)
-        return split(results, jobs)
-
-    @staticmethod
-    def _run_dense(key: DenseKey, jobs: list[DenseJob]) -> list[Any]:
-        from camserve.dense import dense_scores
-
-        out: list[Any] = []
-        for job in jobs:
-            try:
-                out.append(
-                    dense_scores(
-                        job.runtime.entry.model, job.image, stride=key.stride, scales=key.scales, mode=key.mode
-                    )
-                )
-            except Exception as e:  # noqa: BLE001 - per request
-                out.append(e)
-        return out
+        """One batch of equal-keyed jobs → one result per job (see :mod:`~camserve.serving.compute`)."""
+        return compute.compute(key, jobs, self.stop_reason)

@@ -3,8 +3,12 @@
 
 A *key* holds everything that must be equal for requests to share one computation (model
 version, operation, input shape and the parameters that change the graph); requests with
-equal keys are merged. A *job* is one request's share of a batch. Every key names its
-``operation`` ("predict", "explain", "dense"), the label of the batch metrics.
+equal keys are merged. A *job* is one request's share of a batch: its images (uint8 pixels
+at the model's input size, preprocessed for the whole batch at once in the worker thread,
+or float32 inputs already preprocessed), its deadline and whether its caller is gone
+(``abandoned``): compute stops between chunks when every job of a batch is past its
+deadline or abandoned. Every key names its ``operation`` ("predict", "explain", "dense"),
+the label of the batch metrics.
 
 >>> key = PredictKey("gap", 2, (32, 32, 3))
 >>> key.operation, key == PredictKey("gap", 2, (32, 32, 3)), key == PredictKey("gap", 1, (32, 32, 3))
@@ -65,32 +69,50 @@ class DenseKey:
 BatchKey = PredictKey | ExplainKey | DenseKey
 
 
+class _Lifetime:
+    """A job's deadline (a ``time.monotonic()`` instant, None: none) and whether its caller
+    stopped waiting (cancelled, or its deadline passed)."""
+
+    deadline: float | None
+    abandoned: bool
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or (self.deadline is not None and self.deadline <= now)
+
+
 @dataclasses.dataclass(eq=False)
-class PredictJob:
-    """One Predict request: ``images`` (n, H, W, C) preprocessed."""
+class PredictJob(_Lifetime):
+    """One Predict request: ``images`` (n, H, W, C): uint8 pixels at the model's input size
+    or float32 preprocessed inputs."""
 
     runtime: ModelRuntime
     explainer: Explainer
     images: np.ndarray
+    deadline: float | None = None
+    abandoned: bool = False
 
 
 @dataclasses.dataclass(eq=False)
-class ExplainJob:
-    """One Explain request: ``images`` (n, H, W, C) preprocessed, and per image the class
-    indices to explain (None: the key's ``top_k`` predicted classes)."""
+class ExplainJob(_Lifetime):
+    """One Explain request: ``images`` (n, H, W, C) as for :class:`PredictJob`, and per image
+    the class indices to explain (None: the key's ``top_k`` predicted classes)."""
 
     runtime: ModelRuntime
     explainer: Explainer
     images: np.ndarray
     targets: list[list[int]] | None
+    deadline: float | None = None
+    abandoned: bool = False
 
 
 @dataclasses.dataclass(eq=False)
-class DenseJob:
+class DenseJob(_Lifetime):
     """One DenseScores request: one preprocessed (H, W, C) image of any size."""
 
     runtime: ModelRuntime
     image: np.ndarray
+    deadline: float | None = None
+    abandoned: bool = False
 
 
 Job = PredictJob | ExplainJob | DenseJob

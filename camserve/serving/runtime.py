@@ -1,22 +1,27 @@
 """Models at run time: each loaded version with its explainers, and its readiness.
 
 A :class:`ModelRuntime` is one loaded model version of the repository, with one
-:class:`~camserve.Explainer` per target layer (built on first use; the default layer's is
-built and warmed up at start-up: every (operation, bucket) graph compiled, so the first
-request is fast). :class:`ModelRuntimes` loads the whole repository, warms every version
-up and answers which runtimes are ready; a version whose warm-up fails is reported
-unavailable through the repository (:meth:`~camserve.serving.repository.ModelRepository.mark_failed`)
-and the others serve.
+:class:`~camserve.Explainer` per target layer (built on first use, at most
+``max_layers_cached`` besides the default one, least recently used dropped first; the
+default layer's is built and warmed up at start-up: every (operation, bucket) graph
+compiled, so the first request is fast). Warm-up also converts the model for DenseScores
+(once, not inside a batch worker) and records its window and total stride
+(:class:`DenseGeometry`), which the work budget needs. :class:`ModelRuntimes` loads the
+whole repository, warms every version up and answers which runtimes are ready; a version
+whose warm-up fails is reported unavailable through the repository
+(:meth:`~camserve.serving.repository.ModelRepository.mark_failed`) and the others serve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +44,7 @@ class ExplainerSettings:
     max_channels: int | None = None
     max_batch_size: int = 32
     warmup_methods: tuple[str, ...] = ("gradcam",)
+    max_layers_cached: int = 8
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ExplainerSettings:
@@ -47,7 +53,28 @@ class ExplainerSettings:
             max_channels=config.max_channels or None,
             max_batch_size=config.max_batch_size,
             warmup_methods=tuple(config.warmup_methods),
+            max_layers_cached=config.max_layers_cached,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGeometry:
+    """What the budget needs of an explained layer: its spatial size and channels (the
+    channels Score-CAM / Ablation-CAM score: all, or ``max_channels``)."""
+
+    size: tuple[int, int]
+    channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGeometry:
+    """A model's DenseScores geometry from warm-up: the classifier's window and the network's
+    total stride, (y, x) each; ``error``: why the model does not convert (then fcn mode
+    fails, and ``stride`` is None)."""
+
+    window: tuple[int, int]
+    stride: tuple[int, int] | None
+    error: str = ""
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,10 +85,14 @@ class ModelRuntime:
 
     entry: ModelEntry
     settings: ExplainerSettings = ExplainerSettings()
-    explainers: dict[str, Explainer] = dataclasses.field(default_factory=dict)
+    explainers: collections.OrderedDict[str, Explainer] = dataclasses.field(default_factory=collections.OrderedDict)
     ready: bool = False
     methods: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
+    dense: DenseGeometry | None = None
+    _geometry: weakref.WeakKeyDictionary[Explainer, LayerGeometry] = dataclasses.field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -76,19 +107,55 @@ class ModelRuntime:
     def default_explainer(self) -> Explainer:
         return self.explainers[""]
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One model input (H, W, C), as the configuration says."""
+        cfg = self.entry.config
+        return (int(cfg.input_size[0]), int(cfg.input_size[1]), int(cfg.channels))
+
+    def cached_explainer(self, layer: str) -> Explainer | None:
+        """The Explainer of ``layer`` when it is built already (cheap: call it on the event
+        loop), else None."""
+        ex = self.explainers.get(layer)
+        if ex is not None and layer:
+            try:
+                self.explainers.move_to_end(layer)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
+        return ex
+
     def explainer(self, layer: str) -> Explainer:
         """The Explainer of ``layer`` ("" = the default), built on first use; UnknownLayer
-        (NOT_FOUND) lists the choices."""
-        ex = self.explainers.get(layer)
-        if ex is None:
-            if layer not in self.layers:
-                from camserve.keras_graph import resolve_layer
+        (NOT_FOUND) lists the choices. Building one (and looking a name up) is work: the
+        server calls this off the event loop unless :meth:`cached_explainer` has it. At most
+        ``max_layers_cached`` layers besides the default keep their explainer (and its
+        compiled graphs); the least recently used goes first."""
+        ex = self.cached_explainer(layer)
+        if ex is not None:
+            return ex
+        if layer not in self.layers:
+            from camserve.keras_graph import resolve_layer
 
-                resolve_layer(self.entry.model, layer)  # raises UnknownLayer listing the choices
-            with self._lock:
-                ex = self.explainers.get(layer) or self._make_explainer(layer)
+            resolve_layer(self.entry.model, layer)  # raises UnknownLayer listing the choices
+        with self._lock:
+            ex = self.explainers.get(layer)
+            if ex is None:
+                ex = self._make_explainer(layer)
                 self.explainers[layer] = ex
+                extra = [k for k in self.explainers if k]
+                for old in extra[: max(0, len(extra) - self.settings.max_layers_cached)]:
+                    del self.explainers[old]
         return ex
+
+    def geometry(self, ex: Explainer) -> LayerGeometry:
+        """The explained layer's (h, w) and scored channels (cached per explainer)."""
+        found = self._geometry.get(ex)
+        if found is None:
+            shape = _output_shape(ex)
+            h, w, k = (int(v) if v else 1 for v in shape[1:4])
+            cap = self.settings.max_channels
+            found = self._geometry[ex] = LayerGeometry((h, w), min(k, cap) if cap else k)
+        return found
 
     def _make_explainer(self, layer: str | None) -> Explainer:
         from camserve.explain import Explainer
@@ -122,6 +189,36 @@ class ModelRuntime:
         self.layers = tuple(graph.layer_path_name(p) for p in graph.candidate_layers(self.entry.model))
         warm = [m for m in self.settings.warmup_methods if m in usable]
         ex.warm_up(methods=tuple(warm) or ("gradcam",))
+        self.dense = self._warm_up_dense()
+
+    def _warm_up_dense(self) -> DenseGeometry:
+        """Convert the model for DenseScores now (the conversion is cached by the library) and
+        run it once on a window; its geometry, or why it does not convert."""
+        import numpy as np
+
+        from camserve.dense import dense_scores
+        from camserve.errors import InvalidArgument as Refused
+
+        cfg = self.entry.config
+        window = tuple(cfg.input_size)
+        try:
+            result = dense_scores(self.entry.model, np.zeros((*window, cfg.channels), np.float32))
+        except Refused as e:  # ConversionError: fcn mode is refused, crops mode may still work
+            log.info(
+                "no DenseScores in fcn mode", extra={"model": self.name, "version": self.version, "reason": str(e)}
+            )
+            return DenseGeometry((int(window[0]), int(window[1])), None, str(e))
+        return DenseGeometry(
+            (int(result.window[0]), int(result.window[1])), (int(result.strides[0]), int(result.strides[1]))
+        )
+
+
+def _output_shape(ex: Explainer) -> tuple:
+    """The explained layer's output shape (N, h, w, K); Nones where unknown."""
+    try:
+        return tuple(ex.layer_path[-1].output.shape)
+    except (AttributeError, ValueError):  # a layer used more than once has no single output
+        return (None, None, None, None)
 
 
 class ModelRuntimes:

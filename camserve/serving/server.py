@@ -3,10 +3,13 @@
 :class:`CamServer` puts the pieces together: ``camserve.v1.CamService``
 (:mod:`~camserve.serving.servicer` over the :mod:`~camserve.serving.dataplane`), the standard
 ``grpc.health.v1`` health service (overall ``""``, ``camserve.v1.CamService`` and one entry
-per model name; SERVING only after every (operation, bucket) graph was compiled), server
+per model name; SERVING only after every (operation, bucket) graph was compiled, and overall
+only when at least one model serves), server
 reflection, status mapping (:mod:`~camserve.serving.status`), optional TLS and bearer-token
 auth (:mod:`~camserve.serving.auth`), Prometheus metrics and JSON logs
-(:mod:`~camserve.serving.observability`). SIGTERM drains then exits 0 (:func:`serve`).
+(:mod:`~camserve.serving.observability`). SIGTERM drains then exits 0 (:func:`serve`):
+in-flight calls get ``drain_timeout_s`` to finish; compute still running then stops at its
+next checkpoint (UNAVAILABLE), so the process never waits for work nobody will receive.
 
 >>> cfg = ServerConfig.load(overrides={"models": "models", "port": 0})   # doctest: +SKIP
 >>> asyncio.run(serve(cfg))                                              # doctest: +SKIP
@@ -66,6 +69,7 @@ class CamServer:
             max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="camserve-io"
         )
         self.dataplane = DataPlane(config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks())
+        self.servicer = CamServicer(self.dataplane)
         self._status = StatusInterceptor(SERVICE_NAME, record=self.metrics.record)
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
@@ -97,7 +101,7 @@ class CamServer:
         if token:
             interceptors.append(TokenAuthInterceptor(token))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_CamServiceServicer_to_server(CamServicer(self.dataplane), server)
+        pb_grpc.add_CamServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):
@@ -146,9 +150,12 @@ class CamServer:
             await self.runtimes.load_all(self._pool, on_model=model_done)
         except Exception:  # logged; the models that loaded serve
             log.exception("loading the repository failed")
+        serving = any(self.runtimes.ready_versions(name) for name in self.repository.names())
         if not self.dataplane.draining:
+            if not serving:
+                log.error("no model could be loaded: the server answers health NOT_SERVING")
             for name in ("", SERVICE_NAME):
-                await self.health.set(name, SERVING)
+                await self.health.set(name, SERVING if serving else NOT_SERVING)
         self._ready.set()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -157,10 +164,10 @@ class CamServer:
         if self._server is None:
             return
         grace = self.config.drain_timeout_s if grace is None else grace
-        self.dataplane.drain()
+        t0 = time.monotonic()
+        self.dataplane.drain(stop_at=t0 + grace)
         log.info("draining", extra={"inflight": self.inflight, "queued": self.batcher.depth})
         await self.health.enter_graceful_shutdown()
-        t0 = time.monotonic()
         while self.inflight > 0 and time.monotonic() - t0 < grace:
             await asyncio.sleep(0.01)
         await self._server.stop(max(0.0, grace - (time.monotonic() - t0)))

@@ -7,6 +7,7 @@ they come and answered by the :class:`~camserve.serving.status.StatusInterceptor
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from camserve import wire
 from camserve.errors import kind_of
 from camserve.proto import pb, pb_grpc
 from camserve.serving import convert
+from camserve.serving.budget import Outputs, ResponseTooLarge
 from camserve.serving.dataplane import DataPlane
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["CamService"].full_name
@@ -28,6 +30,15 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline as a ``time.monotonic()`` instant (None: none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def outputs_of(request: Any) -> Outputs:
+    """What an ExplainRequest asks to get back besides labels, scores and boxes."""
+    return Outputs(
+        raw=request.return_raw,
+        heatmap=request.return_heatmap,
+        overlay=request.return_overlay,
+    )
 
 
 def targets_of(request: Any) -> list[list[int | str]] | None:
@@ -48,23 +59,45 @@ def for_request(exc: Exception, request_id: str) -> Exception:
     return tagged
 
 
+class StreamCounters:
+    """ExplainStream book-keeping across all streams: ``unsent`` answers computed and not yet
+    sent (at most ``stream_inflight`` per stream), ``handling`` requests read and not yet
+    answered."""
+
+    def __init__(self) -> None:
+        self.unsent = 0
+        self.handling = 0
+
+
 async def completion_order(
-    requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[R]], inflight: int
+    requests: AsyncIterator[Any],
+    handle: Callable[[Any], Awaitable[R]],
+    inflight: int,
+    counters: StreamCounters | None = None,
 ) -> AsyncIterator[R]:
-    """Handle ``requests`` concurrently (``inflight`` at a time) and yield the answers as they
-    complete; the first error (tagged with its request's ``request_id``) ends the stream."""
+    """Handle ``requests`` concurrently and yield the answers as they complete; the first
+    error (tagged with its request's ``request_id``) ends the stream.
+
+    Backpressure: a request holds one of ``inflight`` slots from the moment it is read until
+    its answer is *sent* (the consumer asks for the next answer after writing this one), so a
+    client that does not read makes the server stop reading its requests: at most ``inflight``
+    answers wait, computed, in a bounded queue."""
+    counters = counters or StreamCounters()
     done = object()
-    out: asyncio.Queue[Any] = asyncio.Queue()
+    out: asyncio.Queue[Any] = asyncio.Queue(maxsize=inflight + 2)  # answers (one per slot), an error, the end
     slots = asyncio.Semaphore(inflight)
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(req: Any) -> None:
+        counters.handling += 1
         try:
-            await out.put(await handle(req))
+            item: Any = await handle(req)
         except Exception as e:  # noqa: BLE001 - handed to the consumer below
-            await out.put(for_request(e, req.request_id))
+            item = for_request(e, req.request_id)
         finally:
-            slots.release()
+            counters.handling -= 1
+        counters.unsent += 1
+        await out.put(item)  # never waits: the slots bound the answers
 
     async def reader() -> None:
         try:
@@ -86,12 +119,20 @@ async def completion_order(
             if item is done:
                 break
             if isinstance(item, Exception):
+                counters.unsent -= 1
                 raise item
-            yield item
+            try:
+                yield item  # resumed once the answer is sent (or never, when the call ends)
+            finally:
+                counters.unsent -= 1
+            slots.release()
     finally:
         read.cancel()
         for t in list(tasks):
             t.cancel()
+        while not out.empty():  # answers computed for a call that ended
+            if out.get_nowait() is not done:
+                counters.unsent -= 1
 
 
 class CamServicer(pb_grpc.CamServiceServicer):
@@ -99,6 +140,7 @@ class CamServicer(pb_grpc.CamServiceServicer):
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.streams = StreamCounters()
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = request.model
@@ -114,11 +156,13 @@ class CamServicer(pb_grpc.CamServiceServicer):
         """Requests are processed concurrently (``stream_inflight`` at a time, batched with
         everything else); answers come in completion order with their request_id."""
         handle = lambda req: self._explain(req, context)
-        async for response in completion_order(request_iterator, handle, self.plane.config.stream_inflight):
+        inflight = self.plane.config.stream_inflight
+        async for response in completion_order(request_iterator, handle, inflight, self.streams):
             yield response
 
     async def _explain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         plane, m = self.plane, request.model
+        outputs = outputs_of(request)
         result = await plane.explain(
             m.name,
             m.version,
@@ -127,20 +171,19 @@ class CamServicer(pb_grpc.CamServiceServicer):
             methods=request.methods,
             targets=targets_of(request),
             top_k=request.top_k,
+            outputs=outputs,
             deadline=deadline_of(context),
         )
-        want_maps = request.return_raw or request.return_heatmap
-        inline = not request.return_overlay and (not want_maps or plane.small(request.images))
-        return await plane.in_pool(
-            lambda: convert.explain_response(
-                result,
-                raw=request.return_raw,
-                heatmap=request.return_heatmap,
-                overlay=request.return_overlay,
-                request_id=request.request_id,
-            ),
-            inline=inline,
+        build = functools.partial(
+            convert.explain_response,
+            result,
+            raw=outputs.raw,
+            heatmap=outputs.heatmap,
+            overlay=outputs.overlay,
+            request_id=request.request_id,
         )
+        # Maps are bytes (cheap, built here); PNG overlays are encoding work (in the pool).
+        return self._checked(await plane.in_pool(build, inline=not outputs.overlay))
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = request.model
@@ -153,7 +196,20 @@ class CamServicer(pb_grpc.CamServiceServicer):
             mode=request.mode,
             deadline=deadline_of(context),
         )
-        return await self.plane.in_pool(convert.dense_response, result)
+        cells = sum(level.scores.size + level.boxes.size for level in result.result)
+        return self._checked(await self.plane.in_pool(convert.dense_response, result, inline=cells <= 1 << 16))
+
+    def _checked(self, response: Any) -> Any:
+        """``response``, or RESOURCE_EXHAUSTED (counted as such) when it is larger than the
+        server sends; the data plane's estimate refuses such requests before compute, this is
+        the backstop."""
+        size, limit = response.ByteSize(), self.plane.config.max_message_bytes
+        if size > limit:
+            raise ResponseTooLarge(
+                f"the answer is {size} bytes, more than the largest message the server sends "
+                f"(max_message_mb={limit / 2**20:g}: {limit} bytes); ask for fewer maps, overlays or images per request"
+            )
+        return response
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ListModelsResponse(models=[convert.model_info(d) for d in self.plane.list_models()])

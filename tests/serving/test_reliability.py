@@ -480,7 +480,8 @@ CORPUS: dict[str, Case] = {
         "Explain",
         explain(*[GOOD] * 4, methods=METHODS[:6], top_k=4, return_raw=True, return_heatmap=True),
         "RESOURCE_EXHAUSTED",
-        r"Sent message larger than max \(\d+ vs\. 262144\)",
+        r"^the answer \(4 images × 4 targets × 6 methods with raw, heatmap\) would be about \d+ bytes, more than the "
+        r"largest message the server sends \(max_message_mb=0.25: 262144 bytes\); ask for fewer maps",
     ),
     # ---- deadlines of 1 ms
     "1 ms predict": case("Predict", predict(), "DEADLINE_EXCEEDED", DEADLINE, timeout=0.001),
