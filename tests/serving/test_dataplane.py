@@ -227,3 +227,39 @@ def test_a_draining_plane_refuses_new_requests(served) -> None:
         plane.drain()
         with pytest.raises(errors.Unavailable, match="draining"):
             plane.runtime("gap")
+
+
+def test_a_bug_in_a_batch_is_not_retried_job_by_job(served, monkeypatch) -> None:
+    """Issue 9: after a failed batch, compute retried job by job on bare ValueError /
+    LookupError, so a bug (not a client error) ran the model again per request; only client
+    error kinds (InvalidArgument, NotFound) are retried now."""
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap")
+    ex = rt.explainer("")
+    calls: list[int] = []
+
+    def predict(images, **kw):
+        calls.append(len(images))
+        raise ValueError("shapes do not line up")
+
+    monkeypatch.setattr(ex, "predict", predict)
+    good = np.stack([model_input(p, rt.entry.config) for p in PICTURES])
+    key = PredictKey("gap", 2, (32, 32, 3))
+    with pytest.raises(ValueError, match="shapes do not line up"):
+        plane.compute(key, [PredictJob(rt, ex, good), PredictJob(rt, ex, good[1:])])
+    assert calls == [3], "the batch was retried job by job"
+
+
+def test_pixels_are_preprocessed_once_per_batch_like_model_input(served, batches) -> None:
+    """uint8 pixels travel as sent (viewed, resized when needed) and become model input in the
+    worker, for the whole batch at once: the same input as model_input per image."""
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap")
+    msg = wire.image_to_proto(PICTURES[0])
+    prepared = plane.prepare(rt, [msg, _pixels(PICTURES[1])])
+    assert prepared.inputs.dtype == np.uint8 and prepared.inputs.shape == (2, 32, 32, 3)
+    from camserve.serving.compute import model_inputs
+
+    x = model_inputs([prepared.inputs[:1], prepared.inputs[1:]], rt.entry.config)
+    want = np.stack([model_input(p, rt.entry.config) for p in PICTURES])
+    np.testing.assert_array_equal(x, want)

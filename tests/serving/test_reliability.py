@@ -39,6 +39,7 @@ TOKEN = "reliability-token"
 MAX_IMAGES = 4
 MAX_PIXELS = 128 * 128
 MAX_MESSAGE_MB = 0.25
+MAX_WORK_UNITS = 20_000
 METHODS = ["cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "ablationcam"]
 #: What a client may ever get back here: never INTERNAL / UNKNOWN, never a hang.
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
@@ -77,6 +78,7 @@ def served(repo: Path):
             max_images=MAX_IMAGES,
             max_pixels=MAX_PIXELS,
             max_message_mb=MAX_MESSAGE_MB,
+            max_work_units=MAX_WORK_UNITS,
             token=TOKEN,
             log_format="text",
             log_level="ERROR",
@@ -231,7 +233,10 @@ def case(method: str, request: Any, code: str, *patterns: str, **kw: Any) -> Cas
 LIMIT = rf"exceeds the limit of {MAX_PIXELS} pixels per image"
 INV, NF = "INVALID_ARGUMENT", "NOT_FOUND"
 #: The client library or the server (whichever notices first) ends a call whose deadline passed.
-DEADLINE = r"^Deadline Exceeded$|^the request.s deadline (had already passed when it arrived|passed while it waited in the queue)$"
+DEADLINE = (
+    r"^Deadline Exceeded$|^the request.s deadline (had already passed when it arrived|passed while it waited in the queue"
+    r"|passed while it was computed(; the computation was stopped)?)$"
+)
 
 CORPUS: dict[str, Case] = {
     # ---- encoded images: truncated, corrupt, not images, empty
@@ -482,6 +487,26 @@ CORPUS: dict[str, Case] = {
         "RESOURCE_EXHAUSTED",
         r"^the answer \(4 images × 4 targets × 6 methods with raw, heatmap\) would be about \d+ bytes, more than the "
         r"largest message the server sends \(max_message_mb=0.25: 262144 bytes\); ask for fewer maps",
+    ),
+    # ---- work and answers beyond the budget (refused before compute)
+    "dense windows over the work budget": case(
+        "DenseScores",
+        dense(wire.image_to_proto(_rgb(128, 128)), stride=1, scales=[1.0, 0.9, 0.8]),
+        INV,
+        r"^this request needs 21506 work units \(21506 windows of 32x32 at stride 1 over 3 scales \(4 shifted passes",
+        r"max_work_units=20000 allows for one request; use a coarser stride",
+    ),
+    "dense answer over the message limit": case(
+        "DenseScores",
+        dense(wire.image_to_proto(_rgb(128, 128)), stride=1),
+        "RESOURCE_EXHAUSTED",
+        r"^the answer \(scores and boxes of 9409 windows\) would be about \d+ bytes, more than the largest message",
+    ),
+    "overlays over the message limit": case(
+        "Explain",
+        explain(wire.image_to_proto(_rgb(128, 128)), methods=METHODS[:2], top_k=4, return_overlay=True),
+        "RESOURCE_EXHAUSTED",
+        r"^the answer \(1 image × 4 targets × 2 methods with overlay\) would be about \d+ bytes",
     ),
     # ---- deadlines of 1 ms
     "1 ms predict": case("Predict", predict(), "DEADLINE_EXCEEDED", DEADLINE, timeout=0.001),

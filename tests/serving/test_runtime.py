@@ -94,3 +94,20 @@ def test_failed_warm_up_makes_only_that_version_unavailable(repo_root: Path, mon
         assert c.health("gap") == "SERVING"
         status = rs.server.repository.status("gap")
         assert sorted(status.entries) == [2] and 1 in status.errors
+
+
+def test_explainers_per_layer_are_bounded_least_recently_used_first(repo_root: Path) -> None:
+    """Issue 9: an explainer (and its compiled graphs) was kept for every layer ever asked for."""
+    repo = ModelRepository(repo_root)
+    runtimes = ModelRuntimes(repo, ExplainerSettings(max_batch_size=2, max_layers_cached=2))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        asyncio.run(runtimes.load_all(pool))
+    rt = runtimes.get("gap")
+    a, b, c = rt.layers[:3]
+    ex_a = rt.explainer(a)
+    rt.explainer(b)
+    assert rt.explainer(a) is ex_a  # a used last
+    rt.explainer(c)  # b goes
+    assert [k for k in rt.explainers if k] == [a, c]
+    assert rt.explainer(a) is ex_a and rt.explainers[""] is rt.default_explainer
+    assert rt.dense is not None and rt.dense.window == (32, 32)

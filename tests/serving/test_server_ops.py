@@ -243,19 +243,30 @@ def _start_cli(root: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
     return proc, listening
 
 
+def _slow_dense(size: int) -> pb.DenseScoresRequest:
+    """DenseScores in crops mode at stride 1 on ``size`` x ``size``: (size - 31)² forward passes of
+    the tiny classifier, seconds of compute (about 6 s at 384 px on the 2-core machine of the
+    recorded runs)."""
+    img = np.random.default_rng(5).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return pb.DenseScoresRequest(model=pb.ModelSpec(name="fc"), image=wire.image_to_proto(img), stride=1, mode="crops")
+
+
 def test_sigterm_drains_accepted_requests_then_exits_0(repo_root: Path) -> None:
+    """A long DenseScores call holds the batch worker; 8 Predicts queue behind it; SIGTERM:
+    health NOT_SERVING, new calls UNAVAILABLE, every accepted call answered, exit 0."""
     import urllib.request
 
-    proc, info = _start_cli(repo_root, "--batch-timeout-ms", "1500", "--max-batch-size", "64")
+    proc, info = _start_cli(repo_root, "--max-batch-size", "64", "--drain-timeout-s", "120")
     try:
         target = f"127.0.0.1:{info['port']}"
-        with Client(target, retries=0, timeout=60) as c:
+        with Client(target, retries=0, timeout=120) as c, grpc.insecure_channel(target) as ch:
             _wait(lambda: _health(c) == "SERVING", 180, "SERVING")
 
             def depth() -> float:
                 with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=5) as r:
                     return metric_value(r.read().decode(), "camserve_queue_depth")
 
+            slow = pb_grpc.CamServiceStub(ch).DenseScores.future(_slow_dense(384), timeout=300)
             results: list = [None] * 8
             img = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
@@ -265,22 +276,60 @@ def test_sigterm_drains_accepted_requests_then_exits_0(repo_root: Path) -> None:
                 except grpc.RpcError as e:
                     results[i] = e
 
+            time.sleep(0.5)  # the dense call first
             threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
             for t in threads:
                 t.start()
-            _wait(lambda: depth() == 8, 30, "8 queued requests")  # waiting for the 1.5 s batch timeout
+            _wait(lambda: depth() == 8, 30, "8 queued requests")  # behind the dense call
             proc.send_signal(signal.SIGTERM)
             _wait(lambda: _health(c) != "SERVING", 10, "NOT_SERVING while draining")
             with pytest.raises(grpc.RpcError) as e:
                 c.predict(img, model="gap")
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             for t in threads:
-                t.join(60)
+                t.join(120)
+            dense = slow.result()
         assert proc.wait(60) == 0
         assert all(isinstance(r, np.ndarray) and r.shape == (1, 4) for r in results), results
         np.testing.assert_allclose(np.concatenate(results), np.repeat(results[0], 8, axis=0), rtol=1e-6)
+        assert list(dense.scales[0].scores.shape) == [353, 353, 4]
         logs = [json.loads(line) for line in info["log"] if line.startswith("{")]
         assert any(r["msg"] == "stopped" for r in logs)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _engine_takes_checkpoint() -> bool:
+    import inspect
+
+    from camserve.dense import dense_scores
+
+    return "checkpoint" in inspect.signature(dense_scores).parameters
+
+
+@pytest.mark.skipif(not _engine_takes_checkpoint(), reason="dense_scores has no checkpoint keyword yet")
+def test_sigterm_during_a_long_call_exits_within_the_drain_timeout(repo_root: Path) -> None:
+    """A DenseScores call of about half a minute; SIGTERM with a 2 s drain time: the call is
+    stopped at the engine's next checkpoint (UNAVAILABLE) and the process exits 0 long before
+    the call would have ended (issue 9: a 1 s call used to delay exit by 15 s)."""
+    proc, info = _start_cli(repo_root, "--drain-timeout-s", "2")
+    try:
+        target = f"127.0.0.1:{info['port']}"
+        with Client(target, retries=0, timeout=60) as c, grpc.insecure_channel(target) as ch:
+            _wait(lambda: _health(c) == "SERVING", 180, "SERVING")
+            slow = pb_grpc.CamServiceStub(ch).DenseScores.future(_slow_dense(768), timeout=600)
+            time.sleep(2.0)  # computing
+            assert not slow.done()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+            exit_s = time.monotonic() - t0
+            with pytest.raises(grpc.RpcError) as e:
+                slow.result()
+        assert code == 0
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), e.value
+        assert exit_s < 12, f"exit took {exit_s:.1f} s after SIGTERM with drain_timeout_s=2"
     finally:
         if proc.poll() is None:
             proc.kill()
