@@ -38,6 +38,7 @@ from camserve.serving.config import ServerConfig
 from camserve.serving.dataplane import DataPlane
 from camserve.serving.jobs import BatchKey, Job
 from camserve.serving.observability import ServerMetrics, configure_logging
+from camserve.serving.parsing import ParsingInterceptor
 from camserve.serving.repository import ModelRepository
 from camserve.serving.runtime import ExplainerSettings, ModelRuntimes
 from camserve.serving.servicer import SERVICE_NAME, CamServicer
@@ -100,6 +101,7 @@ class CamServer:
         token = cfg.bearer_token()
         if token:
             interceptors.append(TokenAuthInterceptor(token))
+        interceptors.append(ParsingInterceptor(SERVICE_NAME))  # last: parses only what auth let through
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_CamServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -86,22 +86,111 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     return grpc.StatusCode[kind.code], clip_message(str(exc.args[0]) if exc.args else str(exc))
 
 
+_MAKE_HANDLER = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+_SAME: Any = object()
+
+
+def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function that answers ``handler``'s calls, whatever its kind."""
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+
+def with_behavior(
+    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], request_deserializer: Any = _SAME
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and response serializer as ``handler`` that runs ``behavior``
+    (and, when given, parses requests with ``request_deserializer``; None: the raw bytes)."""
+    make = _MAKE_HANDLER[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    deserializer = handler.request_deserializer if request_deserializer is _SAME else request_deserializer
+    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def forget_tracebacks(exc: BaseException | None) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions it chains to: a traceback holds the
+    frames it went through, and so the request they handled (its bytes, its images). gRPC keeps
+    the AbortError of a failed call in a reference cycle until the garbage collector runs; without
+    the tracebacks, the cycle no longer reaches the request."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__, *(e.exceptions if isinstance(e, BaseExceptionGroup) else ())]
+
+
 class _Call:
-    """Book-keeping of one call: start time, request id (made when first needed)."""
+    """One call: start time, request id (made when first needed) and, as an ``async with``
+    block around the handler, its outcome (:attr:`code`, :attr:`message`). The block lets
+    cancellation and the handler's own aborts through, swallows anything else after mapping it
+    (the caller then aborts with :attr:`code`), and drops the tracebacks either way."""
 
-    __slots__ = ("_request_id", "context", "method", "t0")
+    __slots__ = ("_request_id", "code", "context", "message", "method", "owner", "t0")
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, owner: StatusInterceptor, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.owner = owner
         self.method = method
         self.context = context
         self.t0 = time.perf_counter()
         self._request_id: str | None = None
+        self.code = grpc.StatusCode.OK
+        self.message = ""
 
     @property
     def request_id(self) -> str:
         if self._request_id is None:
             self._request_id = request_id_from(self.context.invocation_metadata()) or new_request_id()
         return self._request_id
+
+    async def __aenter__(self) -> _Call:
+        self.owner.inflight += 1
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        swallowed = False
+        try:
+            if isinstance(exc, grpc.aio.AbortError):
+                self.code = self._aborted_code()
+            elif isinstance(exc, asyncio.CancelledError):
+                self.code = self._cancelled_code()
+            elif isinstance(exc, Exception):
+                self.code, self.message = self._failed(exc)
+                swallowed = True
+        finally:
+            forget_tracebacks(exc)
+            self.owner._end(self)
+        return swallowed
+
+    def _cancelled_code(self) -> grpc.StatusCode:
+        remaining = self.context.time_remaining()
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
+
+    def _aborted_code(self) -> grpc.StatusCode:
+        """The code of a call the handler aborted itself (its status stands)."""
+        code = self.context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+    def _failed(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """Status of a failed call; logs bugs with their traceback (before it is dropped)."""
+        code, message = status_for(exc, self.request_id)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error(
+                "internal error",
+                exc_info=(type(exc), exc, exc.__traceback__),
+                extra={"method": self.method, "request_id": self.request_id, "error": f"{type(exc).__name__}: {exc}"},
+            )
+        return code, message
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -111,7 +200,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     ("request failed"), records ``record(method, code_name, seconds)`` and counts the calls
     in flight (:attr:`inflight`). Cancelled calls are CANCELLED, or DEADLINE_EXCEEDED when
     their deadline had passed. Put it first, so that it also answers what later
-    interceptors raise (:class:`~camserve.serving.auth.TokenAuthInterceptor`).
+    interceptors raise (:class:`~camserve.serving.auth.TokenAuthInterceptor`,
+    :class:`~camserve.serving.parsing.ParsingInterceptor`).
+
+    A failed call keeps nothing of its request: the exception's tracebacks are dropped
+    (:func:`forget_tracebacks`) and the request let go before the abort.
     """
 
     def __init__(self, service: str, record: Callable[[str, str, float], None] | None = None) -> None:
@@ -128,48 +221,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self._prefix):
             return handler
         method = details.method[len(self._prefix) :]
-        serialize = dict(
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-        if handler.response_streaming:
-            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            make = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return make(self._streaming(method, behavior), **serialize)
-        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-        make = (
-            grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-        )
-        return make(self._unary(method, behavior), **serialize)
+        behavior = behavior_of(handler)
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return with_behavior(handler, wrap(method, behavior))
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = self._begin(method, context)
-            code, message = grpc.StatusCode.OK, ""
-            try:
+            async with _Call(self, method, context) as call:
                 return await behavior(request, context)
-            except grpc.aio.AbortError:
-                code = self._aborted_code(context)
-                raise
-            except asyncio.CancelledError:
-                code = self._cancelled_code(context)
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped by kind; a bug becomes INTERNAL
-                code, message = self._failed(call, e)
-            finally:
-                self._end(call, code, message)
-            await context.abort(code, message)
+            del request  # the abort below ends in a reference cycle (gRPC's): it must not hold the request
+            await context.abort(call.code, call.message)
 
         return unary
 
     def _streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = self._begin(method, context)
-            code, message = grpc.StatusCode.OK, ""
-            try:
+            async with _Call(self, method, context) as call:
                 responses = behavior(request, context)
                 if not hasattr(responses, "__aiter__"):  # a coroutine that writes with context.write
                     await responses
@@ -177,63 +244,26 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     async with contextlib.aclosing(responses):
                         async for response in responses:
                             yield response
-            except grpc.aio.AbortError:
-                code = self._aborted_code(context)
-                raise
-            except asyncio.CancelledError:
-                code = self._cancelled_code(context)
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped by kind; a bug becomes INTERNAL
-                code, message = self._failed(call, e)
-            finally:
-                self._end(call, code, message)
-            if code != grpc.StatusCode.OK:
-                await context.abort(code, message)
+            del request  # as in unary: the abort must not hold it
+            if call.code != grpc.StatusCode.OK:
+                await context.abort(call.code, call.message)
 
         return streaming
 
     # ------------------------------------------------------------ book-keeping
 
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
-        self.inflight += 1
-        return _Call(method, context)
-
-    @staticmethod
-    def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-        remaining = context.time_remaining()
-        return (
-            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-        )
-
-    @staticmethod
-    def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-        """The code of a call the handler aborted itself (its status stands)."""
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-
-    @staticmethod
-    def _failed(call: _Call, exc: Exception) -> tuple[grpc.StatusCode, str]:
-        """Status of a failed call; logs bugs with their traceback (call it in the except block)."""
-        code, message = status_for(exc, call.request_id)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception(
-                "internal error",
-                extra={"method": call.method, "request_id": call.request_id, "error": f"{type(exc).__name__}: {exc}"},
-            )
-        return code, message
-
-    def _end(self, call: _Call, code: grpc.StatusCode, message: str) -> None:
+    def _end(self, call: _Call) -> None:
         self.inflight -= 1
         elapsed = time.perf_counter() - call.t0
         if self._record is not None:
-            self._record(call.method, code.name, elapsed)
-        if code != grpc.StatusCode.OK:
+            self._record(call.method, call.code.name, elapsed)
+        if call.code != grpc.StatusCode.OK:
             log.info(
                 "request failed",
                 extra={
                     "method": call.method,
-                    "code": code.name,
-                    "error": message,
+                    "code": call.code.name,
+                    "error": call.message,
                     "latency_ms": round(elapsed * 1000, 2),
                     "peer": call.context.peer(),
                     "request_id": call.request_id,

@@ -1,0 +1,101 @@
+"""Request parsing under camserve's control: the handlers of a service get the request's bytes
+from gRPC and parse them here, so that a malformed message is the client's error
+(INVALID_ARGUMENT, naming the RPC and the message type expected) rather than gRPC's UNKNOWN,
+and so that the :class:`~camserve.serving.auth.TokenAuthInterceptor` placed before this one
+refuses a call before its bytes are parsed. Streamed requests are parsed one by one as they
+are read. Other services (health, reflection) keep gRPC's own parsing.
+
+>>> from camserve.proto import pb
+>>> parse = request_parser("Predict", pb.PredictRequest.FromString)
+>>> parse(pb.PredictRequest(top_k=3).SerializeToString()).top_k
+3
+>>> parse(b"\\xff\\xff\\xff")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+camserve.errors.InvalidArgument: Predict: the request (3 bytes) is not a valid camserve.v1.PredictRequest message (...); send one serialized camserve.v1.PredictRequest
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from camserve.errors import InvalidArgument
+from camserve.serving.status import behavior_of, with_behavior
+
+
+def request_parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable[..., Any]:
+    """``parse(data, index=None)``: ``deserialize(data)``, or InvalidArgument naming ``method``,
+    the message type and, in a stream, which message (``index``, from 1) failed."""
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = message_type.full_name if message_type is not None else "request message"
+
+    def parse(data: bytes, index: int | None = None) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            which = "the request" if index is None else f"request message {index} of the stream"
+            reason = str(e).rpartition(": ")[2]
+            raise InvalidArgument(
+                f"{method}: {which} ({len(data)} bytes) is not a valid {type_name} message"
+                f"{f' ({reason})' if reason else ''}; send one serialized {type_name}"
+            ) from None
+
+    return parse
+
+
+class ParsingInterceptor(grpc.aio.ServerInterceptor):
+    """For every method of ``service``: the handler's deserializer is replaced by none (gRPC
+    hands over the bytes) and its behaviour parses them first (:func:`request_parser`). Put it
+    last, after authentication. The wrapped handlers are made once per method."""
+
+    def __init__(self, service: str) -> None:
+        self._prefix = f"/{service}/"
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or not details.method.startswith(self._prefix):
+            return handler
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(details.method[len(self._prefix) :], handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse = request_parser(method, handler.request_deserializer)
+        behavior = behavior_of(handler)
+        if handler.request_streaming:
+
+            async def messages(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+                index = 0
+                async for data in raw:
+                    index += 1
+                    yield parse(data, index)
+
+            def streamed(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                return behavior(messages(request_iterator), context)
+
+            return with_behavior(handler, streamed, request_deserializer=None)
+
+        if handler.response_streaming:
+
+            def unary_stream(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+                return behavior(parse(data), context)
+
+            return with_behavior(handler, unary_stream, request_deserializer=None)
+
+        async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(parse(data), context)
+
+        return with_behavior(handler, unary, request_deserializer=None)
