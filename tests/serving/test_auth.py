@@ -77,3 +77,45 @@ def test_right_token_passes_and_health_needs_none(served, stub) -> None:
     with grpc.insecure_channel(served.target) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("value", [f"bearer {TOKEN}", f"BEARER {TOKEN}", f"bEaReR {TOKEN}", f"Bearer   {TOKEN}"])
+def test_the_scheme_is_case_insensitive(stub, value) -> None:
+    """RFC 7235: the auth-scheme is a case-insensitive token, followed by one or more spaces."""
+    reply = stub.Predict(_request(), timeout=30, metadata=(("authorization", value),))
+    assert len(reply.predictions) == 1
+
+
+@pytest.mark.parametrize(
+    "value", [f"Bearer{TOKEN}", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer ", "Bearer"]
+)
+def test_near_misses_stay_invalid(stub, value) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_request(), timeout=30, metadata=(("authorization", value),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert e.value.details() == "invalid bearer token"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [(f"Bearer {TOKEN}", f"Bearer {TOKEN}"), ("Bearer nope", f"Bearer {TOKEN}"), (f"Bearer {TOKEN}", "Bearer nope")],
+    ids=["same_twice", "right_one_last", "right_one_first"],
+)
+def test_two_authorization_headers_are_refused(served, stub, values) -> None:
+    """Which of two would count? Neither: the call is refused, whatever their order."""
+    metadata = tuple(("authorization", v) for v in values)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_request(), timeout=30, metadata=metadata)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert e.value.details() == "2 'authorization' headers: send exactly one, 'authorization: Bearer <token>'"
+    assert served.server.inflight == 0
+
+
+def test_check_bearer_compares_the_whole_token() -> None:
+    from camserve.serving.auth import INVALID, MISSING, check_bearer
+
+    assert check_bearer([], TOKEN) == MISSING
+    assert check_bearer([f"Bearer {TOKEN}"], TOKEN) is None
+    assert check_bearer([f"Bearer {TOKEN}"], TOKEN + "x") == INVALID
+    assert check_bearer([f"Bearer {TOKEN}"], "") == INVALID
+    assert check_bearer([f"Token {TOKEN}"], TOKEN) == INVALID

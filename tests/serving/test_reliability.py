@@ -96,13 +96,12 @@ def stub(served: RunningServer):
 
 
 def call(
-    stub: Any, method: str, request: Any, timeout: float = 30.0, token: str | None = TOKEN
+    stub: Any, method: str, request: Any, timeout: float = 30.0, token: str | tuple[str, ...] | None = TOKEN
 ) -> tuple[str, str, Any]:
     """(status name, details, response) of one raw call; ExplainStream takes a list of requests
-    and answers the list of responses."""
-    metadata = (
-        (("authorization", token if token.startswith(("Bearer", "bearer")) else f"Bearer {token}"),) if token else ()
-    )
+    and answers the list of responses. ``token``: a tuple sends one authorization header each."""
+    tokens = token if isinstance(token, tuple) else (token,) if token else ()
+    metadata = tuple(("authorization", t if t.lower().startswith("bearer") else f"Bearer {t}") for t in tokens)
     try:
         if method == "ExplainStream":
             return "OK", "", list(stub.ExplainStream(iter(request), timeout=timeout, metadata=metadata))
@@ -222,7 +221,7 @@ class Case(NamedTuple):
     request: Any
     code: str
     patterns: tuple[str, ...]  # regular expressions the details must all match
-    token: str | None = TOKEN
+    token: str | tuple[str, ...] | None = TOKEN
     timeout: float = 30.0
 
 
@@ -540,8 +539,22 @@ CORPUS: dict[str, Case] = {
         r"missing bearer token: send metadata 'authorization: Bearer <token>'",
         token=None,
     ),
-    "lower-case scheme": case(
-        "Explain", explain(), "UNAUTHENTICATED", r"invalid bearer token", token=f"bearer {TOKEN}"
+    "lower-case scheme (accepted: RFC 7235 schemes are case-insensitive)": case(
+        "Explain", explain(), "OK", token=f"bearer {TOKEN}"
+    ),
+    "upper-case scheme (accepted)": case("Predict", predict(), "OK", token=f"BEARER {TOKEN}"),
+    "two authorization headers": case(
+        "Predict",
+        predict(),
+        "UNAUTHENTICATED",
+        r"^2 'authorization' headers: send exactly one, 'authorization: Bearer <token>'$",
+        token=(TOKEN, TOKEN),
+    ),
+    "two authorization headers, the right one last": case(
+        "ExplainStream", [explain()], "UNAUTHENTICATED", r"^2 'authorization' headers", token=("nope", TOKEN)
+    ),
+    "three authorization headers on a stream": case(
+        "ExplainStream", [explain()], "UNAUTHENTICATED", r"^3 'authorization' headers", token=(TOKEN,) * 3
     ),
     "wrong token on a stream": case(
         "ExplainStream", [explain()], "UNAUTHENTICATED", r"invalid bearer token", token="x"
@@ -565,6 +578,118 @@ def test_bad_input_gets_its_status_and_a_message_naming_the_problem(stub, name: 
 def test_after_the_whole_corpus_the_server_answers_like_in_process(served, stub, workload) -> None:
     for name, c in CORPUS.items():  # again, all in a row (the parametrized test may run alone)
         code, details, _ = call(stub, c.method, c.request, timeout=c.timeout, token=c.token)
+        assert code not in ("INTERNAL", "UNKNOWN"), f"{name}: {details}"
+    serves_correctly(served, stub, workload)
+
+
+# ------------------------------------------------------------------ malformed protobuf bytes
+
+_VALID_PREDICT = predict().SerializeToString()
+_VALID_EXPLAIN = explain().SerializeToString()
+_NOT_A = r"is not a valid camserve\.v1\.{} message \(.+\); send one serialized camserve\.v1\.{}$"
+
+#: Raw bytes sent as the request (through a generic channel, no serializer): (method, list of
+#: messages (ExplainStream) or bytes, token, code, patterns).
+RAW_CORPUS: dict[str, tuple[str, Any, str | None, str, str]] = {
+    "0xff bytes to Predict": (
+        "Predict",
+        b"\xff\xff\xff",
+        TOKEN,
+        INV,
+        r"^Predict: the request \(3 bytes\) " + _NOT_A.format(*["PredictRequest"] * 2),
+    ),
+    "truncated Explain": (
+        "Explain",
+        _VALID_EXPLAIN[:-7],
+        TOKEN,
+        INV,
+        r"^Explain: the request .*" + _NOT_A.format(*["ExplainRequest"] * 2),
+    ),
+    "invalid wire type to DenseScores": (
+        "DenseScores",
+        b"\x0e\x01",
+        TOKEN,
+        INV,
+        r"^DenseScores: " + ".*" + _NOT_A.format(*["DenseScoresRequest"] * 2),
+    ),
+    "end group without start to GetModel": (
+        "GetModel",
+        b"\x0c",
+        TOKEN,
+        INV,
+        r"^GetModel: .*" + _NOT_A.format(*["GetModelRequest"] * 2),
+    ),
+    "bad UTF-8 model name to Predict": (
+        "Predict",
+        b"\x0a\x03\x0a\x01\xff",
+        TOKEN,
+        INV,
+        r"^Predict: .*\(String field had bad UTF-8\)",
+    ),
+    "length past the end to ListModels": ("ListModels", b"\x0a\x7f", TOKEN, INV, r"^ListModels: .*ListModelsRequest"),
+    "garbage in the 2nd message of a stream": (
+        "ExplainStream",
+        [_VALID_EXPLAIN, b"\xff" * 64],
+        TOKEN,
+        INV,
+        r"^ExplainStream: request message 2 of the stream \(64 bytes\) is not a valid camserve\.v1\.ExplainRequest",
+    ),
+    "truncated 1st message of a stream": (
+        "ExplainStream",
+        [_VALID_EXPLAIN[:40]],
+        TOKEN,
+        INV,
+        r"^ExplainStream: request message 1 of the stream",
+    ),
+    "garbage without the token (checked first)": (
+        "Predict",
+        b"\xff\xff\xff",
+        None,
+        "UNAUTHENTICATED",
+        r"^missing bearer token",
+    ),
+    "garbage with a wrong token (checked first)": (
+        "Explain",
+        b"\xff" * 1000,
+        "x",
+        "UNAUTHENTICATED",
+        r"^invalid bearer token$",
+    ),
+    "garbage stream without the token": ("ExplainStream", [b"\xff"], None, "UNAUTHENTICATED", r"^missing bearer token"),
+}
+
+
+def raw_call(channel: grpc.Channel, method: str, request: Any, token: str | None) -> tuple[str, str]:
+    """(status name, details) of one call whose request is sent as the bytes given."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    path = f"/camserve.v1.CamService/{method}"
+    try:
+        if method == "ExplainStream":
+            list(channel.stream_stream(path)(iter(request), timeout=30, metadata=metadata))
+        else:
+            channel.unary_unary(path)(request, timeout=30, metadata=metadata)
+    except grpc.RpcError as e:
+        return e.code().name, e.details() or ""
+    return "OK", ""
+
+
+@pytest.fixture(scope="module")
+def raw_channel(served: RunningServer):
+    with grpc.insecure_channel(served.target) as channel:
+        yield channel
+
+
+@pytest.mark.parametrize("name", list(RAW_CORPUS))
+def test_malformed_protobuf_bytes_get_invalid_argument_after_the_token_check(raw_channel, name: str) -> None:
+    method, request, token, expected, pattern = RAW_CORPUS[name]
+    code, details = raw_call(raw_channel, method, request, token)
+    assert code == expected, f"{name}: {code}: {details[:500]}"
+    assert re.search(pattern, details), f"{name}: {details[:500]!r} does not match {pattern!r}"
+
+
+def test_after_the_raw_corpus_the_server_answers_like_in_process(served, stub, raw_channel, workload) -> None:
+    for name, (method, request, token, _, _) in RAW_CORPUS.items():
+        code, details = raw_call(raw_channel, method, request, token)
         assert code not in ("INTERNAL", "UNKNOWN"), f"{name}: {details}"
     serves_correctly(served, stub, workload)
 
