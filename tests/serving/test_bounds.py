@@ -202,12 +202,12 @@ def test_oversize_answer_refused_before_compute_and_counted_as_an_error(served, 
     finally:
         counted.restore()
     assert code == "RESOURCE_EXHAUSTED", details
-    assert "the answer (4 images × 4 targets × 6 methods with raw, heatmap) would be about" in details
     assert counted.jobs == 0, "the answer was computed before it was refused"
     after = served.metrics_text()
     count = lambda text, **labels: metric_value(text, "camserve_requests_total", method="Explain", **labels)
+    assert count(after, code="OK") == count(before, code="OK"), "the refused answer was counted as OK"
     assert count(after, code="RESOURCE_EXHAUSTED") == count(before, code="RESOURCE_EXHAUSTED") + 1
-    assert count(after, code="OK") == count(before, code="OK")
+    assert "the answer (4 images × 4 targets × 6 methods with raw, heatmap) would be about" in details
 
 
 def test_oversize_dense_answer_refused_before_compute(served, stub) -> None:
@@ -218,8 +218,8 @@ def test_oversize_dense_answer_refused_before_compute(served, stub) -> None:
     finally:
         counted.restore()
     assert code == "RESOURCE_EXHAUSTED", details
+    assert counted.jobs == 0, "the answer was computed before it was refused"
     assert "the answer (scores and boxes of 9409 windows) would be about" in details
-    assert counted.jobs == 0
 
 
 # ------------------------------------------------------------------ deadlines and stopping
@@ -282,13 +282,13 @@ def test_stream_client_that_does_not_read_cannot_pile_up_answers(served) -> None
             if counted.jobs != last:
                 last, stable_since = counted.jobs, time.monotonic()
             time.sleep(0.1)
-        computed, unsent = counted.jobs, served.server.servicer.streams.unsent
+        computed = counted.jobs
+        assert computed <= 5, f"{computed} answers computed for a client that read none"
+        assert served.server.servicer.streams.unsent <= 4
         answers = [r.request_id for r in call]  # now read them all
     finally:
         counted.restore()
         channel.close()
-    assert computed <= 5, f"{computed} answers computed for a client that read none"
-    assert unsent <= 4
     assert sorted(answers, key=int) == [str(i) for i in range(40)]
     assert served.server.servicer.streams.unsent == 0
 
