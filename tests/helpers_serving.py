@@ -169,3 +169,53 @@ class LogLines:
     def __exit__(self, *exc) -> None:
         self.logger.removeHandler(self._handler)
         self.logger.setLevel(self._level)
+
+
+def payload_only_the_gc_frees(action, min_bytes: int = 1 << 20) -> int:
+    """Bytes of request payload (protobuf messages, bytes, arrays of at least ``min_bytes``)
+    that, once ``action()`` has returned, only the garbage collector would free: what reference
+    cycles keep alive. The collector is off while ``action`` runs, then one collection with
+    ``gc.DEBUG_SAVEALL`` shows what it would have freed: payload objects found unreachable
+    themselves, or referred to by unreachable objects only (what is still in use elsewhere, like
+    the caller's own request, does not count)."""
+    import gc
+    import sys
+
+    import numpy as np
+    from google.protobuf.message import Message
+
+    def size(o) -> int:
+        if isinstance(o, Message):
+            return o.ByteSize()
+        if isinstance(o, bytes | bytearray):
+            return len(o)
+        if isinstance(o, memoryview | np.ndarray):
+            return o.nbytes
+        return 0
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        action()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = {id(g) for g in gc.garbage}
+        here = sys._getframe()
+        found: dict[int, int] = {}
+        for obj in gc.garbage:
+            if size(obj) >= min_bytes:
+                found[id(obj)] = size(obj)
+            for ref in gc.get_referents(obj):
+                if size(ref) >= min_bytes and id(ref) not in found and not gc.is_tracked(ref):
+                    holders = [h for h in gc.get_referrers(ref) if h is not here]
+                    if all(id(h) in garbage for h in holders):
+                        found[id(ref)] = size(ref)
+                del ref
+        return sum(found.values())
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
+        gc.collect()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import LogLines, RunningServer, metric_value, save_model, tiny_gap
+from helpers_serving import LogLines, RunningServer, metric_value, payload_only_the_gc_frees, save_model, tiny_gap
 
 from camserve import errors, wire
 from camserve.proto import pb, pb_grpc
@@ -119,3 +119,24 @@ def test_check_bearer_compares_the_whole_token() -> None:
     assert check_bearer([f"Bearer {TOKEN}"], TOKEN + "x") == INVALID
     assert check_bearer([f"Bearer {TOKEN}"], "") == INVALID
     assert check_bearer([f"Token {TOKEN}"], TOKEN) == INVALID
+
+
+#: A 4 MB request (module level: only the server's copies may be let go).
+BIG_REQUEST = pb.PredictRequest(
+    model=pb.ModelSpec(name="gap"), images=[wire.image_to_proto(np.full((1000, 1000, 4), 9, np.uint8))]
+)
+
+
+def test_denied_requests_are_let_go_at_once(stub) -> None:
+    """A denied call keeps nothing of its request for the garbage collector to find."""
+    codes: list[str] = []
+
+    def calls() -> None:
+        for metadata in [(), (("authorization", "Bearer nope"),)] * 3:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Predict(BIG_REQUEST, timeout=30, metadata=metadata)
+            codes.append(e.value.code().name)
+
+    kept = payload_only_the_gc_frees(calls)
+    assert codes == ["UNAUTHENTICATED"] * 6
+    assert kept < BIG_REQUEST.ByteSize(), f"{kept / BIG_REQUEST.ByteSize():.1f} requests kept by reference cycles"

@@ -9,7 +9,7 @@ import re
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import LogLines, RunningServer, make_repository, metric_value
+from helpers_serving import LogLines, RunningServer, make_repository, metric_value, payload_only_the_gc_frees
 
 from camserve import errors, wire
 from camserve.proto import pb, pb_grpc
@@ -226,3 +226,70 @@ def test_health_and_reflection_are_not_counted(served) -> None:
     with grpc.insecure_channel(served.target) as ch:
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert metric_value(served.metrics_text(), "camserve_requests_total", method="Check") == 0
+
+
+# ------------------------------------------------------------------ refused requests are let go
+
+#: A valid 4 MB image (RGBA, 1000 x 1000): what a refused request carries. The requests live
+#: here, so that what the test itself keeps (its exceptions' tracebacks) never holds the only
+#: reference to one of them.
+BIG = wire.image_to_proto(np.full((1000, 1000, 4), 7, np.uint8))
+BIG_BYTES = BIG.ByteSize()
+BIG_PREDICT = pb.PredictRequest(model=pb.ModelSpec(name="nope"), images=[BIG])
+BIG_EXPLAIN = pb.ExplainRequest(model=pb.ModelSpec(name="gap"), images=[BIG], methods=["no-such-method"])
+BIG_DENSE = pb.DenseScoresRequest(model=pb.ModelSpec(name="gap"), image=BIG, mode="z")
+BIG_GAP_PREDICT = pb.PredictRequest(model=pb.ModelSpec(name="gap"), images=[BIG])
+
+
+def _big_refusals(stub, n: int = 6) -> list[str]:
+    """``n`` refused calls of each kind, each with a 4 MB image; their status codes."""
+    calls = [
+        lambda: stub.Predict(BIG_PREDICT, timeout=30),
+        lambda: stub.Explain(BIG_EXPLAIN, timeout=30),
+        lambda: stub.DenseScores(BIG_DENSE, timeout=30),
+        lambda: list(stub.ExplainStream(iter([BIG_EXPLAIN]), timeout=30)),
+    ]
+    codes = []
+    for _ in range(n):
+        for one in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                one()
+            codes.append(e.value.code().name)
+    return codes
+
+
+def test_refused_requests_are_not_kept_until_the_garbage_collector_runs(served, stub) -> None:
+    """The abort of a failed call ends in a reference cycle (gRPC's AbortError and its frames):
+    with the collector off, nothing of 24 refused 4 MB requests may stay in memory (it used to
+    keep every one of them, parsed, until a collection)."""
+    assert BIG_BYTES > 4_000_000
+    codes: list[str] = []
+    kept = payload_only_the_gc_frees(lambda: codes.extend(_big_refusals(stub)))
+    assert codes == ["NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"] * 6
+    assert kept < BIG_BYTES, f"{kept / BIG_BYTES:.1f} requests' worth of payload kept alive by reference cycles"
+    assert served.server.inflight == 0
+
+
+def test_internal_errors_let_their_request_go_too(served, stub, monkeypatch) -> None:
+    """A bug's traceback is logged, then dropped with the request it held. (The log records
+    stay out of pytest's capture here, which would keep their tracebacks, and so the requests.)"""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("camserve"), "propagate", False)
+    explainer = served.server.runtimes.get("gap").explainers[""]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")  # a new exception each time (one shared would keep its last traceback)
+
+    monkeypatch.setattr(explainer, "predict", boom)
+    codes: list[str] = []
+
+    def calls() -> None:
+        for _ in range(4):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Predict(BIG_GAP_PREDICT, timeout=30)
+            codes.append(e.value.code().name)
+
+    kept = payload_only_the_gc_frees(calls)
+    assert codes == ["INTERNAL"] * 4
+    assert kept < BIG_BYTES, f"{kept / BIG_BYTES:.1f} requests' worth of payload kept alive by reference cycles"
