@@ -22,16 +22,17 @@ The data plane checks both before anything is queued (issue 9, "bounded by const
 >>> dense_units((100, 100), window=(32, 32), stride=(1, 1), scales=(1.0,))
 4761
 >>> b = WorkBudget(100)
->>> with b.reserve(60, lambda: "a request"):
+>>> with b.reserve(60):
 ...     b.in_use
 60
+>>> b.in_use
+0
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from camserve.errors import InvalidArgument, ResourceExhausted
 
@@ -99,14 +100,16 @@ def dense_units(
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """The work of one request and how it was counted (for the error message)."""
+    """The work of one request and how it was counted (for the error message; a function
+    when building the words costs more than the check)."""
 
     units: int
-    counted: str  # e.g. "2 images × 1 target × 1 method"
+    counted: str | Callable[[], str]  # e.g. "2 images × 1 target × 1 method"
     change: str  # what the client can change to ask for less
 
     def describe(self) -> str:
-        return f"{self.units} work units ({self.counted})"
+        counted = self.counted if isinstance(self.counted, str) else self.counted()
+        return f"{self.units} work units ({counted})"
 
 
 class WorkBudget:
@@ -126,9 +129,9 @@ class WorkBudget:
                 f"max_work_units={self.limit} allows for one request; {cost.change}"
             )
 
-    @contextlib.contextmanager
-    def reserve(self, cost: Cost | int, what: Callable[[], str] | None = None) -> Iterator[None]:
-        """Hold ``cost`` units while the block runs; OverBudget / BudgetBusy when they do not fit."""
+    def reserve(self, cost: Cost | int) -> _Held:
+        """Hold ``cost`` units until the returned context ends; OverBudget / BudgetBusy when
+        they do not fit."""
         if isinstance(cost, int):
             cost = Cost(cost, f"{cost} units", "ask for less work")
         self.check(cost)
@@ -138,10 +141,23 @@ class WorkBudget:
                 f"max_work_units={self.limit} are held by requests in progress; retry later"
             )
         self.in_use += cost.units
-        try:
-            yield
-        finally:
-            self.in_use -= cost.units
+        return _Held(self, cost.units)
+
+
+class _Held:
+    """Units held in a :class:`WorkBudget`, given back when the ``with`` block ends."""
+
+    __slots__ = ("_budget", "_units")
+
+    def __init__(self, budget: WorkBudget, units: int) -> None:
+        self._budget, self._units = budget, units
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._budget.in_use -= self._units
+        self._units = 0
 
 
 # ---------------------------------------------------------------------------- answer sizes
@@ -221,9 +237,11 @@ def predict_response_bytes(images: int, listed: int, label_bytes: int) -> int:
     return 128 + images * (16 + listed * (24 + label_bytes))
 
 
-def check_response(estimate: int, limit: int, what: str, change: str) -> None:
+def check_response(estimate: int, limit: int, what: str | Callable[[], str], change: str) -> None:
     """ResponseTooLarge (RESOURCE_EXHAUSTED) when ``estimate`` exceeds ``limit`` bytes."""
     if estimate > limit:
+        if not isinstance(what, str):
+            what = what()
         raise ResponseTooLarge(
             f"the answer ({what}) would be about {estimate} bytes, more than the largest message the "
             f"server sends (max_message_mb={limit / 2**20:g}: {limit} bytes); {change}"

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Union
@@ -113,14 +114,11 @@ def inline_ok(images: Sequence[ImageInput]) -> bool:
         if isinstance(m, wire.WireImage):
             total += m.array.nbytes
         elif m.WhichOneof("source") == "tensor":
-            total += m.ByteSize()  # the size, without copying the bytes out of the message
+            t = m.tensor  # its declared size (reading ``data`` would copy the bytes out of the message)
+            total += math.prod(t.shape) * (4 if t.dtype == "float32" else 1)
         else:
             return False
     return total <= SMALL_INPUT_BYTES
-
-
-def _label_bytes(names: Sequence[str]) -> int:
-    return max((len(n.encode()) for n in names), default=8)
 
 
 def _plural(n: int, word: str) -> str:
@@ -212,7 +210,7 @@ class DataPlane:
                 f"{n} {what} in one request; at most {self.config.max_images} are allowed (max_images)"
             )
 
-    def check_response(self, estimate: int, what: str, change: str) -> None:
+    def check_response(self, estimate: int, what: str | Callable[[], str], change: str) -> None:
         """RESOURCE_EXHAUSTED, before any compute, for an answer larger than max_message_mb."""
         budget.check_response(estimate, self.config.max_message_bytes, what, change)
 
@@ -238,11 +236,11 @@ class DataPlane:
         classes = rt.entry.config.class_names
         if not 0 <= top_k <= len(classes):
             raise InvalidArgument(f"top_k must be between 0 and {len(classes)} (the class count), got {top_k}")
-        cost = Cost(budget.predict_units(n), _plural(n, "image"), "send fewer images")
+        cost = Cost(budget.predict_units(n), "images", "send fewer images")
         self.budget.check(cost)
         listed = top_k or len(classes)
         self.check_response(
-            budget.predict_response_bytes(n, listed, _label_bytes(classes)), f"{n} x {listed} scores", "use top_k"
+            budget.predict_response_bytes(n, listed, rt.label_bytes), lambda: f"{n} x {listed} scores", "use top_k"
         )
         with self.budget.reserve(cost):
             prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
@@ -307,9 +305,13 @@ class DataPlane:
         geo = rt.geometry(ex)
         counts = [len(t) for t in per_image] if per_image is not None else [top_k]
         channel_methods = [m for m in methods if m in budget.PER_CHANNEL_METHODS]
-        counted = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"
-        if channel_methods:
-            counted += f", {', '.join(channel_methods)} by {geo.channels} channels per image"
+
+        def counted() -> str:
+            words = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"
+            if channel_methods:
+                words += f", {', '.join(channel_methods)} by {geo.channels} channels per image"
+            return words
+
         cost = Cost(
             budget.explain_units(n, counts, methods, geo.channels),
             counted,
@@ -330,9 +332,11 @@ class DataPlane:
                 input_size=cfg.input_size,
                 overlay_sizes=sizes,
                 outputs=outputs,
-                label_bytes=_label_bytes(cfg.class_names),
+                label_bytes=rt.label_bytes,
             ),
-            f"{counted} with {', '.join(k for k, v in dataclasses.asdict(outputs).items() if v) or 'no maps'}",
+            lambda: (
+                f"{counted()} with {', '.join(k for k, v in dataclasses.asdict(outputs).items() if v) or 'no maps'}"
+            ),
             "ask for fewer maps or overlays, or fewer images, targets or methods per request",
         )
         return cost
@@ -389,8 +393,10 @@ class DataPlane:
                 shifts = f" ({n_shifts} shifted passes at the total stride {total[0]})"
         cost = Cost(
             units,
-            f"{units} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
-            f"{_plural(len(scales), 'scale')}{shifts}",
+            lambda: (
+                f"{units} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
+                f"{_plural(len(scales), 'scale')}{shifts}"
+            ),
             "use a coarser stride, fewer or smaller scales, or a smaller image",
         )
         self.budget.check(cost)
@@ -398,7 +404,7 @@ class DataPlane:
             budget.dense_response_bytes(
                 size, window=geo.window, stride=step, scales=scales, classes=len(rt.entry.config.class_names)
             ),
-            f"scores and boxes of {units} windows",
+            lambda: f"scores and boxes of {units} windows",
             "use a coarser stride, fewer or smaller scales, or a smaller image",
         )
         return cost

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -106,6 +107,11 @@ class ModelRuntime:
     @property
     def default_explainer(self) -> Explainer:
         return self.explainers[""]
+
+    @functools.cached_property
+    def label_bytes(self) -> int:
+        """The longest class name, in UTF-8 bytes (for the size of answers)."""
+        return max((len(n.encode()) for n in self.entry.config.class_names), default=8)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
