@@ -64,8 +64,14 @@ class ServerConfig:
     max_layers_cached: int = _field(8, "explainers kept for layers other than the default (least recently used go)")
     tls_cert: str = _field("", "PEM certificate chain: serve TLS when set (with --tls-key)")
     tls_key: str = _field("", "PEM private key for --tls-cert")
-    token: str = _field("", "bearer token required in 'authorization: Bearer <token>' (empty: no auth)", secret=True)
+    token: str = _field(
+        "",
+        "bearer token required in 'authorization: Bearer <token>' (empty: no auth); a flag shows in the process "
+        "list: prefer --token-file or the environment",
+        secret=True,
+    )
     token_file: str = _field("", "file holding the bearer token (instead of --token)")
+    metrics_auth: bool = _field(False, "require the bearer token on /metrics too (401 without it)")
     drain_timeout_s: float = _field(30.0, "on SIGTERM: longest wait for in-flight requests")
     log_level: str = _field("INFO", "DEBUG | INFO | WARNING | ERROR")
     log_format: str = _field("json", "json | text")
@@ -111,6 +117,8 @@ class ServerConfig:
             raise InvalidArgument(
                 f"ports must be in 0..65535 (metrics_port -1: off); got {self.port}, {self.metrics_port}"
             )
+        if self.metrics_auth and not (self.token or self.token_file):
+            raise InvalidArgument("metrics_auth needs a token (token_file or token)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("TLS needs both tls_cert and tls_key")
         if self.version_policy not in ("all", "latest"):

@@ -1,8 +1,10 @@
 """What the serving process tells its operators: Prometheus metrics and structured logs.
 
 :class:`ServerMetrics` holds one server's metrics in its own registry (so tests can run
-several servers in one process) and serves them over HTTP; :func:`configure_logging` sends
-``camserve.*`` logs to stderr as JSON lines (:class:`JsonFormatter`).
+several servers in one process) and serves them over HTTP (:class:`MetricsHTTP`: on the
+server's event loop, on the addresses of the server's host setting, optionally behind the
+bearer token); :func:`configure_logging` sends ``camserve.*`` logs to stderr as JSON lines
+(:class:`JsonFormatter`).
 
 >>> m = ServerMetrics()
 >>> m.record("Predict", "NOT_FOUND", 0.002)
@@ -12,13 +14,21 @@ several servers in one process) and serves them over HTTP; :func:`configure_logg
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
+import socket
 import sys
 from typing import Any
 
+from camserve.serving.auth import check_bearer
 from camserve.serving.batching import BatcherMetrics
 from camserve.serving.jobs import BatchKey
+
+#: How long an HTTP connection to ``/metrics`` may stay idle (before its first request too):
+#: idle connections are bounded by time, not by a thread each.
+METRICS_IDLE_TIMEOUT_S = 30.0
 
 
 class ServerMetrics:
@@ -59,8 +69,7 @@ class ServerMetrics:
         self.queue_depth = Gauge("camserve_queue_depth", "requests waiting for a batch", registry=r)
         self.dropped = Counter("camserve_dropped_total", "requests dropped before compute", ["reason"], registry=r)
         self.model_ready = Gauge("camserve_model_ready", "1 when the model serves", ["model", "version"], registry=r)
-        self._http: Any = None
-        self.port: int | None = None
+        self.http: MetricsHTTP | None = None
 
     def batcher_hooks(self) -> BatcherMetrics[BatchKey]:
         """Hooks for the :class:`~camserve.serving.batching.Batcher`, labelled by the batch
@@ -82,20 +91,134 @@ class ServerMetrics:
     def model_is_ready(self, name: str, version: int) -> None:
         self.model_ready.labels(name, str(version)).set(1)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``port`` (0: a free one); returns the port."""
-        from prometheus_client import start_http_server
+    @property
+    def port(self) -> int | None:
+        """The port of ``/metrics`` (None: not served)."""
+        return self.http.port if self.http is not None else None
 
-        addr = "0.0.0.0" if host in ("[::]", "", "0.0.0.0") else host.strip("[]")
-        self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
-        self.port = int(self._http.server_address[1])
+    async def serve_http(
+        self, host: str, port: int, token: str = "", idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S
+    ) -> int:
+        """Serve ``/metrics`` on ``host``'s addresses and ``port`` (0: a free one) from the
+        running event loop, behind ``token`` when given; returns the port."""
+        self.http = MetricsHTTP(self.registry, token=token, idle_timeout_s=idle_timeout_s)
+        return await self.http.start(host, port)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+
+def listen_host(host: str) -> str | None:
+    """The address to bind for a gRPC-style ``host`` setting: None (every interface, IPv4 and
+    IPv6, as gRPC's ``[::]``) for ``[::]``, ``::`` or empty; brackets dropped otherwise.
+
+    >>> listen_host("[::]"), listen_host("127.0.0.1"), listen_host("[::1]"), listen_host("localhost")
+    (None, '127.0.0.1', '::1', 'localhost')
+    """
+    if host in ("", "[::]", "::"):
+        return None
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+class MetricsHTTP:
+    """``GET /metrics`` (Prometheus text or OpenMetrics, as the scraper asks) served by aiohttp
+    on the event loop it is started from: no thread per connection, and a connection idle for
+    ``idle_timeout_s`` (before its first request too) is closed. With ``token``, a request
+    without exactly one ``Authorization: Bearer <token>`` header gets 401 (the same rules as
+    the gRPC calls: :func:`~camserve.serving.auth.check_bearer`).
+    """
+
+    def __init__(self, registry: Any, token: str = "", idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S) -> None:
+        self.registry = registry
+        self.token = token
+        self.idle_timeout_s = idle_timeout_s
+        self.port: int | None = None
+        self.sockets: list[socket.socket] = []
+        self._runner: Any = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on every address of ``host`` (see :func:`listen_host`), all on one port
+        (``port``, or the one picked for the first address when 0); returns the port."""
+        from aiohttp import web
+
+        server = web.Server(self._handle, keepalive_timeout=self.idle_timeout_s, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
+        await self._runner.setup()
+        try:
+            self.sockets = await _bind(listen_host(host), port)
+            for sock in self.sockets:
+                await web.SockSite(self._runner, sock, shutdown_timeout=2.0).start()
+        except BaseException:
+            await self.close()
+            raise
+        self.port = int(self.sockets[0].getsockname()[1])
         return self.port
 
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for sock in self.sockets:
+            sock.close()
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+        from prometheus_client.exposition import choose_encoder
+
+        if request.path != "/metrics":
+            return web.Response(status=404, text="not found: the metrics are at /metrics\n")
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="use GET /metrics\n", headers={"Allow": "GET, HEAD"})
+        if self.token:
+            problem = check_bearer(request.headers.getall("Authorization", []), self.token)
+            if problem is not None:
+                return web.Response(
+                    status=401,
+                    text=problem.replace("metadata", "the header") + "\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="camserve metrics"'},
+                )
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+
+
+async def _bind(host: str | None, port: int) -> list[socket.socket]:
+    """Bound TCP sockets for every address of ``host`` (None: all interfaces, IPv4 and IPv6),
+    one port for all; an address the machine lacks (no IPv6, say) is skipped when another one
+    binds, any other error (the port in use) raised."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    missing: OSError | None = None
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as e:  # the family is not supported here
+                missing = missing or e
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if sockets:  # the port the first address got
+                    address = (address[0], sockets[0].getsockname()[1], *address[2:])
+                sock.bind(address)
+            except OSError as e:
+                sock.close()
+                if e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                missing = missing or e
+                continue
+            sockets.append(sock)
+        if not sockets:
+            raise missing or OSError(f"no address to listen on for host {host!r}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class JsonFormatter(logging.Formatter):

@@ -123,7 +123,7 @@ class CamServer:
         self._server = server
         await self.dataplane.start()
         if cfg.metrics_port >= 0:
-            self.metrics.serve_http(cfg.host, cfg.metrics_port)
+            await self.metrics.serve_http(cfg.host, cfg.metrics_port, token=token if cfg.metrics_auth else "")
         log.info(
             "listening",
             extra={
@@ -176,7 +176,7 @@ class CamServer:
         await self.dataplane.close()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        self.metrics.close()
+        await self.metrics.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._server = None
         log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3)})
