@@ -309,6 +309,20 @@ def _engine_takes_checkpoint() -> bool:
 
 
 @pytest.mark.skipif(not _engine_takes_checkpoint(), reason="dense_scores has no checkpoint keyword yet")
+def test_deadline_stops_a_long_dense_call_and_the_next_request_is_served_at_once(repo_root: Path) -> None:
+    """Issue 9: work went on after the deadline (a 1 s DenseScores call delayed the next
+    request by 13 s). A call of several seconds with a 1 s deadline: DEADLINE_EXCEEDED, the
+    batch worker is free again at once, the next request is answered."""
+    with RunningServer(_config(repo_root)) as rs, grpc.insecure_channel(rs.target) as ch:
+        stub = pb_grpc.CamServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.DenseScores(_slow_dense(512), timeout=1.0)  # about 11 s of compute
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait(lambda: rs.server.batcher.running == 0, 5, "the expired call to stop computing")
+        assert len(stub.Predict(_request(), timeout=5).predictions) == 1
+
+
+@pytest.mark.skipif(not _engine_takes_checkpoint(), reason="dense_scores has no checkpoint keyword yet")
 def test_sigterm_during_a_long_call_exits_within_the_drain_timeout(repo_root: Path) -> None:
     """A DenseScores call of about half a minute; SIGTERM with a 2 s drain time: the call is
     stopped at the engine's next checkpoint (UNAVAILABLE) and the process exits 0 long before
