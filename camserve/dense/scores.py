@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -26,11 +26,27 @@ from camserve.dense.fcn import FullyConvolutional, to_fully_convolutional
 from camserve.dense.receptive_field import analyze
 from camserve.errors import InvalidArgument
 
-__all__ = ["MODES", "DenseResult", "DenseScores", "Detection", "dense_scores", "detections", "nms", "score_map"]
+__all__ = [
+    "MAX_BATCH_PIXELS",
+    "MODES",
+    "DenseResult",
+    "DenseScores",
+    "Detection",
+    "dense_scores",
+    "detections",
+    "nms",
+    "score_map",
+]
 
 MODES = ("fcn", "crops")
 
+#: Input pixels one forward pass may take (shifted copies or crops × their pixels): the
+#: batches of a fine stride are cut to it, so memory stays bounded whatever the stride.
+MAX_BATCH_PIXELS = 1 << 21
+
 _FCN_LOCK = threading.Lock()
+# Model → {logits: its conversion}. The cached conversions keep no reference to the model
+# (``source`` is set on the copy handed out), so dropping the model frees its entry.
 _FCN_CACHE: weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]] = weakref.WeakKeyDictionary()
 
 
@@ -113,8 +129,10 @@ def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
     with _FCN_LOCK:  # the server calls this from worker threads
         per_model = _FCN_CACHE.setdefault(model, {})
         if logits not in per_model:
-            per_model[logits] = to_fully_convolutional(model, head="window", logits=logits)
-        return per_model[logits]
+            per_model[logits] = dataclasses.replace(
+                to_fully_convolutional(model, head="window", logits=logits), source=None
+            )
+        return dataclasses.replace(per_model[logits], source=model)
 
 
 def _stride_pair(stride: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -156,13 +174,29 @@ def _grid_boxes(
     return boxes.astype(np.float32)
 
 
-def _predict(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    outs = [np.asarray(model.predict_on_batch(batch[i : i + batch_size])) for i in range(0, len(batch), batch_size)]
-    return np.concatenate(outs)
+def _batch_count(item_pixels: int, batch_size: int, max_pixels: int) -> int:
+    """How many items of ``item_pixels`` input pixels one forward pass takes: at most
+    ``batch_size`` and ``max_pixels`` in all (one at least)."""
+    return max(1, min(batch_size, max_pixels // max(1, item_pixels)))
 
 
-def _fcn_scores(fcn: FullyConvolutional, image: np.ndarray, stride: tuple[int, int], batch_size: int) -> np.ndarray:
-    """Shift-and-stitch: one FCN pass per shift (a·sy, b·sx), interleaved into the fine grid."""
+def _no_checkpoint() -> None:
+    return None
+
+
+def _fcn_scores(
+    fcn: FullyConvolutional,
+    image: np.ndarray,
+    stride: tuple[int, int],
+    batch_size: int,
+    max_pixels: int = MAX_BATCH_PIXELS,
+    checkpoint: Callable[[], None] = _no_checkpoint,
+) -> np.ndarray:
+    """Shift-and-stitch: one FCN pass per shift (a·sy, b·sx), interleaved into the fine grid.
+
+    Equal-sized shifted copies share forward passes of at most ``batch_size`` copies and
+    ``max_pixels`` input pixels; a copy is cut from the image only when its batch runs, and
+    ``checkpoint()`` is called before each pass."""
     total = fcn.stride
     for s, t, axis in zip(stride, total, ("y", "x")):
         if t % s:
@@ -176,44 +210,57 @@ def _fcn_scores(fcn: FullyConvolutional, image: np.ndarray, stride: tuple[int, i
     win = fcn.window
     grid = ((h - win[0]) // stride[0] + 1, (w - win[1]) // stride[1] + 1)
     out: np.ndarray | None = None
-    # Group the shifted copies by size so equal-sized ones share a batch.
-    groups: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+    # Group the shifts by the size of their copy so equal-sized ones share a batch; a group
+    # holds (a, b, y0, x0, ny, nx) only, the pixels are cut per batch.
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
     for a in range(fy):
         for b in range(fx):
             ny = (h - a * stride[0] - win[0]) // total[0] + 1
             nx = (w - b * stride[1] - win[1]) // total[1] + 1
             if ny <= 0 or nx <= 0:  # no window starts at this shift
                 continue
-            y0, x0 = a * stride[0], b * stride[1]
-            crop = image[y0 : y0 + (ny - 1) * total[0] + win[0], x0 : x0 + (nx - 1) * total[1] + win[1]]
-            groups.setdefault(crop.shape[:2], []).append((a, b, crop))
-    for items in groups.values():
-        preds = _predict(fcn.model, np.stack([c for _, _, c in items]), batch_size)
-        for (a, b, crop), pred in zip(items, preds):
-            ny = (crop.shape[0] - win[0]) // total[0] + 1
-            nx = (crop.shape[1] - win[1]) // total[1] + 1
-            if pred.shape[0] < ny or pred.shape[1] < nx:
-                raise RuntimeError(
-                    f"FCN grid {pred.shape[:2]} is smaller than the {ny}x{nx} windows of a "
-                    f"{crop.shape[0]}x{crop.shape[1]} input"
-                )
-            if out is None:
-                out = np.zeros(grid + (pred.shape[-1],), np.float32)
-            out[a::fy, b::fx] = pred[:ny, :nx]
+            size = ((ny - 1) * total[0] + win[0], (nx - 1) * total[1] + win[1])
+            groups.setdefault(size, []).append((a, b, a * stride[0], b * stride[1], ny, nx))
+    for (ch, cw), shifts in groups.items():
+        step = _batch_count(ch * cw, batch_size, max_pixels)
+        for k in range(0, len(shifts), step):
+            part = shifts[k : k + step]
+            checkpoint()
+            batch = np.stack([image[y0 : y0 + ch, x0 : x0 + cw] for _, _, y0, x0, _, _ in part])
+            preds = np.asarray(fcn.model.predict_on_batch(batch))
+            del batch
+            for (a, b, _, _, ny, nx), pred in zip(part, preds):
+                if pred.shape[0] < ny or pred.shape[1] < nx:
+                    raise RuntimeError(
+                        f"FCN grid {pred.shape[:2]} is smaller than the {ny}x{nx} windows of a {ch}x{cw} input"
+                    )
+                if out is None:
+                    out = np.zeros(grid + (pred.shape[-1],), np.float32)
+                out[a::fy, b::fx] = pred[:ny, :nx]
     assert out is not None
     return out
 
 
 def _crop_scores(
-    model: Any, image: np.ndarray, stride: tuple[int, int], window: tuple[int, int], batch_size: int
+    model: Any,
+    image: np.ndarray,
+    stride: tuple[int, int],
+    window: tuple[int, int],
+    batch_size: int,
+    max_pixels: int = MAX_BATCH_PIXELS,
+    checkpoint: Callable[[], None] = _no_checkpoint,
 ) -> np.ndarray:
-    """The reference: every window cropped and classified, in batches."""
+    """The reference: every window cropped and classified, in batches of at most
+    ``batch_size`` crops and ``max_pixels`` pixels (cut per batch: memory stays bounded);
+    ``checkpoint()`` before each batch."""
     h, w = image.shape[:2]
     grid = ((h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1)
     origins = [(i * stride[0], j * stride[1]) for i in range(grid[0]) for j in range(grid[1])]
+    step = _batch_count(window[0] * window[1], batch_size, max_pixels)
     outs = []
-    for k in range(0, len(origins), batch_size):  # crops are cut per batch: memory stays bounded
-        batch = np.stack([image[y : y + window[0], x : x + window[1]] for y, x in origins[k : k + batch_size]])
+    for k in range(0, len(origins), step):
+        checkpoint()
+        batch = np.stack([image[y : y + window[0], x : x + window[1]] for y, x in origins[k : k + step]])
         outs.append(np.asarray(model.predict_on_batch(batch)))
     scores = np.concatenate(outs)
     return scores.reshape(grid + scores.shape[1:]).astype(np.float32)
@@ -228,6 +275,8 @@ def dense_scores(
     batch_size: int = 32,
     logits: bool = False,
     pad: bool = False,
+    checkpoint: Callable[[], None] | None = None,
+    max_batch_pixels: int = MAX_BATCH_PIXELS,
 ) -> DenseResult:
     """Class scores of every window of the classifier's input size, one level per scale.
 
@@ -237,6 +286,11 @@ def dense_scores(
     for padded backbones too). ``logits=True`` scores before the final activation (fcn mode
     only). An image smaller than the window at some scale raises ValueError unless
     ``pad=True``, which zero-pads it at the bottom/right up to the window.
+
+    Shifted copies (fcn) and crops are run in batches of at most ``batch_size`` items and
+    ``max_batch_pixels`` input pixels, so a fine stride costs time, not memory.
+    ``checkpoint``: called before every forward pass (each batch of each scale); whatever it
+    raises stops the computation and propagates (a server's deadline).
 
     >>> [level.scores.shape for level in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
     [(9, 9, 5)]
@@ -253,6 +307,9 @@ def dense_scores(
         raise InvalidArgument(f"scales must be positive numbers; got {tuple(scales)!r}")
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be ≥ 1; got {batch_size}")
+    if max_batch_pixels < 1:
+        raise InvalidArgument(f"max_batch_pixels must be ≥ 1; got {max_batch_pixels}")
+    check = checkpoint or _no_checkpoint
     if mode == "crops" and logits:
         raise InvalidArgument("logits=True needs mode='fcn' (crops run the classifier as it is)")
     fcn: FullyConvolutional | None = None
@@ -283,9 +340,9 @@ def dense_scores(
                 )
             scaled = np.pad(scaled, ((0, max(0, window[0] - sh)), (0, max(0, window[1] - sw)), (0, 0)))
         if fcn is not None:
-            scores = _fcn_scores(fcn, scaled, step, batch_size)
+            scores = _fcn_scores(fcn, scaled, step, batch_size, max_batch_pixels, check)
         else:
-            scores = _crop_scores(classifier, scaled, step, window, batch_size)
+            scores = _crop_scores(classifier, scaled, step, window, batch_size, max_batch_pixels, check)
         boxes = _grid_boxes(scores.shape[:2], step, window, (h0 / sh, w0 / sw))
         levels.append(DenseScores(float(scale), scores, boxes, step, window, (sh, sw)))
     return DenseResult(scales=levels, strides=step, exact=exact, mode=mode, window=window)

@@ -14,7 +14,7 @@ reuses a handful of compiled graphs, and nothing is copied to the host before th
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -31,6 +31,12 @@ from camserve.imaging import heatmap_box
 
 Target = int | str
 Targets = Sequence[Target | Sequence[Target]] | None
+#: Called between chunks of work; raises to stop it (the server's deadline / shutdown).
+Checkpoint = Callable[[], None]
+
+
+def _no_checkpoint() -> None:
+    return None
 
 
 class UnknownClass(NotFound):
@@ -121,12 +127,14 @@ class Explainer:
         methods: Sequence[str] = ("gradcam",),
         targets: Targets = None,
         top_k: int = 1,
+        checkpoint: Checkpoint | None = None,
     ) -> list[list[Explanation]]:
         """Explain a batch of preprocessed images (N, H, W, C).
 
         ``targets``: None (the ``top_k`` predicted classes) or, per image, a class index, a
         class name or a list of them. Returns, per image, one :class:`Explanation` per
-        (target, method), targets outer, methods inner.
+        (target, method), targets outer, methods inner. ``checkpoint``: called before every
+        compiled pass; whatever it raises stops the work and propagates (a server's deadline).
         """
         images = self._check_images(images)
         chosen = self._methods(methods)
@@ -134,18 +142,25 @@ class Explainer:
         encoded, valid = self._encode_targets(len(images), targets, top_k)
         fn = self._graph(("explain", chosen, encoded.shape[1]))
         results: list[list[Explanation]] = []
+        check = checkpoint or _no_checkpoint
         for start, batch, n in self._batches(images):
+            check()
             out = fn(batch, tf.constant(self._pad(encoded[start : start + n], len(batch))))
             out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
             for i in range(n):
                 results.append(self._collect(out, i, names, valid[start + i]))
         return results
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """The model's outputs (N, classes), batched in the same buckets as :meth:`explain`."""
+    def predict(self, images: np.ndarray, checkpoint: Checkpoint | None = None) -> np.ndarray:
+        """The model's outputs (N, classes), batched in the same buckets as :meth:`explain`;
+        ``checkpoint()`` before every batch."""
         images = self._check_images(images)
         fn = self._graph(("predict",))
-        parts = [fn(batch).numpy()[:n] for _, batch, n in self._batches(images)]
+        check = checkpoint or _no_checkpoint
+        parts = []
+        for _, batch, n in self._batches(images):
+            check()
+            parts.append(fn(batch).numpy()[:n])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
 
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
