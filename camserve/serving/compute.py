@@ -169,7 +169,27 @@ def _run_explain(key: ExplainKey, jobs: list[ExplainJob], checkpoint: Checkpoint
         top_k=key.top_k or 1,
         checkpoint=checkpoint,
     )
-    return split(results, jobs)
+    out = split(results, jobs)
+    for i, job in enumerate(jobs):
+        if job.methods is not None and job.methods != key.methods:
+            out[i] = [in_order(per_image, job.methods) for per_image in out[i]]
+    return out
+
+
+def in_order(explanations: Sequence[Any], methods: Sequence[str]) -> list[Any]:
+    """One image's explanations (targets outer, methods inner) with the methods of every
+    target in the order ``methods`` gives.
+
+    >>> from types import SimpleNamespace as E
+    >>> [e.method for e in in_order([E(method="a"), E(method="b"), E(method="a"), E(method="b")], ("b", "a"))]
+    ['b', 'a', 'b', 'a']
+    """
+    rank = {m: i for i, m in enumerate(methods)}
+    k = len(methods)
+    out: list[Any] = []
+    for start in range(0, len(explanations), k):
+        out.extend(sorted(explanations[start : start + k], key=lambda e: rank[e.method]))
+    return out
 
 
 def _run_dense(key: DenseKey, jobs: list[DenseJob], stop_reason: Callable[[], str | None]) -> list[Any]:

@@ -248,7 +248,7 @@ class DataPlane:
         classes = rt.entry.config.class_names
         if not 0 <= top_k <= len(classes):
             raise InvalidArgument(f"top_k must be between 0 and {len(classes)} (the class count), got {top_k}")
-        cost = Cost(budget.predict_units(n), "images", "send fewer images")
+        cost = Cost(budget.predict_units(n), lambda: _plural(n, "image"), "send fewer images")
         self.budget.check(cost)
         listed = top_k or len(classes)
         self.check_response(
@@ -294,10 +294,11 @@ class DataPlane:
         cost = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs)
         with self.budget.reserve(cost):
             prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
+            ordered = tuple(sorted(methods))
             key = ExplainKey(
-                rt.name, rt.version, ex.layer_name, methods, rt.input_shape, top_k if per_image is None else None
+                rt.name, rt.version, ex.layer_name, ordered, rt.input_shape, top_k if per_image is None else None
             )
-            job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline)
+            job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline, methods=methods)
             results = await self._submit(key, job, n)
         return ExplainResult(rt.name, rt.version, ex.layer_name, list(results), prepared)
 

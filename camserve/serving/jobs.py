@@ -41,7 +41,8 @@ class PredictKey:
 
 @dataclasses.dataclass(frozen=True)
 class ExplainKey:
-    """Explanations by ``methods`` at ``layer``; ``top_k`` predicted classes per image, or
+    """Explanations by ``methods`` (sorted: requests asking for the same methods in another
+    order share the batch) at ``layer``; ``top_k`` predicted classes per image, or
     ``top_k=None`` when every request names its classes (targets)."""
 
     operation: ClassVar[str] = "explain"
@@ -94,8 +95,9 @@ class PredictJob(_Lifetime):
 
 @dataclasses.dataclass(eq=False)
 class ExplainJob(_Lifetime):
-    """One Explain request: ``images`` (n, H, W, C) as for :class:`PredictJob`, and per image
-    the class indices to explain (None: the key's ``top_k`` predicted classes)."""
+    """One Explain request: ``images`` (n, H, W, C) as for :class:`PredictJob`, per image the
+    class indices to explain (None: the key's ``top_k`` predicted classes), and the methods in
+    the order the request named them (None: the key's order)."""
 
     runtime: ModelRuntime
     explainer: Explainer
@@ -103,6 +105,7 @@ class ExplainJob(_Lifetime):
     targets: list[list[int]] | None
     deadline: float | None = None
     abandoned: bool = False
+    methods: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(eq=False)

@@ -263,3 +263,21 @@ def test_pixels_are_preprocessed_once_per_batch_like_model_input(served, batches
     x = model_inputs([prepared.inputs[:1], prepared.inputs[1:]], rt.entry.config)
     want = np.stack([model_input(p, rt.entry.config) for p in PICTURES])
     np.testing.assert_array_equal(x, want)
+
+
+def test_requests_naming_methods_in_another_order_share_a_batch(served) -> None:
+    """The batch key holds the methods sorted (one compiled graph, one batch); each request
+    gets its explanations in its own order, equal to the library's answer in that order."""
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap")
+    ex = rt.explainer("")
+    pixels = np.stack([PICTURES[0], PICTURES[0]])
+    key = ExplainKey("gap", 2, "last_conv", ("cam", "gradcam"), (32, 32, 3), top_k=2)
+    jobs = [ExplainJob(rt, ex, pixels[:1], None, methods=m) for m in (("gradcam", "cam"), ("cam", "gradcam"))]
+    first, second = plane.compute(key, jobs)
+    x = np.stack([model_input(PICTURES[0], rt.entry.config)])
+    for got, order in ((first, ("gradcam", "cam")), (second, ("cam", "gradcam"))):
+        want = ex.explain(x, methods=order, top_k=2)
+        assert [(e.method, e.class_index) for e in got[0]] == [(e.method, e.class_index) for e in want[0]]
+        for g, w in zip(got[0], want[0]):
+            np.testing.assert_allclose(g.heatmap, w.heatmap, rtol=1e-5, atol=1e-6)
