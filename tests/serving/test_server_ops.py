@@ -300,15 +300,6 @@ def test_sigterm_drains_accepted_requests_then_exits_0(repo_root: Path) -> None:
             proc.kill()
 
 
-def _engine_takes_checkpoint() -> bool:
-    import inspect
-
-    from camserve.dense import dense_scores
-
-    return "checkpoint" in inspect.signature(dense_scores).parameters
-
-
-@pytest.mark.skipif(not _engine_takes_checkpoint(), reason="dense_scores has no checkpoint keyword yet")
 def test_deadline_stops_a_long_dense_call_and_the_next_request_is_served_at_once(repo_root: Path) -> None:
     """Issue 9: work went on after the deadline (a 1 s DenseScores call delayed the next
     request by 13 s). A call of several seconds with a 1 s deadline: DEADLINE_EXCEEDED, the
@@ -322,7 +313,6 @@ def test_deadline_stops_a_long_dense_call_and_the_next_request_is_served_at_once
         assert len(stub.Predict(_request(), timeout=5).predictions) == 1
 
 
-@pytest.mark.skipif(not _engine_takes_checkpoint(), reason="dense_scores has no checkpoint keyword yet")
 def test_sigterm_during_a_long_call_exits_within_the_drain_timeout(repo_root: Path) -> None:
     """A DenseScores call of about half a minute; SIGTERM with a 2 s drain time: the call is
     stopped at the engine's next checkpoint (UNAVAILABLE) and the process exits 0 long before
