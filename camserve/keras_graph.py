@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -279,12 +281,46 @@ def candidate_layers(model: keras.Model) -> list[LayerPath]:
     ]
 
 
+#: The longest layer name looked up: longer ones are refused before any search.
+MAX_LAYER_NAME = 256
+#: Close-match suggestions compare against at most this many layer names.
+MAX_SUGGESTION_CANDIDATES = 2000
+
+
+def check_layer_name(name: str) -> str:
+    """``name`` if it can name a layer at all: a string of at most :data:`MAX_LAYER_NAME`
+    characters; InvalidArgument naming the limit otherwise (cheap: no model is read)."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"a layer name must be a string, got {type(name).__name__}")
+    if len(name) > MAX_LAYER_NAME:
+        raise InvalidArgument(
+            f"layer name of {len(name)} characters is too long: at most {MAX_LAYER_NAME} (starts {name[:40]!r})"
+        )
+    return name
+
+
+def _suggestions(name: str, names: Sequence[str]) -> list[str]:
+    """Up to three close matches of ``name`` among ``names``, compared whole and by their
+    last part (``inner`` of ``outer/inner``). Bounded: ``name`` is at most
+    :data:`MAX_LAYER_NAME` characters and at most :data:`MAX_SUGGESTION_CANDIDATES` names
+    are compared."""
+    pool = [n for n in names if len(n) <= 4 * MAX_LAYER_NAME][-MAX_SUGGESTION_CANDIDATES:]
+    leaves = {n.rsplit("/", 1)[-1]: n for n in pool}
+    close = difflib.get_close_matches(name, pool, n=3)
+    close += [leaves[leaf] for leaf in difflib.get_close_matches(name, list(leaves), n=3) if leaves[leaf] not in close]
+    return close[:3]
+
+
 def resolve_layer(model: keras.Model, name: str | None = None) -> LayerPath:
     """The layer path for ``name`` (``outer/inner`` for nested layers), or the last 4-D
     activation before the head when ``name`` is None.
 
-    Raises :class:`UnknownLayer` listing the valid candidates.
+    A name longer than :data:`MAX_LAYER_NAME` is refused at once (InvalidArgument); an
+    exact name is looked up before any search; otherwise :class:`UnknownLayer` lists the
+    valid candidates and up to three close matches (a bounded search).
     """
+    if name is not None:
+        check_layer_name(name)
     candidates = candidate_layers(model)
     if not candidates:
         raise UnknownLayer(f"model {model.name!r} has no layer with a 4-D (N, h, w, C) output")
@@ -300,13 +336,68 @@ def resolve_layer(model: keras.Model, name: str | None = None) -> LayerPath:
     if name in by_name:
         return by_name[name]
     names = list(by_name)
-    close = difflib.get_close_matches(name, names, n=3)
+    close = _suggestions(name, names)
     shown = names[-12:]
     raise UnknownLayer(
         f"unknown layer {name!r}"
         + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
         + f"; layers with a 4-D output ({len(names)}), last ones: {', '.join(shown)}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: a model cloned under a Keras dtype policy.
+
+#: Precisions a model can be served in.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+_CAST_LOCK = threading.Lock()
+_CAST_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def check_precision(precision: str | None) -> str:
+    """The precision name (None is ``"float32"``); InvalidArgument listing the allowed ones."""
+    precision = precision or "float32"
+    if precision not in PRECISIONS:
+        raise InvalidArgument(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    return precision
+
+
+def cast_model(model: keras.Model, precision: str | None) -> keras.Model:
+    """``model`` computing in ``precision``: the model itself for float32, else a clone (nested
+    models included) whose layers use that Keras dtype policy, except the model's output layer,
+    kept float32 (softmax / logits), with the weights copied. Cached per model and
+    precision; the cache does not keep the model alive.
+
+    >>> half = cast_model(model, "mixed_float16")                # doctest: +SKIP
+    >>> half.layers[1].compute_dtype, half.layers[-1].compute_dtype   # doctest: +SKIP
+    ('float16', 'float32')
+    """
+    precision = check_precision(precision)
+    if precision == "float32":
+        return model
+    with _CAST_LOCK:
+        per_model = _CAST_CACHE.setdefault(model, {})
+        if precision not in per_model:
+            per_model[precision] = _clone_with_policy(model, precision)
+        return per_model[precision]
+
+
+def _clone_with_policy(model: keras.Model, policy: str) -> keras.Model:
+    keep = {id(layer) for layer in output_layer_path(model)}
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = keras.DTypePolicy("float32" if id(layer) in keep else policy)
+        return layer.__class__.from_config(config)
+
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise UnsupportedGraph(f"model {model.name!r} cannot be cloned for {policy}: {exc}") from exc
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def output_layer_path(model: keras.Model) -> LayerPath:

@@ -221,3 +221,48 @@ def test_run_with_hooks_reaches_a_layer_inside_nested_models() -> None:
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
     unhooked = np.asarray(run_with_hooks(model, keras.ops.convert_to_tensor(x), {}))
     np.testing.assert_allclose(unhooked, np.asarray(model(x)), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ layer names (issue 9 item 4)
+
+
+def _conv_chain(n_layers: int = 60) -> keras.Model:
+    inp = keras.Input((8, 8, 1))
+    x = inp
+    for i in range(n_layers):
+        x = keras.layers.Conv2D(1, 1, name=f"block{i // 3}_conv{i % 3}")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(2)(x), name="chain")
+
+
+def test_a_very_long_layer_name_is_refused_at_once_naming_the_limit() -> None:
+    import time
+
+    from camserve.errors import NotFound
+
+    model = _conv_chain()
+    keras_graph.resolve_layer(model, "block3_conv1")  # an exact name is found
+    for name in ("a" * 1_000_000, "block1_conv" * 100_000):
+        t0 = time.process_time()
+        for _ in range(20):
+            with pytest.raises(InvalidArgument) as info:
+                keras_graph.resolve_layer(model, name)
+        cpu = time.process_time() - t0
+        # the old close-match search over every layer took ~0.1 s of CPU per look-up of 1 MB
+        assert cpu < 0.2, f"20 refusals of a {len(name)}-character name took {cpu:.2f} s of CPU"
+        assert not isinstance(info.value, NotFound)
+        message = str(info.value)
+        assert "at most 256" in message and len(message) < 400, message[:400]
+
+
+def test_unknown_layer_names_still_get_suggestions() -> None:
+    model = _conv_chain()
+    with pytest.raises(keras_graph.UnknownLayer, match=r"did you mean 'block3_conv1'"):
+        keras_graph.resolve_layer(model, "block3_comv1")
+    at_limit = "block3_conv1" + "x" * 244  # 256 characters: looked up and searched, briefly
+    with pytest.raises(keras_graph.UnknownLayer, match="unknown layer"):
+        keras_graph.resolve_layer(model, at_limit)
+    inner = keras.Sequential([keras.Input((8, 8, 1)), model.layers[1]], name="outer")
+    nested = keras.Sequential([keras.Input((8, 8, 1)), inner, keras.layers.GlobalAveragePooling2D()])
+    with pytest.raises(keras_graph.UnknownLayer, match=r"did you mean 'outer/block0_conv0'"):
+        keras_graph.resolve_layer(nested, "block0_conv0")  # the leaf's name matches a nested path

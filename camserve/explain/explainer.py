@@ -6,6 +6,14 @@ every method in :data:`camserve.explain.methods.METHODS` then reads what it need
 pass. Batches are padded to a few bucket sizes so that N = 1 … ``max_batch_size``
 reuses a handful of compiled graphs, and nothing is copied to the host before the end.
 
+Graphs are keyed canonically (methods sorted by name, the target count rounded up to a power
+of two; results come back in the caller's order and count) and kept under an LRU bound
+(``max_graphs``, :mod:`camserve.explain.graphs`). Score-CAM / Ablation-CAM scores that take
+more than one chunk are computed chunk by chunk in graph calls of their own, so that a
+``checkpoint`` (a server's deadline) can stop them between chunks. ``precision``
+(``"mixed_float16"``), ``jit_compile`` (XLA) and ``device`` are the accelerator options;
+outputs, raw maps and heatmaps are float32 whatever the precision.
+
 >>> ex = Explainer(model, class_names=["cat", "dog"])                 # doctest: +SKIP
 >>> [e.label for e in ex.explain(images, methods=("gradcam", "cam"))[0]]  # doctest: +SKIP
 ['dog', 'dog']
@@ -13,7 +21,8 @@ reuses a handful of compiled graphs, and nothing is copied to the host before th
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +33,8 @@ import tensorflow as tf
 from camserve import keras_graph as graph
 from camserve.errors import InvalidArgument, NotFound
 from camserve.explain import heads
-from camserve.explain.layer_pass import SharedPass
+from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, width_bucket
+from camserve.explain.layer_pass import SCORED, SharedPass, prepare_pass, scored_inputs, target_classes
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
@@ -73,7 +83,10 @@ class Explainer:
     ``layer``: None (the last 4-D activation before the head) or a name, ``outer/inner`` for
     a layer of a nested model. ``chunk_size``: masked inputs per forward pass for Score-CAM
     and Ablation-CAM. ``max_channels``: score only the highest-variance channels
-    (Faster-Score-CAM); None scores all.
+    (Faster-Score-CAM); None scores all. ``max_graphs``: compiled graphs kept (LRU).
+    ``precision``: ``"float32"`` (None) or ``"mixed_float16"`` (the model is cloned with that
+    Keras policy, its output layer kept float32). ``jit_compile``: XLA-compile the graphs.
+    ``device``: where the graphs run (``"/GPU:0"``, ``"/CPU:0"``; None: TensorFlow's choice).
 
     >>> ex = Explainer(keras.applications.ResNet50(weights=None))            # doctest: +SKIP
     >>> ex.layer_name                                                        # doctest: +SKIP
@@ -90,12 +103,22 @@ class Explainer:
         chunk_size: int = 32,
         max_channels: int | None = None,
         max_batch_size: int = 64,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        precision: str | None = None,
+        jit_compile: bool = False,
+        device: str | None = None,
     ):
         if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.output_shape) != 2:
             raise InvalidArgument(
                 f"Explainer needs a classifier with one image input and one (N, classes) output; "
                 f"{model.name!r} has {len(model.inputs)} input(s) and output shape(s) {model.output_shape}"
             )
+        self.precision = graph.check_precision(precision)
+        self.jit_compile = bool(jit_compile)
+        self.device = device or None
+        self.source_model = model
+        with self._placement():
+            model = graph.cast_model(model, self.precision)
         self.model = model
         self.layer_path = graph.resolve_layer(model, layer)
         self.layer_name = graph.layer_path_name(self.layer_path)
@@ -117,8 +140,7 @@ class Explainer:
         self.head = graph.head_after(model, self.layer_path)
         self.trace_count = 0  # graphs traced so far: a test checks that buckets stop retracing
         self._cam: heads.GapDense | None | bool = False  # False: not looked for yet
-        self._graphs: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        self._graphs = GraphCache(max_graphs)
 
     # ----------------------------------------------------------------- public API
     def explain(
@@ -138,17 +160,24 @@ class Explainer:
         """
         images = self._check_images(images)
         chosen = self._methods(methods)
-        names = tuple(m.name for m in chosen)
+        canonical = tuple(sorted(chosen, key=lambda m: m.name))
+        order = [(m.name, canonical.index(m)) for m in chosen]  # the caller's order, as graph columns
+        reads = tuple(sorted({r for m in canonical for r in m.reads}))
         encoded, valid = self._encode_targets(len(images), targets, top_k)
-        fn = self._graph(("explain", chosen, encoded.shape[1]))
+        width = width_bucket(encoded.shape[1], self.num_classes)
+        encoded = np.pad(encoded, ((0, 0), (0, width - encoded.shape[1])), constant_values=-1)  # top-1: unused
         results: list[list[Explanation]] = []
         check = checkpoint or _no_checkpoint
-        for start, batch, n in self._batches(images):
-            check()
-            out = fn(batch, tf.constant(self._pad(encoded[start : start + n], len(batch))))
-            out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
-            for i in range(n):
-                results.append(self._collect(out, i, names, valid[start + i]))
+        with self._placement():
+            for start, batch, n in self._batches(images):
+                check()
+                batch_targets = tf.constant(self._pad(encoded[start : start + n], len(batch)))
+                scored = scored_inputs(self, batch, batch_targets, n, width, reads, check) if reads else {}
+                fn = self._graph(("explain", canonical, width, tuple(sorted(scored))))
+                out = fn(batch, batch_targets, scored)
+                out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
+                for i in range(n):
+                    results.append(self._collect(out, i, order, valid[start + i]))
         return results
 
     def predict(self, images: np.ndarray, checkpoint: Checkpoint | None = None) -> np.ndarray:
@@ -158,9 +187,10 @@ class Explainer:
         fn = self._graph(("predict",))
         check = checkpoint or _no_checkpoint
         parts = []
-        for _, batch, n in self._batches(images):
-            check()
-            parts.append(fn(batch).numpy()[:n])
+        with self._placement():
+            for _, batch, n in self._batches(images):
+                check()
+                parts.append(fn(batch).numpy()[:n])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
 
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
@@ -290,17 +320,41 @@ class Explainer:
         pad = np.zeros((size - len(array),) + array.shape[1:], array.dtype)
         return np.concatenate([array, pad])
 
+    @property
+    def graph_count(self) -> int:
+        """Compiled graphs held now (at most ``max_graphs``)."""
+        return len(self._graphs)
+
+    @property
+    def max_graphs(self) -> int:
+        return self._graphs.max_graphs
+
+    def _placement(self):
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
     def _graph(self, key: tuple):
-        with self._lock:
-            if key not in self._graphs:
-                if key[0] == "predict":
-                    self._graphs[key] = tf.function(self._predict_graph)
-                else:  # keyed by the Method objects: a method replaced in the registry recompiles
-                    _, methods, width = key
-                    self._graphs[key] = tf.function(
-                        lambda images, targets: self._explain_graph(images, targets, methods, width)
-                    )
-            return self._graphs[key]
+        """The compiled graph of ``key`` (LRU-cached): ("predict",), ("prepare", width),
+        ("chunk", read) or ("explain", methods, width, scored names); keyed by the Method
+        objects, so a method replaced in the registry recompiles."""
+        return self._graphs.get(key, lambda: tf.function(self._graph_fn(key), jit_compile=self.jit_compile))
+
+    def _graph_fn(self, key: tuple) -> Callable:
+        kind = key[0]
+        if kind == "predict":
+            return self._predict_graph
+        if kind == "prepare":
+            return self._traced(lambda images, targets: prepare_pass(self, images, targets, key[1]))
+        if kind == "chunk":
+            return self._traced(functools.partial(SCORED[key[1]], self))
+        _, methods, width, _ = key
+        return lambda images, targets, scored: self._explain_graph(images, targets, methods, width, scored)
+
+    def _traced(self, fn: Callable) -> Callable:
+        def traced(*args):
+            self.trace_count += 1
+            return fn(*args)
+
+        return traced
 
     # ----------------------------------------------------------------- the model, re-run with hooks
     def _forward(self, images, on_activations=None, replace_activations=None, need_activations=True):
@@ -325,9 +379,10 @@ class Explainer:
             def hooked(x, *args, **kwargs):
                 # Gradients must see the pre-activation score even behind softmax/sigmoid.
                 if isinstance(out_layer, keras.layers.Dense) and act != "linear":
-                    logits = tf.matmul(x, out_layer.kernel)
+                    kernel = tf.convert_to_tensor(out_layer.kernel)
+                    logits = tf.matmul(tf.cast(x, kernel.dtype), kernel)  # mixed precision: float16 in
                     if out_layer.use_bias:
-                        logits = logits + out_layer.bias
+                        logits = logits + tf.cast(out_layer.bias, kernel.dtype)
                     captured["outputs"] = out_layer.activation(logits)
                     return logits
                 if isinstance(out_layer, (keras.layers.Softmax, keras.layers.Activation)):
@@ -357,15 +412,14 @@ class Explainer:
         self.trace_count += 1
         return self._forward(images, need_activations=False)[2]
 
-    def _explain_graph(self, images, targets, methods: tuple[Method, ...], width: int):
+    def _explain_graph(self, images, targets, methods: tuple[Method, ...], width: int, scored: dict):
         self.trace_count += 1
         need_gradients = any(m.needs_gradients for m in methods)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             activations, logits, outputs = self._forward(images, on_activations=tape.watch if need_gradients else None)
-            ranked = tf.math.top_k(logits, k=width).indices
-            classes = tf.where(targets >= 0, targets, tf.gather(ranked, tf.maximum(-targets - 1, 0), batch_dims=1))
+            classes = target_classes(logits, targets, width)
             target_logits = [tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)]
-        shared = SharedPass(self, images, activations, logits, classes)
+        shared = SharedPass(self, images, activations, logits, classes, scored)
         maps = []
         for t in range(width):
             gradients = tape.gradient(target_logits[t], activations) if need_gradients else None
@@ -418,12 +472,14 @@ class Explainer:
         return heads.fold_batchnorm(dense.kernel, norms)
 
     # ----------------------------------------------------------------- results
-    def _collect(self, out: dict[str, np.ndarray], i: int, methods, valid: np.ndarray) -> list[Explanation]:
+    def _collect(self, out: dict[str, np.ndarray], i: int, order, valid: np.ndarray) -> list[Explanation]:
+        """Image ``i``'s explanations: its real targets, each with the methods in the caller's
+        ``order`` ((name, graph column) pairs)."""
         found = []
         for t in np.flatnonzero(valid):
             c = int(out["classes"][i, t])
             label = self.class_names[c] if self.class_names else str(c)
-            for m, method in enumerate(methods):
+            for method, m in order:
                 heat = out["heatmap"][i, t, m]
                 found.append(
                     Explanation(

@@ -1,29 +1,139 @@
 """What one compiled pass of the :class:`~camserve.explain.Explainer` shares between targets
 and methods: the :class:`~camserve.explain.methods.LayerPass` a method reads.
 
-:class:`SharedPass` holds the activations and logits of a batch and computes, once for all
-targets, what Score-CAM and Ablation-CAM need (masked-input scores, ablated logits) in chunks
-of ``chunk_size``; :class:`TargetView` is that pass as one target sees it.
+:class:`SharedPass` holds the activations and logits of a batch and gives, once for all
+targets, what Score-CAM and Ablation-CAM need (masked-input scores, ablated logits): either
+given to the pass already (``scored``: the Explainer computed them chunk by chunk in graph
+calls of their own, checking its ``checkpoint`` between chunks) or computed inside the pass in
+chunks of ``chunk_size`` (one ``tf.map_fn``); :class:`TargetView` is that pass as one target
+sees it. :data:`SCORED` names what can be computed chunk by chunk, with the function that
+scores one chunk of (image, channel) pairs; :func:`scored_inputs` drives those graph calls.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorflow as tf
 
 if TYPE_CHECKING:
     from camserve.explain.explainer import Explainer
 
 
+def select_channels(activations: tf.Tensor, cap: int | None) -> tf.Tensor:
+    """(B, K') channel indices: all K, or the ``cap`` of the highest spatial spread
+    (Faster-Score-CAM)."""
+    b, k = activations.shape[0], activations.shape[-1]
+    if cap is None or cap >= k:
+        return tf.tile(tf.range(k)[None, :], (b, 1))
+    spread = tf.math.reduce_std(activations, axis=(1, 2))
+    return tf.math.top_k(spread, k=cap).indices
+
+
+def _target_columns(classes: tf.Tensor, values: tf.Tensor, image_index: tf.Tensor) -> tf.Tensor:
+    return tf.gather(values, tf.gather(classes, image_index), batch_dims=1)
+
+
+def masked_input_chunk(ex: Explainer, images, activations, classes, image_index, channel) -> tf.Tensor:
+    """Score-CAM for one chunk of (image, channel) pairs: the target probabilities (S, T) of
+    the images masked by the upsampled, min-max normalised channel."""
+    a = tf.transpose(activations, (0, 3, 1, 2))  # (B, K, h, w)
+    maps = tf.gather_nd(a, tf.stack([image_index, channel], axis=1))[..., None]
+    maps = tf.image.resize(maps, tf.shape(images)[1:3], method="bilinear")
+    low = tf.reduce_min(maps, axis=(1, 2, 3), keepdims=True)
+    high = tf.reduce_max(maps, axis=(1, 2, 3), keepdims=True)
+    masks = (maps - low) / tf.maximum(high - low, 1e-7)
+    masked = tf.gather(images, image_index) * tf.cast(masks, images.dtype)
+    _, logits, _ = ex._forward(masked, need_activations=False)
+    return _target_columns(classes, ex._probabilities(logits), image_index)
+
+
+def ablated_chunk(ex: Explainer, images, activations, classes, image_index, channel) -> tf.Tensor:
+    """Ablation-CAM for one chunk of (image, channel) pairs: the target logits (S, T) with
+    the channel of the layer zeroed."""
+    a = tf.gather(activations, image_index)
+    keep = 1.0 - tf.one_hot(channel, a.shape[-1], dtype=a.dtype)
+    ablated = a * keep[:, None, None, :]
+    # The ablated activations replace the layer's output; what feeds the layer is unused.
+    _, logits, _ = ex._forward(tf.gather(images, image_index), replace_activations=lambda: ablated)
+    return _target_columns(classes, logits, image_index)
+
+
+ChunkFn = Callable[..., tf.Tensor]
+
+
+def target_classes(logits: tf.Tensor, targets: tf.Tensor, width: int) -> tf.Tensor:
+    """(B, T) classes: a target ≥ 0 is a class, -(r + 1) the r-th predicted class."""
+    ranked = tf.math.top_k(logits, k=width).indices
+    return tf.where(targets >= 0, targets, tf.gather(ranked, tf.maximum(-targets - 1, 0), batch_dims=1))
+
+
+def prepare_pass(ex: Explainer, images, targets, width: int) -> dict[str, tf.Tensor]:
+    """What the chunked scores need (the body of the Explainer's "prepare" graph): the
+    activations, the target classes and the channels scored."""
+    activations, logits, _ = ex._forward(images)
+    activations = tf.cast(activations, tf.float32)
+    return {
+        "activations": activations,
+        "classes": target_classes(logits, targets, width),
+        "channels": select_channels(activations, ex.max_channels),
+    }
+
+
+def _channels_scored(ex: Explainer) -> int | None:
+    """K': the channels Score-CAM / Ablation-CAM score (all, or ``max_channels``); None when
+    the layer has no single output shape."""
+    try:
+        k = int(ex.layer_path[-1].output.shape[-1])
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return k if ex.max_channels is None else min(k, int(ex.max_channels))
+
+
+def scored_inputs(ex: Explainer, batch, targets, n: int, width: int, reads, check: Callable[[], None]) -> dict:
+    """The chunked scores ``reads`` of a batch, (B, K', T) each, computed in graph calls of
+    ``chunk_size`` (image, channel) pairs of the ``n`` real images, ``check()`` before each
+    call, when they take more than one chunk; {} otherwise (the explain pass computes them
+    in one go)."""
+    k = _channels_scored(ex)
+    if k is not None and n * k <= ex.chunk_size:
+        return {}
+    prep = ex._graph(("prepare", width))(batch, targets)
+    channels = prep["channels"].numpy()
+    k, size, total = channels.shape[1], ex.chunk_size, n * channels.shape[1]
+    if total <= size:
+        return {}
+    flat = np.minimum(np.arange(-(-total // size) * size), total - 1)  # the last chunk padded
+    image_index, channel = (flat // k).astype(np.int32), channels[:n].reshape(-1)[flat].astype(np.int32)
+    scored = {}
+    for read in reads:
+        fn = ex._graph(("chunk", read))
+        parts = []
+        for c0 in range(0, len(flat), size):
+            check()
+            ii, ch = tf.constant(image_index[c0 : c0 + size]), tf.constant(channel[c0 : c0 + size])
+            parts.append(fn(batch, prep["activations"], prep["classes"], ii, ch).numpy())
+        values = np.zeros((len(batch), k, width), np.float32)  # padded images: zeros, never read
+        values[:n] = np.concatenate(parts)[:total].reshape(n, k, width)
+        scored[read] = tf.constant(values)
+    return scored
+
+
+#: What a method may read that is scored chunk by chunk (``Method.reads``), and its chunk.
+SCORED: dict[str, ChunkFn] = {"masked_input_scores": masked_input_chunk, "ablated_logits": ablated_chunk}
+
+
 class SharedPass:
     """What one compiled pass shares between targets and methods. The masked-input and
-    ablation scores are computed once for all targets, in chunks of ``chunk_size``."""
+    ablation scores (B, K', T) are taken from ``scored`` when given, else computed once for
+    all targets, in chunks of ``chunk_size``."""
 
-    def __init__(self, ex: Explainer, images, activations, logits, classes):
+    def __init__(self, ex: Explainer, images, activations, logits, classes, scored: dict[str, Any] | None = None):
         self.ex, self.images, self.logits, self.classes_all = ex, images, logits, classes
         self.activations = tf.cast(activations, tf.float32)
-        self._cache: dict[str, tf.Tensor] = {}
+        self._cache: dict[str, tf.Tensor] = dict(scored or {})
 
     def for_target(self, t: int, gradients) -> TargetView:
         grads = None if gradients is None else tf.cast(gradients, tf.float32)
@@ -35,20 +145,11 @@ class SharedPass:
         return self._cache[key]
 
     def selected_channels(self) -> tf.Tensor:
-        def compute():
-            a = self.activations
-            b, k = a.shape[0], a.shape[-1]
-            cap = self.ex.max_channels
-            if cap is None or cap >= k:
-                return tf.tile(tf.range(k)[None, :], (b, 1))
-            spread = tf.math.reduce_std(a, axis=(1, 2))
-            return tf.math.top_k(spread, k=cap).indices
+        return self.cached("channels", lambda: select_channels(self.activations, self.ex.max_channels))
 
-        return self.cached("channels", compute)
-
-    def _chunked(self, per_chunk) -> tf.Tensor:
-        """Run ``per_chunk(image_index, channel)`` -> (S, T) over every (image, selected
-        channel) pair in chunks of ``chunk_size``; (B, K', T) out."""
+    def _chunked(self, chunk: ChunkFn) -> tf.Tensor:
+        """Run ``chunk`` over every (image, selected channel) pair in chunks of ``chunk_size``
+        (one ``tf.map_fn``); (B, K', T) out."""
         channels = self.selected_channels()
         b, k_sel = channels.shape
         total = b * k_sel
@@ -57,41 +158,20 @@ class SharedPass:
         flat = tf.minimum(tf.range(n_chunks * size), total - 1)
         image_index = flat // k_sel
         channel = tf.gather(tf.reshape(channels, (-1,)), flat)
+        width = self.classes_all.shape[1]
         scores = tf.map_fn(
-            lambda args: per_chunk(args[0], args[1]),
+            lambda args: chunk(self.ex, self.images, self.activations, self.classes_all, args[0], args[1]),
             (tf.reshape(image_index, (n_chunks, size)), tf.reshape(channel, (n_chunks, size))),
-            fn_output_signature=tf.TensorSpec((size, self.classes_all.shape[1]), tf.float32),
+            fn_output_signature=tf.TensorSpec((size, width), tf.float32),
             parallel_iterations=1,
         )
-        return tf.reshape(tf.reshape(scores, (-1, self.classes_all.shape[1]))[:total], (b, k_sel, -1))
-
-    def _target_columns(self, values, image_index) -> tf.Tensor:
-        return tf.gather(values, tf.gather(self.classes_all, image_index), batch_dims=1)
+        return tf.reshape(tf.reshape(scores, (-1, width))[:total], (b, k_sel, -1))
 
     def masked_input_scores(self) -> tf.Tensor:
-        def per_chunk(image_index, channel):
-            a = tf.transpose(self.activations, (0, 3, 1, 2))  # (B, K, h, w)
-            maps = tf.gather_nd(a, tf.stack([image_index, channel], axis=1))[..., None]
-            maps = tf.image.resize(maps, tf.shape(self.images)[1:3], method="bilinear")
-            low = tf.reduce_min(maps, axis=(1, 2, 3), keepdims=True)
-            high = tf.reduce_max(maps, axis=(1, 2, 3), keepdims=True)
-            masks = (maps - low) / tf.maximum(high - low, 1e-7)
-            masked = tf.gather(self.images, image_index) * tf.cast(masks, self.images.dtype)
-            _, logits, _ = self.ex._forward(masked, need_activations=False)
-            return self._target_columns(self.ex._probabilities(logits), image_index)
-
-        return self.cached("scorecam", lambda: self._chunked(per_chunk))
+        return self.cached("masked_input_scores", lambda: self._chunked(masked_input_chunk))
 
     def ablated_logits(self) -> tf.Tensor:
-        def per_chunk(image_index, channel):
-            a = tf.gather(self.activations, image_index)
-            keep = 1.0 - tf.one_hot(channel, a.shape[-1], dtype=a.dtype)
-            ablated = a * keep[:, None, None, :]
-            # The ablated activations replace the layer's output; what feeds the layer is unused.
-            _, logits, _ = self.ex._forward(tf.gather(self.images, image_index), replace_activations=lambda: ablated)
-            return self._target_columns(logits, image_index)
-
-        return self.cached("ablation", lambda: self._chunked(per_chunk))
+        return self.cached("ablated_logits", lambda: self._chunked(ablated_chunk))
 
 
 class TargetView:

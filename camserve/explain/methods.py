@@ -53,13 +53,20 @@ MethodFn = Callable[[LayerPass], tf.Tensor]
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method: ``fn(pass) -> (B, h, w)``; ``needs_gradients`` asks the shared
-    pass for dY/dA of each target."""
+    pass for dY/dA of each target; ``reads`` names the chunked scores it reads
+    (``masked_input_scores``, ``ablated_logits``), which the Explainer then computes in graph
+    calls of their own, checking for a stop between chunks (a method that reads them without
+    saying so still works: they are computed inside its pass, in one go)."""
 
     name: str
     fn: MethodFn
     needs_gradients: bool = False
     doc: str = ""
+    reads: tuple[str, ...] = ()
 
+
+#: The chunked scores a method may read (see :mod:`camserve.explain.layer_pass`).
+READS = ("masked_input_scores", "ablated_logits")
 
 #: All methods by their public name, in registration order (the built-ins first).
 METHODS: dict[str, Method] = {}
@@ -71,21 +78,33 @@ class UnknownMethod(InvalidArgument):
 
 
 def register(
-    name: str, *, needs_gradients: bool = False, replace: bool = False, doc: str | None = None
+    name: str,
+    *,
+    needs_gradients: bool = False,
+    replace: bool = False,
+    doc: str | None = None,
+    reads: tuple[str, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding ``fn(pass) -> (B, h, w)`` to :data:`METHODS` as ``name``.
 
-    ``needs_gradients``: the pass computes dY/dA of each target for it. ``doc``: defaults to
-    the function's docstring. A name already registered raises InvalidArgument unless
-    ``replace=True`` (the method then keeps its place in the registry).
+    ``needs_gradients``: the pass computes dY/dA of each target for it. ``reads``: the chunked
+    scores of the pass it reads (``"masked_input_scores"``, ``"ablated_logits"``). ``doc``:
+    defaults to the function's docstring. A name already registered raises InvalidArgument
+    unless ``replace=True`` (the method then keeps its place in the registry).
     """
     if not isinstance(name, str) or not name or name != name.strip():
         raise InvalidArgument(f"a method name must be a non-empty string without surrounding spaces, got {name!r}")
+    reads = tuple(sorted(set(reads)))
+    unknown = [r for r in reads if r not in READS]
+    if unknown:
+        raise InvalidArgument(f"method {name!r} reads unknown scores {unknown}; allowed: {', '.join(READS)}")
 
     def add(fn: MethodFn) -> MethodFn:
         if not callable(fn):
             raise InvalidArgument(f"method {name!r} must be a function of the pass, got {fn!r}")
-        method = Method(name, fn, needs_gradients=needs_gradients, doc=(fn.__doc__ or "") if doc is None else doc)
+        method = Method(
+            name, fn, needs_gradients=needs_gradients, doc=(fn.__doc__ or "") if doc is None else doc, reads=reads
+        )
         with _LOCK:
             if name in METHODS and not replace:
                 raise InvalidArgument(f"method {name!r} is already registered; pass replace=True to replace it")
@@ -165,7 +184,7 @@ def layercam(p: LayerPass) -> tf.Tensor:
     return tf.reduce_sum(tf.nn.relu(p.gradients) * p.activations, axis=-1)
 
 
-@register("scorecam")
+@register("scorecam", reads=("masked_input_scores",))
 def scorecam(p: LayerPass) -> tf.Tensor:
     """Score-CAM (Wang et al. 2020): w_k = class probability of the input masked by the
     upsampled, min-max normalised A_k (softmax head; sigmoid for a single-logit head)."""
@@ -188,7 +207,7 @@ def eigencam(p: LayerPass) -> tf.Tensor:
     return tf.reshape(projection * sign[:, None], (b, h, w))
 
 
-@register("ablationcam")
+@register("ablationcam", reads=("ablated_logits",))
 def ablationcam(p: LayerPass) -> tf.Tensor:
     """Ablation-CAM (Desai & Ramaswamy 2020): w_k = (Y_c − Y_c with A_k zeroed) / |Y_c|."""
     y = tf.gather(p.logits, p.classes, batch_dims=1)[:, None]

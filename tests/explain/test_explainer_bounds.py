@@ -70,3 +70,107 @@ def test_a_checkpoint_that_never_raises_changes_nothing(gap_model, rng_images, o
             assert (a.method, a.class_index) == (b.method, b.class_index)
             np.testing.assert_array_equal(a.raw, b.raw)
             np.testing.assert_array_equal(a.heatmap, b.heatmap)
+
+
+def _assert_same(a, b) -> None:
+    assert (a.method, a.class_index, a.label) == (b.method, b.class_index, b.label)
+    assert a.score == b.score and a.box == b.box
+    np.testing.assert_array_equal(a.raw, b.raw)
+    np.testing.assert_array_equal(a.heatmap, b.heatmap)
+
+
+def test_method_order_shares_one_graph_and_answers_in_the_callers_order(gap_model, rng_images) -> None:
+    ex = Explainer(gap_model, max_batch_size=8)
+    first = ex.explain(rng_images, methods=("gradcam", "cam"), top_k=2)
+    traced = ex.trace_count
+    second = ex.explain(rng_images, methods=("cam", "gradcam"), top_k=2)
+    assert ex.trace_count == traced, "a new order of the same methods compiled a new graph"
+    for row_a, row_b in zip(first, second):
+        assert [e.method for e in row_a] == ["gradcam", "cam"] * 2
+        assert [e.method for e in row_b] == ["cam", "gradcam"] * 2
+        for t in range(2):  # per target: the same maps, in the order asked
+            _assert_same(row_a[2 * t], row_b[2 * t + 1])
+            _assert_same(row_a[2 * t + 1], row_b[2 * t])
+
+
+def test_target_widths_3_and_4_share_a_graph_and_give_the_same_maps(rng_images) -> None:
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(7, activation="softmax")(x))
+    images = rng_images[:3, :16, :16]
+    ex = Explainer(model, max_batch_size=4)
+    three = ex.explain(images, methods=("gradcam", "hirescam"), targets=[[0, 3, 5]])
+    traced = ex.trace_count
+    four = ex.explain(images, methods=("gradcam", "hirescam"), targets=[[0, 3, 5, 6]])
+    assert ex.trace_count == traced, "target width 4 compiled a new graph after width 3"
+    for row3, row4 in zip(three, four):
+        assert len(row3) == 6 and len(row4) == 8  # the caller's target count, not the bucket's
+        assert [e.class_index for e in row4] == [0, 0, 3, 3, 5, 5, 6, 6]
+        for a, b in zip(row3, row4[:6]):
+            _assert_same(a, b)
+
+
+def test_compiled_graphs_stay_under_max_graphs_and_evicted_ones_are_released(gap_model, rng_images) -> None:
+    import gc
+    import itertools
+    import weakref
+
+    ex = Explainer(gap_model, max_batch_size=2, max_graphs=3)
+    assert ex.max_graphs == 3
+    methods = ("gradcam", "hirescam", "layercam", "xgradcam", "gradcam++")
+    refs = []
+    for combo in itertools.islice(itertools.combinations(methods, 2), 6):
+        ex.explain(rng_images[:1], methods=combo)
+        refs.extend(weakref.ref(g) for g in ex._graphs._graphs.values())
+        assert len(ex._graphs) <= 3
+    gc.collect()
+    alive = {id(r()) for r in refs if r() is not None}
+    assert alive == {id(g) for g in ex._graphs._graphs.values()}, "an evicted graph is still alive"
+    # an evicted key compiles again and answers the same
+    before = ex.explain(rng_images[:1], methods=("gradcam", "hirescam"))
+    again = Explainer(gap_model, max_batch_size=2).explain(rng_images[:1], methods=("hirescam", "gradcam"))
+    _assert_same(before[0][0], again[0][1])
+
+
+def test_graphs_per_request_order_do_not_grow_without_bound(gap_model, rng_images) -> None:
+    import itertools
+
+    ex = Explainer(gap_model, max_batch_size=1)
+    for combo in itertools.permutations(("gradcam", "hirescam", "layercam", "xgradcam")):
+        ex.explain(rng_images[:1], methods=combo)
+    assert len(ex._graphs) == 1 and ex.trace_count == 1  # 24 orders, one graph
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_checkpoint_stops_score_cam_between_chunks(gap_model, rng_images, method) -> None:
+    ex = Explainer(gap_model, chunk_size=4, max_batch_size=8)  # 16 channels: 4 chunks per image
+    passes = _count_passes(ex)
+    checkpoint, calls = _stopping_after(3)
+    with pytest.raises(Stop):
+        ex.explain(rng_images[:2], methods=(method,), checkpoint=checkpoint)
+    chunks = [p for p in passes if p[0] == "chunk"]
+    assert len(chunks) == 2 and not [p for p in passes if p[0] == "explain"]  # 8 chunks asked, 2 done
+    # and a checkpoint that never raises: the same maps as without one
+    calls2: list[int] = []
+    passes.clear()
+    got = ex.explain(rng_images[:2], methods=(method, "gradcam"), checkpoint=lambda: calls2.append(1))
+    assert len(calls2) == 1 + 8 and len([p for p in passes if p[0] == "chunk"]) == 8
+    want = ex.explain(rng_images[:2], methods=(method, "gradcam"))
+    for row_a, row_b in zip(got, want):
+        for a, b in zip(row_a, row_b):
+            _assert_same(a, b)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_chunked_score_cam_equals_the_single_pass(gap_model, rng_images, method) -> None:
+    chunked = Explainer(gap_model, chunk_size=8).explain(rng_images, methods=(method,), top_k=2)
+    in_one = Explainer(gap_model, chunk_size=1000).explain(rng_images, methods=(method,), top_k=2)
+    for row_a, row_b in zip(chunked, in_one):
+        for a, b in zip(row_a, row_b):
+            assert (a.class_index, a.method) == (b.class_index, b.method)
+            np.testing.assert_allclose(a.raw, b.raw, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a.heatmap, b.heatmap, rtol=1e-5, atol=1e-5)
