@@ -16,14 +16,14 @@ True
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
 from camserve.errors import Unauthenticated
-from camserve.serving.status import with_behavior
+from camserve.serving.status import Continuation, with_behavior
 
 MISSING = "missing bearer token: send metadata 'authorization: Bearer <token>'"
 INVALID = "invalid bearer token"
@@ -62,9 +62,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._token = token
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         if details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return await continuation(details)

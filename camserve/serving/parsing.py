@@ -17,14 +17,14 @@ camserve.errors.InvalidArgument: Predict: the request (3 bytes) is not a valid c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from camserve.errors import InvalidArgument
-from camserve.serving.status import behavior_of, with_behavior
+from camserve.serving.status import ServiceInterceptor, behavior_of, with_behavior
 
 
 def request_parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable[..., Any]:
@@ -47,32 +47,27 @@ def request_parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable
     return parse
 
 
-class ParsingInterceptor(grpc.aio.ServerInterceptor):
+class ParsingInterceptor(ServiceInterceptor):
     """For every method of ``service``: the handler's deserializer is replaced by none (gRPC
     hands over the bytes) and its behaviour parses them first (:func:`request_parser`). Put it
     last, after authentication. The wrapped handlers are made once per method."""
 
     def __init__(self, service: str) -> None:
-        self._prefix = f"/{service}/"
+        super().__init__(service)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None or not details.method.startswith(self._prefix):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:  # already bytes
             return handler
-        known = self._wrapped.get(details.method)
+        known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = self._wrap(details.method[len(self._prefix) :], handler)
-        self._wrapped[details.method] = (handler, wrapped)
+        wrapped = self._parsing(method, handler)
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
     @staticmethod
-    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _parsing(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse = request_parser(method, handler.request_deserializer)
         behavior = behavior_of(handler)
         if handler.request_streaming:

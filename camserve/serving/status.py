@@ -86,6 +86,9 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     return grpc.StatusCode[kind.code], clip_message(str(exc.args[0]) if exc.args else str(exc))
 
 
+#: What an interceptor calls for the next one's handler (or the service's own).
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
 _MAKE_HANDLER = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -193,7 +196,27 @@ class _Call:
         return code, message
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor for the methods of one ``service`` (a full service name): :meth:`wrap`
+    gets each of their handlers; other services (health, reflection) pass through untouched."""
+
+    def __init__(self, service: str) -> None:
+        self._prefix = f"/{service}/"
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        return self.wrap(details.method[len(self._prefix) :], handler)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler that answers ``method`` (its short name) instead of ``handler``."""
+        raise NotImplementedError
+
+
+class StatusInterceptor(ServiceInterceptor):
     """Around every call of ``service`` (a full service name; other services, like health
     and reflection, pass through untouched): maps exceptions to status codes by kind
     (:func:`status_for`), logs INTERNAL errors with their traceback and every failed call
@@ -208,22 +231,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, service: str, record: Callable[[str, str, float], None] | None = None) -> None:
-        self._prefix = f"/{service}/"
+        super().__init__(service)
         self._record = record
         self.inflight = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefix):
-            return handler
-        method = details.method[len(self._prefix) :]
-        behavior = behavior_of(handler)
-        wrap = self._streaming if handler.response_streaming else self._unary
-        return with_behavior(handler, wrap(method, behavior))
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        around = self._streaming if handler.response_streaming else self._unary
+        return with_behavior(handler, around(method, behavior_of(handler)))
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -86,7 +86,9 @@ def test_the_same_bytes_parse_when_well_formed(channel) -> None:
     """The raw path itself works: the valid message's bytes get an answer (the test above is
     not refusing everything)."""
     reply = pb.PredictResponse.FromString(_raw_call(channel, "Predict", VALID))
-    assert len(reply.predictions) == 1 and len(reply.predictions[0].scores) == 4
+    stub = pb_grpc.CamServiceStub(channel)
+    assert reply == stub.Predict(pb.PredictRequest.FromString(VALID), timeout=30, metadata=AUTH)
+    assert len(reply.predictions) == 1 and reply.model.name == "gap"
 
 
 @pytest.mark.parametrize("name", ["ff_bytes", "truncated_valid_message", "bad_utf8_in_model_name"])
