@@ -10,6 +10,10 @@ image (a decompression bomb) is refused without allocating it.
 (4, 5, 3)
 >>> floatmap_to_array(array_to_floatmap(np.eye(2, dtype=np.float32))).tolist()
 [[1.0, 0.0], [0.0, 1.0]]
+
+Float maps (heatmaps, raw maps, dense scores, Predict's scores) travel as little-endian
+float32 bytes with their shape, written and read without per-element work; the repeated
+``values`` field of servers before that is still read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import cv2
 import numpy as np
 
 from camserve.errors import InvalidArgument
@@ -40,6 +45,14 @@ TENSOR_DTYPES = {
 }
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+
+#: The most dimensions a FloatMap may have, and the largest entry of its shape: a reader's
+#: bounds, so that a malformed map is refused (InvalidArgument) before numpy sees it.
+MAX_MAP_DIMS = 8
+MAX_MAP_DIM = 2**31 - 1
+
+#: Float maps on the wire: little-endian float32.
+MAP_DTYPE = np.dtype("<f4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,21 +297,124 @@ def images_to_proto(images: ImageLike | Sequence[ImageLike]) -> list[pb.Image]:
 # ------------------------------------------------------------------ float maps
 
 
+def floatmap_fields(a: np.ndarray) -> dict[str, Any]:
+    """The fields of a FloatMap holding ``a`` (``shape`` and little-endian float32 ``data`` in C
+    order), to pass to a message constructor: building nested messages from plain values is
+    what protobuf does fastest (a message passed in is copied).
+
+    >>> floatmap_fields(np.ones((1, 2), np.float32))
+    {'shape': (1, 2), 'data': b'\\x00\\x00\\x80?\\x00\\x00\\x80?'}
+    """
+    a = np.asarray(a, MAP_DTYPE)  # no copy for a float32 array on a little-endian machine
+    return {"shape": a.shape, "data": a.tobytes()}  # tobytes: C order whatever the layout
+
+
 def array_to_floatmap(a: np.ndarray) -> pb.FloatMap:
-    """A float array as a FloatMap (float32 values in C order plus the shape)."""
-    a = np.asarray(a, np.float32)
-    m = pb.FloatMap(shape=list(a.shape))
-    m.values.extend(a.ravel().tolist())
-    return m
+    """A float array as a FloatMap: its shape and its values as little-endian float32 bytes in
+    C order (``data``); ``values`` stays empty."""
+    return pb.FloatMap(**floatmap_fields(a))
 
 
-def floatmap_to_array(m: pb.FloatMap) -> np.ndarray:
-    """A FloatMap back to a float32 array; InvalidArgument when the sizes disagree."""
-    shape = tuple(int(s) for s in m.shape)
+def floatmap_to_array(m: pb.FloatMap, what: str = "FloatMap") -> np.ndarray:
+    """A FloatMap back to a (writable, native) float32 array: from ``data`` when set, else from
+    ``values`` (servers before ``data``). InvalidArgument for a malformed map: more than
+    :data:`MAX_MAP_DIMS` dimensions, an entry below 0 or above :data:`MAX_MAP_DIM`, or a size
+    that does not match the shape."""
+    shape = tuple(m.shape)
+    if len(shape) > MAX_MAP_DIMS or any(not 0 <= s <= MAX_MAP_DIM for s in shape):
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} not allowed: at most {MAX_MAP_DIMS} dimensions, each 0 to {MAX_MAP_DIM}"
+        )
+    count = math.prod(shape)
+    data = m.data
+    if data or not len(m.values):
+        if len(data) != count * MAP_DTYPE.itemsize:
+            raise InvalidArgument(
+                f"{what}: {len(data)} data bytes do not match shape {list(shape)} "
+                f"({count * MAP_DTYPE.itemsize} bytes expected: 4 per float32)"
+            )
+        return np.frombuffer(data, MAP_DTYPE).reshape(shape).astype(np.float32)  # one copy: writable, native
     values = np.asarray(m.values, np.float32)
-    if int(np.prod(shape, dtype=np.int64)) != values.size:
-        raise InvalidArgument(f"FloatMap of shape {list(shape)} carries {values.size} values")
+    if values.size != count:
+        raise InvalidArgument(f"{what} of shape {list(shape)} carries {values.size} values")
     return values.reshape(shape)
+
+
+# ------------------------------------------------------------------ heatmaps as PNG
+
+
+def heatmap_to_png(heatmap: np.ndarray) -> bytes:
+    """A [0, 1] heatmap as an 8-bit grayscale PNG, pixel = round(h × 255) (values outside
+    [0, 1] clipped, NaN as 0).
+
+    >>> png_to_heatmap(heatmap_to_png(np.array([[0.0, 0.5, 1.0]], np.float32))).tolist()
+    [[0.0, 0.501960813999176, 1.0]]
+    """
+    h = np.nan_to_num(np.asarray(heatmap, np.float32))
+    if h.ndim != 2 or h.size == 0:
+        raise InvalidArgument(f"a heatmap PNG needs a non-empty 2-D map; got shape {list(h.shape)}")
+    gray = np.rint(np.clip(h, 0.0, 1.0) * 255.0).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", gray)
+    if not ok:
+        raise ImageError("PNG encoding of a heatmap failed")
+    return buf.tobytes()
+
+
+def png_to_heatmap(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "heatmap_png") -> np.ndarray:
+    """An 8-bit grayscale heatmap PNG (:func:`heatmap_to_png`) back to float32 in [0, 1]
+    (pixel / 255). InvalidArgument for anything else; the declared size is checked against
+    ``max_pixels`` before decoding."""
+    try:
+        fmt, w, h = encoded_size(data)
+    except ImageError as e:
+        raise ImageError(f"{what}: {e}") from None
+    if fmt != "png":
+        raise ImageError(f"{what}: a {fmt.upper()} image; expected an 8-bit grayscale PNG")
+    check_pixels(w, h, max_pixels, what)
+    try:
+        gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise ImageError(f"{what}: refused by the decoder: {e.err}") from None
+    if gray is None or gray.ndim != 2 or gray.dtype != np.uint8:
+        got = "undecodable" if gray is None else f"{gray.dtype} of shape {list(gray.shape)}"
+        raise ImageError(f"{what}: {got}; expected an 8-bit grayscale PNG")
+    return gray.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+# ------------------------------------------------------------------ boxes
+
+
+def scale_box(
+    box: tuple[int, int, int, int], from_size: tuple[int, int], to_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A pixel box (x0, y0, x1, y1; x1, y1 exclusive) on an image of ``from_size`` (height,
+    width) moved to the same picture resized to ``to_size``: the smallest box of the new
+    pixels that covers it (x0 = floor(x0 × W / w), x1 = ceil(x1 × W / w), likewise for y;
+    exact integer arithmetic), within the image. Resizing (OpenCV's, or the server's) maps
+    pixel edges linearly, so this is where the box's content lands.
+
+    >>> scale_box((10, 20, 33, 50), (64, 64), (120, 200))
+    (31, 37, 104, 94)
+    """
+    (h, w), (big_h, big_w) = from_size, to_size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if (h, w) == (big_h, big_w):
+        return x0, y0, x1, y1
+    return (
+        min(max(x0 * big_w // w, 0), big_w),
+        min(max(y0 * big_h // h, 0), big_h),
+        min(max(-(-x1 * big_w // w), 0), big_w),
+        min(max(-(-y1 * big_h // h), 0), big_h),
+    )
+
+
+def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A heatmap resized to (height, width) bilinearly (``cv2.INTER_LINEAR``, as overlays
+    stretch it); float32."""
+    h = np.asarray(heatmap, np.float32)
+    if h.shape[:2] == tuple(size):
+        return h
+    return cv2.resize(h, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
 # ------------------------------------------------------------------ models
@@ -326,13 +442,19 @@ def model_from_proto(spec: pb.ModelSpec) -> tuple[str, int]:
 # ------------------------------------------------------------------ predictions
 
 
-def top_classes(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> list[pb.ClassScore]:
-    """The ``top_k`` best classes of one score vector, best first (ties: lower index first)."""
+def _top(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    if top_k <= 0:
+        return []
     order = np.argsort(-np.asarray(scores), kind="stable")[:top_k]
     return [
-        pb.ClassScore(index=int(i), label=class_names[i] if i < len(class_names) else str(i), score=float(scores[i]))
+        {"index": int(i), "label": class_names[i] if i < len(class_names) else str(i), "score": float(scores[i])}
         for i in order
     ]
+
+
+def top_classes(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> list[pb.ClassScore]:
+    """The ``top_k`` best classes of one score vector, best first (ties: lower index first)."""
+    return [pb.ClassScore(**c) for c in _top(scores, top_k, class_names)]
 
 
 def top_from_proto(p: pb.Prediction) -> list[tuple[int, str, float]]:
@@ -341,13 +463,35 @@ def top_from_proto(p: pb.Prediction) -> list[tuple[int, str, float]]:
 
 
 def prediction_to_proto(scores: np.ndarray, top_k: int, class_names: Sequence[str]) -> pb.Prediction:
-    p = pb.Prediction(top=top_classes(scores, top_k, class_names))
-    p.scores.extend(np.asarray(scores, np.float32).tolist())
-    return p
+    """One image's Prediction: its ``top_k`` best classes. Every class's score goes in the
+    response's ``scores`` map (:func:`predict_response_to_proto`), not here."""
+    return pb.Prediction(top=_top(scores, top_k, class_names))
+
+
+def predict_response_to_proto(
+    scores: np.ndarray, top_k: int, class_names: Sequence[str], model: str = "", version: int = 0
+) -> pb.PredictResponse:
+    """A PredictResponse: ``scores`` (images, classes) as one float map of bytes, and per
+    image a Prediction with its ``top_k`` best classes (0: none)."""
+    scores = np.asarray(scores, np.float32)
+    return pb.PredictResponse(
+        model={"name": model, "version": int(version)},
+        predictions=[{"top": _top(row, top_k, class_names)} for row in scores],
+        scores=floatmap_fields(scores),
+    )
 
 
 def predictions_from_proto(resp: pb.PredictResponse) -> np.ndarray:
-    """(N, classes) float32 scores of a PredictResponse."""
+    """(N, classes) float32 scores of a PredictResponse: from its ``scores`` map, or from each
+    Prediction's ``scores`` (servers before the map). InvalidArgument when they disagree with
+    the number of predictions."""
+    if resp.HasField("scores"):
+        a = floatmap_to_array(resp.scores, "PredictResponse.scores")
+        if a.ndim != 2 or a.shape[0] != len(resp.predictions):
+            raise InvalidArgument(
+                f"PredictResponse.scores of shape {list(a.shape)} for {len(resp.predictions)} predictions"
+            )
+        return a
     if not resp.predictions:
         return np.zeros((0, 0), np.float32)
     return np.stack([np.asarray(p.scores, np.float32) for p in resp.predictions])
@@ -356,46 +500,93 @@ def predictions_from_proto(resp: pb.PredictResponse) -> np.ndarray:
 # ------------------------------------------------------------------ explanations
 
 
-def explanation_to_proto(
+def explanation_fields(
     e: Explanation,
     *,
     raw: bool = False,
     heatmap: bool = False,
+    heatmap_png: bool = False,
     overlay_png: bytes | None = None,
-) -> pb.Explanation:
-    """One library Explanation as a wire message; maps only when asked for."""
-    m = pb.Explanation(method=e.method, class_index=int(e.class_index), label=str(e.label), score=float(e.score))
+    image_box: tuple[int, int, int, int] | None = None,
+) -> dict[str, Any]:
+    """The fields of the wire Explanation of ``e`` (maps only when asked for), to pass to a
+    message constructor. ``image_box``: the box in the pixels of the image as sent
+    (:func:`scale_box`); None: ``e.box`` (the image had the model's input size)."""
+    m: dict[str, Any] = {
+        "method": e.method,
+        "class_index": int(e.class_index),
+        "label": str(e.label),
+        "score": float(e.score),
+    }
     if raw and e.raw is not None:
-        m.raw.CopyFrom(array_to_floatmap(e.raw))
+        m["raw"] = floatmap_fields(e.raw)
     if heatmap and e.heatmap is not None:
-        m.heatmap.CopyFrom(array_to_floatmap(e.heatmap))
+        m["heatmap"] = floatmap_fields(e.heatmap)
+    if heatmap_png and e.heatmap is not None:
+        m["heatmap_png"] = heatmap_to_png(e.heatmap)
     if e.box is not None:
         x0, y0, x1, y1 = (int(v) for v in e.box)
-        m.box.CopyFrom(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+        m["box"] = {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
+        if image_box is not None:
+            x0, y0, x1, y1 = (int(v) for v in image_box)
+        m["image_box"] = {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
     if overlay_png:
-        m.overlay_png = overlay_png
+        m["overlay_png"] = overlay_png
     return m
 
 
-def explanation_from_proto(m: pb.Explanation) -> Explanation:
+def explanation_to_proto(e: Explanation, **outputs: Any) -> pb.Explanation:
+    """One library Explanation as a wire message; ``outputs``: the keyword arguments of
+    :func:`explanation_fields` (raw, heatmap, heatmap_png, overlay_png, image_box)."""
+    return pb.Explanation(**explanation_fields(e, **outputs))
+
+
+def explanation_from_proto(
+    m: pb.Explanation, image_size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Explanation:
     """A wire Explanation as the library's :class:`~camserve.explanation.Explanation`;
-    maps that were not sent are None. The overlay PNG, when sent, stays in ``m.overlay_png``."""
+    maps that were not sent are None. The heatmap comes from the float map, else from the
+    8-bit PNG (float32 in [0, 1], steps of 1/255). The overlay PNG, when sent, stays in
+    ``m.overlay_png``.
+
+    ``image_size`` (height, width): the heatmap resized to it (:func:`resize_heatmap`) and the
+    box in its pixels (the server's ``image_box``, or :func:`scale_box` for servers before
+    it); None: both at the model's input size, as sent."""
     from camserve.explanation import Explanation
 
-    return Explanation(**_explanation_fields(m))
-
-
-def _explanation_fields(m: pb.Explanation) -> dict[str, Any]:
-    box = (m.box.x0, m.box.y0, m.box.x1, m.box.y1) if m.HasField("box") else None
-    return dict(
+    if m.HasField("heatmap"):
+        heat = floatmap_to_array(m.heatmap, "Explanation.heatmap")
+    elif m.heatmap_png:
+        heat = png_to_heatmap(m.heatmap_png, max_pixels, "Explanation.heatmap_png")
+    else:
+        heat = None
+    box = _box(m.box) if m.HasField("box") else None
+    if image_size is not None:
+        image_size = (int(image_size[0]), int(image_size[1]))
+        if box is not None:
+            if m.HasField("image_box"):
+                box = _box(m.image_box)
+            elif heat is not None:
+                box = scale_box(box, heat.shape[:2], image_size)
+            else:
+                raise InvalidArgument(
+                    "the server sent no image_box (it predates it): ask for the heatmap too to have the box scaled"
+                )
+        if heat is not None:
+            heat = resize_heatmap(heat, image_size)
+    return Explanation(
         method=m.method,
         class_index=int(m.class_index),
         label=m.label,
         score=float(m.score),
-        raw=floatmap_to_array(m.raw) if m.HasField("raw") else None,
-        heatmap=floatmap_to_array(m.heatmap) if m.HasField("heatmap") else None,
+        raw=floatmap_to_array(m.raw, "Explanation.raw") if m.HasField("raw") else None,  # type: ignore[arg-type]
+        heatmap=heat,  # type: ignore[arg-type]
         box=box,
     )
+
+
+def _box(b: pb.Box) -> tuple[int, int, int, int]:
+    return (int(b.x0), int(b.y0), int(b.x1), int(b.y1))
 
 
 def target_from_proto(t: pb.Target) -> int | str:

@@ -2,7 +2,9 @@
 
 The per-object conversions shared with the client (images, predictions, explanations,
 float maps) are in :mod:`camserve.wire`; this module builds whole responses from the
-:mod:`camserve.serving.dataplane` result types.
+:mod:`camserve.serving.dataplane` result types. Nothing here works element by element: float
+maps go as bytes (:func:`camserve.wire.floatmap_fields`), and nested messages are built from
+plain values in one constructor call (protobuf copies a message passed in).
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ if TYPE_CHECKING:
 
 
 def predict_response(result: PredictResult, top_k: int) -> Any:
-    """A PredictResponse listing the ``top_k`` best classes per image (0: all of them)."""
-    return pb.PredictResponse(
-        model=wire.model_spec(result.model, result.version),
-        predictions=[wire.prediction_to_proto(row, top_k, result.class_names) for row in result.scores],
-    )
+    """A PredictResponse: every class's score of every image as one float map of bytes, and
+    the ``top_k`` best classes per image (0: none)."""
+    return wire.predict_response_to_proto(result.scores, top_k, result.class_names, result.model, result.version)
 
 
 def explain_response(
@@ -30,25 +30,38 @@ def explain_response(
     *,
     raw: bool = False,
     heatmap: bool = False,
+    heatmap_png: bool = False,
     overlay: bool = False,
     request_id: str = "",
 ) -> Any:
-    """An ExplainResponse; maps and overlays only when asked for (overlays are PNG encoding
-    work: call it off the event loop)."""
-    resp = pb.ExplainResponse(
-        model=wire.model_spec(result.model, result.version), layer=result.layer, request_id=request_id
-    )
+    """An ExplainResponse; maps and overlays only when asked for (overlays and heatmap PNGs
+    are PNG encoding work: call it off the event loop). Each image carries its size as sent
+    and each box also in that image's pixels (``image_box``)."""
+    inputs = result.prepared.inputs
+    input_size = (int(inputs.shape[1]), int(inputs.shape[2]))
+    images = []
     for i, per_image in enumerate(result.explanations):
+        pixels = result.prepared.pixels[i]
+        size = input_size if pixels is None else (int(pixels.shape[0]), int(pixels.shape[1]))
         pngs: list[bytes | None] = list(result.overlays(i)) if overlay else [None] * len(per_image)
-        resp.images.append(
-            pb.ImageExplanations(
-                explanations=[
-                    wire.explanation_to_proto(e, raw=raw, heatmap=heatmap, overlay_png=png)
-                    for e, png in zip(per_image, pngs)
-                ]
+        explanations = [
+            wire.explanation_fields(
+                e,
+                raw=raw,
+                heatmap=heatmap,
+                heatmap_png=heatmap_png,
+                overlay_png=png,
+                image_box=None if e.box is None or size == input_size else wire.scale_box(e.box, input_size, size),
             )
-        )
-    return resp
+            for e, png in zip(per_image, pngs)
+        ]
+        images.append({"explanations": explanations, "image_height": size[0], "image_width": size[1]})
+    return pb.ExplainResponse(
+        model={"name": result.model, "version": int(result.version)},
+        layer=result.layer,
+        images=images,
+        request_id=request_id,
+    )
 
 
 def dense_response(result: DenseScoresResult) -> Any:
@@ -58,24 +71,23 @@ def dense_response(result: DenseScoresResult) -> Any:
 def dense_to_proto(result: DenseResult, model: str, version: int, class_names: tuple[str, ...] | list[str]) -> Any:
     """A :func:`camserve.dense.dense_scores` result as a DenseScoresResponse."""
     sy, sx = (int(v) for v in result.strides)
-    resp = pb.DenseScoresResponse(
-        model=wire.model_spec(model, version),
+    return pb.DenseScoresResponse(
+        model={"name": model, "version": int(version)},
         stride=sy if sy == sx else 0,
         strides=[sy, sx],
         window=[int(v) for v in result.window],
         exact=bool(result.exact),
         mode=str(result.mode),
         class_names=list(class_names),
+        scales=[
+            {
+                "scale": float(level.scale),
+                "scores": wire.floatmap_fields(level.scores),
+                "boxes": wire.floatmap_fields(level.boxes),
+            }
+            for level in result
+        ],
     )
-    for level in result:
-        resp.scales.append(
-            pb.ScaleScores(
-                scale=float(level.scale),
-                scores=wire.array_to_floatmap(level.scores),
-                boxes=wire.array_to_floatmap(level.boxes),
-            )
-        )
-    return resp
 
 
 def model_info(d: ModelDescription) -> Any:

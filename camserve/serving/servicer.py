@@ -37,6 +37,7 @@ def outputs_of(request: Any) -> Outputs:
     return Outputs(
         raw=request.return_raw,
         heatmap=request.return_heatmap,
+        heatmap_png=request.return_heatmap_png,
         overlay=request.return_overlay,
     )
 
@@ -179,11 +180,12 @@ class CamServicer(pb_grpc.CamServiceServicer):
             result,
             raw=outputs.raw,
             heatmap=outputs.heatmap,
+            heatmap_png=outputs.heatmap_png,
             overlay=outputs.overlay,
             request_id=request.request_id,
         )
-        # Maps are bytes (cheap, built here); PNG overlays are encoding work (in the pool).
-        return self._checked(await plane.in_pool(build, inline=not outputs.overlay))
+        # Maps are bytes (cheap, built here); PNG overlays and heatmap PNGs are encoding work (in the pool).
+        return self._checked(await plane.in_pool(build, inline=not (outputs.overlay or outputs.heatmap_png)))
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = request.model

@@ -155,7 +155,7 @@ def test_bug_in_predict_compute_is_internal_logged_and_the_server_serves_on(serv
     assert "scores" not in e.value.details()  # the bug's details stay in the log
     monkeypatch.undo()
     after = stub.Predict(_predict(), timeout=30)
-    assert list(after.predictions[0].scores) == list(before.predictions[0].scores)
+    assert wire.predictions_from_proto(after).tolist() == wire.predictions_from_proto(before).tolist()
     text = served.metrics_text()
     assert metric_value(text, "camserve_errors_total", method="Predict", code="INTERNAL") == internal_before + 1
 

@@ -33,12 +33,14 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FloatMap(_message.Message):
-    __slots__ = ("shape", "values")
+    __slots__ = ("shape", "values", "data")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -81,12 +83,14 @@ class Prediction(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "predictions")
+    __slots__ = ("model", "predictions", "scores")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    scores: FloatMap
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., scores: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("index", "name")
@@ -103,7 +107,7 @@ class TargetList(_message.Message):
     def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "methods", "targets", "top_k", "layer", "return_raw", "return_heatmap", "return_overlay", "request_id")
+    __slots__ = ("model", "images", "methods", "targets", "top_k", "layer", "return_raw", "return_heatmap", "return_overlay", "request_id", "return_heatmap_png")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +118,7 @@ class ExplainRequest(_message.Message):
     RETURN_HEATMAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RETURN_HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     images: _containers.RepeatedCompositeFieldContainer[Image]
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -124,10 +129,11 @@ class ExplainRequest(_message.Message):
     return_heatmap: bool
     return_overlay: bool
     request_id: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[TargetList, _Mapping]]] = ..., top_k: _Optional[int] = ..., layer: _Optional[str] = ..., return_raw: _Optional[bool] = ..., return_heatmap: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    return_heatmap_png: bool
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[TargetList, _Mapping]]] = ..., top_k: _Optional[int] = ..., layer: _Optional[str] = ..., return_raw: _Optional[bool] = ..., return_heatmap: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., request_id: _Optional[str] = ..., return_heatmap_png: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("method", "class_index", "label", "score", "raw", "heatmap", "box", "overlay_png")
+    __slots__ = ("method", "class_index", "label", "score", "raw", "heatmap", "box", "overlay_png", "image_box", "heatmap_png")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +142,8 @@ class Explanation(_message.Message):
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BOX_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     method: str
     class_index: int
     label: str
@@ -144,13 +152,19 @@ class Explanation(_message.Message):
     heatmap: FloatMap
     box: Box
     overlay_png: bytes
-    def __init__(self, method: _Optional[str] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., raw: _Optional[_Union[FloatMap, _Mapping]] = ..., heatmap: _Optional[_Union[FloatMap, _Mapping]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+    image_box: Box
+    heatmap_png: bytes
+    def __init__(self, method: _Optional[str] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., raw: _Optional[_Union[FloatMap, _Mapping]] = ..., heatmap: _Optional[_Union[FloatMap, _Mapping]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., image_box: _Optional[_Union[Box, _Mapping]] = ..., heatmap_png: _Optional[bytes] = ...) -> None: ...
 
 class ImageExplanations(_message.Message):
-    __slots__ = ("explanations",)
+    __slots__ = ("explanations", "image_height", "image_width")
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
-    def __init__(self, explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ...) -> None: ...
+    image_height: int
+    image_width: int
+    def __init__(self, explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "layer", "images", "request_id")
