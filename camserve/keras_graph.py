@@ -26,6 +26,7 @@ from typing import Any
 import keras
 from keras.src.models.functional import operation_fn as _with_call_context
 
+from camserve.accelerator import check_precision
 from camserve.errors import InvalidArgument, NotFound
 
 Layer = Any  # a keras.layers.Layer (Keras objects are typed Any)
@@ -348,19 +349,8 @@ def resolve_layer(model: keras.Model, name: str | None = None) -> LayerPath:
 # --------------------------------------------------------------------------------------------
 # Precision: a model cloned under a Keras dtype policy.
 
-#: Precisions a model can be served in.
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
 _CAST_LOCK = threading.Lock()
 _CAST_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def check_precision(precision: str | None) -> str:
-    """The precision name (None is ``"float32"``); InvalidArgument listing the allowed ones."""
-    precision = precision or "float32"
-    if precision not in PRECISIONS:
-        raise InvalidArgument(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    return precision
 
 
 def cast_model(model: keras.Model, precision: str | None) -> keras.Model:

@@ -13,6 +13,7 @@ resized image; ``boxes`` give that window in pixels of the original ``image``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import weakref
@@ -21,7 +22,10 @@ from typing import Any
 
 import cv2
 import numpy as np
+import tensorflow as tf
 
+from camserve import keras_graph
+from camserve.accelerator import check_precision, resolve_device
 from camserve.dense.fcn import FullyConvolutional, to_fully_convolutional
 from camserve.dense.receptive_field import analyze
 from camserve.errors import InvalidArgument
@@ -47,7 +51,7 @@ MAX_BATCH_PIXELS = 1 << 21
 _FCN_LOCK = threading.Lock()
 # Model → {logits: its conversion}. The cached conversions keep no reference to the model
 # (``source`` is set on the copy handed out), so dropping the model frees its entry.
-_FCN_CACHE: weakref.WeakKeyDictionary[Any, dict[bool, FullyConvolutional]] = weakref.WeakKeyDictionary()
+_FCN_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[bool, str], FullyConvolutional]] = weakref.WeakKeyDictionary()
 
 
 def _square(strides: tuple[int, int]) -> int:
@@ -117,7 +121,7 @@ class Detection:
     scale: float
 
 
-def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
+def _as_fcn(model: Any, logits: bool, precision: str = "float32") -> FullyConvolutional:
     if isinstance(model, FullyConvolutional):
         if model.head != "window":
             raise InvalidArgument("dense_scores needs a window model; got a class-map model (head='classmap')")
@@ -128,11 +132,13 @@ def _as_fcn(model: Any, logits: bool) -> FullyConvolutional:
         return model
     with _FCN_LOCK:  # the server calls this from worker threads
         per_model = _FCN_CACHE.setdefault(model, {})
-        if logits not in per_model:
-            per_model[logits] = dataclasses.replace(
-                to_fully_convolutional(model, head="window", logits=logits), source=None
+        key = (logits, precision)
+        if key not in per_model:
+            computing = keras_graph.cast_model(model, precision)
+            per_model[key] = dataclasses.replace(
+                to_fully_convolutional(computing, head="window", logits=logits), source=None
             )
-        return dataclasses.replace(per_model[logits], source=model)
+        return dataclasses.replace(per_model[key], source=model)
 
 
 def _stride_pair(stride: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -277,6 +283,8 @@ def dense_scores(
     pad: bool = False,
     checkpoint: Callable[[], None] | None = None,
     max_batch_pixels: int = MAX_BATCH_PIXELS,
+    precision: str | None = None,
+    device: str | None = None,
 ) -> DenseResult:
     """Class scores of every window of the classifier's input size, one level per scale.
 
@@ -290,7 +298,9 @@ def dense_scores(
     Shifted copies (fcn) and crops are run in batches of at most ``batch_size`` items and
     ``max_batch_pixels`` input pixels, so a fine stride costs time, not memory.
     ``checkpoint``: called before every forward pass (each batch of each scale); whatever it
-    raises stops the computation and propagates (a server's deadline).
+    raises stops the computation and propagates (a server's deadline). ``precision``
+    (``"mixed_float16"``) runs a mixed-precision clone of a Keras classifier (its output layer
+    and the scores stay float32); ``device`` (``"/GPU:0"``, ``"auto"``) is where passes run.
 
     >>> [level.scores.shape for level in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
     [(9, 9, 5)]
@@ -310,14 +320,34 @@ def dense_scores(
     if max_batch_pixels < 1:
         raise InvalidArgument(f"max_batch_pixels must be ≥ 1; got {max_batch_pixels}")
     check = checkpoint or _no_checkpoint
+    precision = check_precision(precision)
+    with tf.device(placed) if (placed := resolve_device(device)) else contextlib.nullcontext():
+        return _dense_scores(
+            model, image, stride, scales, mode, batch_size, logits, pad, check, max_batch_pixels, precision
+        )
+
+
+def _dense_scores(
+    model: Any,
+    image: np.ndarray,
+    stride: int | Sequence[int] | None,
+    scales: Sequence[float],
+    mode: str,
+    batch_size: int,
+    logits: bool,
+    pad: bool,
+    check: Callable[[], None],
+    max_batch_pixels: int,
+    precision: str,
+) -> DenseResult:
     if mode == "crops" and logits:
         raise InvalidArgument("logits=True needs mode='fcn' (crops run the classifier as it is)")
     fcn: FullyConvolutional | None = None
     if mode == "fcn":
-        fcn = _as_fcn(model, logits)
+        fcn = _as_fcn(model, logits, precision)
         window, default_stride, exact = fcn.window, fcn.stride, fcn.exact
     else:
-        classifier = model.source if isinstance(model, FullyConvolutional) else model
+        classifier = keras_graph.cast_model(model.source if isinstance(model, FullyConvolutional) else model, precision)
         window = _input_size(classifier)
         exact = True
         if isinstance(model, FullyConvolutional):

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from camserve import keras_graph as graph
+from camserve.accelerator import resolve_device
 from camserve.errors import InvalidArgument, NotFound
 from camserve.explain import heads
 from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, width_bucket
@@ -86,7 +87,8 @@ class Explainer:
     (Faster-Score-CAM); None scores all. ``max_graphs``: compiled graphs kept (LRU).
     ``precision``: ``"float32"`` (None) or ``"mixed_float16"`` (the model is cloned with that
     Keras policy, its output layer kept float32). ``jit_compile``: XLA-compile the graphs.
-    ``device``: where the graphs run (``"/GPU:0"``, ``"/CPU:0"``; None: TensorFlow's choice).
+    ``device``: where the graphs run (``"/GPU:0"``, ``"/CPU:0"``, ``"auto"``: the first GPU when
+    one is visible; None: TensorFlow's choice).
 
     >>> ex = Explainer(keras.applications.ResNet50(weights=None))            # doctest: +SKIP
     >>> ex.layer_name                                                        # doctest: +SKIP
@@ -115,7 +117,7 @@ class Explainer:
             )
         self.precision = graph.check_precision(precision)
         self.jit_compile = bool(jit_compile)
-        self.device = device or None
+        self.device = resolve_device(device)
         self.source_model = model
         with self._placement():
             model = graph.cast_model(model, self.precision)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from camserve.accelerator import check_device, check_precision
 from camserve.errors import InvalidArgument
 
 ENV_PREFIX = "CAMSERVE_"
@@ -62,6 +63,18 @@ class ServerConfig:
         "Ablation-CAM by channels; DenseScores windows scored over all scales and shifts)",
     )
     max_layers_cached: int = _field(8, "explainers kept for layers other than the default (least recently used go)")
+    precision: str = _field(
+        "float32",
+        "model compute precision: float32 | mixed_float16 | mixed_bfloat16 (Keras mixed-precision policy, output "
+        "layer kept float32; scores, maps and heatmaps stay float32; mixed_float16 for GPUs with tensor cores)",
+    )
+    xla: bool = _field(False, "XLA-compile (jit_compile) the explain and predict graphs")
+    device: str = _field(
+        "auto", "where models run: auto (/GPU:0 when a GPU is visible, else the CPU) | /GPU:<n> | /CPU:0"
+    )
+    gpu_memory_growth: bool = _field(
+        True, "allocate GPU memory as it is needed, not all of it at start-up (tf.config set_memory_growth)"
+    )
     tls_cert: str = _field("", "PEM certificate chain: serve TLS when set (with --tls-key)")
     tls_key: str = _field("", "PEM private key for --tls-cert")
     token: str = _field(
@@ -125,6 +138,8 @@ class ServerConfig:
             raise InvalidArgument(f"version_policy must be 'all' or 'latest', got {self.version_policy!r}")
         if self.log_format not in ("json", "text"):
             raise InvalidArgument(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        check_precision(self.precision)
+        check_device(self.device)
         return self
 
     def public_dict(self) -> dict[str, Any]:
@@ -211,12 +226,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if default is dataclasses.MISSING and callable(f.default_factory):
             default = f.default_factory()
         shown = "" if f.metadata.get("secret") else f" (default: {default})"
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if f.type in (bool, "bool") else {}
         parser.add_argument(
             flag,
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
             help=f"{f.metadata['help']}{shown}; env {ENV_PREFIX}{f.name.upper()}",
+            **switch,  # a bool flag alone means true: --xla (or --xla false)
         )
 
 

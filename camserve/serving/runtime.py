@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from camserve.errors import InvalidArgument
 from camserve.serving.config import ServerConfig
@@ -46,6 +46,9 @@ class ExplainerSettings:
     max_batch_size: int = 32
     warmup_methods: tuple[str, ...] = ("gradcam",)
     max_layers_cached: int = 8
+    precision: str = "float32"
+    jit_compile: bool = False
+    device: str | None = "auto"
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ExplainerSettings:
@@ -55,7 +58,14 @@ class ExplainerSettings:
             max_batch_size=config.max_batch_size,
             warmup_methods=tuple(config.warmup_methods),
             max_layers_cached=config.max_layers_cached,
+            precision=config.precision,
+            jit_compile=config.xla,
+            device=config.device,
         )
+
+    def dense_options(self) -> dict[str, Any]:
+        """The accelerator keywords of :func:`camserve.dense.dense_scores` (precision, device)."""
+        return {"precision": self.precision, "device": self.device}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +184,9 @@ class ModelRuntime:
             chunk_size=s.chunk_size,
             max_channels=s.max_channels,
             max_batch_size=s.max_batch_size,
+            precision=s.precision,
+            jit_compile=s.jit_compile,
+            device=s.device,
         )
 
     def warm_up(self) -> None:
@@ -208,7 +221,10 @@ class ModelRuntime:
         cfg = self.entry.config
         window = tuple(cfg.input_size)
         try:
-            result = dense_scores(self.entry.model, np.zeros((*window, cfg.channels), np.float32))
+            s = self.settings
+            result = dense_scores(
+                self.entry.model, np.zeros((*window, cfg.channels), np.float32), precision=s.precision, device=s.device
+            )
         except Refused as e:  # ConversionError: fcn mode is refused, crops mode may still work
             log.info(
                 "no DenseScores in fcn mode", extra={"model": self.name, "version": self.version, "reason": str(e)}

@@ -31,6 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 
+from camserve import accelerator
 from camserve.proto import pb_grpc
 from camserve.serving.auth import TokenAuthInterceptor
 from camserve.serving.batching import Batcher
@@ -61,6 +62,7 @@ class CamServer:
 
     def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
         self.config = config.validate()
+        accelerator.configure(config.gpu_memory_growth)  # before any model touches a GPU
         self.repository = repository or ModelRepository(config.models, version_policy=config.version_policy)
         self.metrics = ServerMetrics()
         self.health = HealthServicer()
