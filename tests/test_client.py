@@ -4,18 +4,29 @@ retry policy, seen from a bare gRPC server that fails on purpose)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import cv2
 import grpc
 import numpy as np
 import pytest
 from helpers_serving import RunningServer, make_repository, metric_value
 
-from camserve.client import MAX_ATTEMPTS, SERVICE, AsyncClient, Client, service_config
+from camserve.client import (
+    MAX_ATTEMPTS,
+    SERVICE,
+    AsyncClient,
+    Client,
+    explain_request,
+    explain_result,
+    predict_result,
+    service_config,
+)
 from camserve.errors import InvalidArgument
 from camserve.imaging import encode_png
 from camserve.proto import pb
@@ -320,3 +331,110 @@ def test_client_does_not_import_tensorflow() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- heatmaps at the image's size, PNG heatmaps
+
+
+def _covering_box(box, size_from, size_to):
+    """By hand: edges scale by W / w (H / h); floor at the start, ceil at the end."""
+    (h, w), (big_h, big_w) = size_from, size_to
+    x0, y0, x1, y1 = box
+    return (
+        math.floor(x0 * big_w / w),
+        math.floor(y0 * big_h / h),
+        math.ceil(x1 * big_w / w),
+        math.ceil(y1 * big_h / h),
+    )
+
+
+def test_heatmap_size_image_gives_each_image_its_own_size(replicas, tmp_path: Path) -> None:
+    a, _ = replicas
+    rng = np.random.default_rng(11)
+    tall = rng.integers(0, 256, (90, 50, 3), dtype=np.uint8)
+    wide = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    path = tmp_path / "wide.png"
+    path.write_bytes(encode_png(wide))
+    small = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # smaller than the model's 32 x 32
+    images = [tall, path, encode_png(small)]
+    sizes = [(90, 50), (45, 70), (20, 24)]
+    with Client(a.target) as c:
+        at_input = c.explain(images, model="gap", methods=["gradcam", "cam"], top_k=2)
+        at_image = c.explain(images, model="gap", methods=["gradcam", "cam"], top_k=2, heatmap_size="image")
+        streamed = list(c.explain_many(images, model="gap", chunk=2, heatmap_size="image"))
+    for per_input, per_image, size in zip(at_input, at_image, sizes):
+        assert len(per_image) == 4
+        for e, got in zip(per_input, per_image):
+            assert e.heatmap.shape == (32, 32) and got.heatmap.shape == size
+            want = cv2.resize(e.heatmap, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_allclose(got.heatmap, want, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(got.raw, e.raw)  # the layer's map is not resized
+            assert e.box is not None and got.box == _covering_box(e.box, (32, 32), size)
+    for got, e in zip(streamed, [per[0] for per in at_image]):
+        assert got[0].heatmap.shape == e.heatmap.shape and got[0].box == e.box
+
+    async def main():
+        async with AsyncClient(a.target) as ac:
+            return await ac.explain_with_overlays(tall, model="gap", heatmap_size="image")
+
+    ((e, png),) = asyncio.run(main())[0]
+    assert e.heatmap.shape == (90, 50) and png.startswith(b"\x89PNG")
+
+
+def test_heatmap_png_decodes_within_one_step_of_the_float_heatmap(replicas, pics) -> None:
+    a, _ = replicas
+    with Client(a.target) as c:
+        floats = c.explain(pics, model="gap", methods=["gradcam", "layercam"], raw=False)
+        eight_bit = c.explain(pics, model="gap", methods=["gradcam", "layercam"], raw=False, heatmap="png")
+        request = explain_request(pics, "gap", heatmap="png")
+        response = c.call("Explain", request)
+    assert request.return_heatmap_png and not request.return_heatmap
+    e = response.images[0].explanations[0]
+    assert not e.HasField("heatmap") and e.heatmap_png.startswith(b"\x89PNG")
+    for per_f, per_png in zip(floats, eight_bit):
+        for f, q in zip(per_f, per_png):
+            assert q.heatmap.dtype == np.float32 and q.heatmap.shape == f.heatmap.shape == (32, 32)
+            assert float(np.abs(q.heatmap - f.heatmap).max()) <= 1 / 255
+            np.testing.assert_array_equal(np.rint(q.heatmap * 255), np.rint(f.heatmap * 255))
+            assert (q.raw, q.box) == (None, f.box)
+
+
+def test_answers_of_an_older_server_are_read() -> None:
+    # An older server: maps in `values`, no image size, no image_box (the client scales the
+    # box itself from the size it sent).
+    heat = np.random.default_rng(2).random((32, 32), dtype=np.float32)
+    old = pb.Explanation(method="cam", heatmap=pb.FloatMap(shape=[32, 32], values=heat.ravel().tolist()))
+    old.box.CopyFrom(pb.Box(x0=1, y0=2, x1=9, y1=31))
+    response = pb.ExplainResponse(images=[pb.ImageExplanations(explanations=[old])])
+    request = explain_request(np.zeros((50, 120, 3), np.uint8), "gap")
+    (got,) = explain_result(response, heatmap_size="image", request=request)[0]
+    assert got.heatmap.shape == (50, 120) and got.box == _covering_box((1, 2, 9, 31), (32, 32), (50, 120))
+    np.testing.assert_allclose(got.heatmap, cv2.resize(heat, (120, 50), interpolation=cv2.INTER_LINEAR), atol=1e-6)
+    (same,) = explain_result(response)[0]
+    np.testing.assert_array_equal(same.heatmap, heat)
+    predicted = pb.PredictResponse(predictions=[pb.Prediction(scores=[0.25, 0.75])])
+    np.testing.assert_array_equal(predict_result(predicted).scores, [[0.25, 0.75]])
+
+
+def test_options_are_checked_like_keyword_arguments() -> None:
+    c = Client("127.0.0.1:1", timeout=1)
+    try:
+        with pytest.raises(TypeError, match=r"\['method'\]; ExplainOptions allows"):
+            c.explain(np.zeros((8, 8, 3), np.uint8), model="gap", method="cam")  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"\['strides'\]; DenseOptions allows"):
+            c.dense(np.zeros((8, 8, 3), np.uint8), model="fc", strides=2)  # type: ignore[call-arg]
+        with pytest.raises(InvalidArgument, match="heatmap_size must be 'input' or 'image'"):
+            c.explain(np.zeros((8, 8, 3), np.uint8), model="gap", heatmap_size="big")  # type: ignore[typeddict-item]
+        with pytest.raises(InvalidArgument, match="heatmap must be True, False or 'png'"):
+            c.explain(np.zeros((8, 8, 3), np.uint8), model="gap", heatmap="jpeg")  # type: ignore[typeddict-item]
+    finally:
+        c.close()
+
+
+def test_client_exports_the_message_helpers() -> None:
+    import camserve.client as client
+    import camserve.client.messages as messages
+
+    assert set(messages.__all__) <= set(client.__all__)
+    assert all(getattr(client, name) is getattr(messages, name) for name in messages.__all__)
+    assert {"Client", "AsyncClient", "service_config"} <= set(client.__all__)

@@ -9,24 +9,29 @@ round-robin. Calls that fail with UNAVAILABLE (a replica restarting or draining)
 gRPC itself, on the next replica, within the call's deadline (see :func:`service_config`).
 
 The request and response messages are converted by :mod:`camserve.wire`, the same code the
-server uses. What comes back: :class:`PredictResult`, Explanations, :class:`DenseReply`.
+server uses. What comes back: :class:`PredictResult`, Explanations, :class:`DenseReply`. The
+options of the explanation calls are :class:`ExplainOptions` (keyword arguments, the same for
+every explain method of both clients), those of ``dense`` :class:`DenseOptions`.
 
 >>> c = Client("localhost:8500")                                        # doctest: +SKIP
 >>> c.predict(images, model="shapes_gap", top_k=3).top[0]               # doctest: +SKIP
 [(3, 'star', 0.91), (0, 'circle', 0.05), (1, 'square', 0.02)]
 >>> c.explain(images, model="shapes_gap", methods=["gradcam"])[0][0].box  # doctest: +SKIP
 (12, 8, 40, 37)
+>>> c.explain(images, model="shapes_gap", heatmap_size="image")[0][0].box  # doctest: +SKIP
+(75, 30, 250, 139)
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from camserve import wire
+from camserve.client import messages
 from camserve.client.channel import (
     MAX_ATTEMPTS,
     MIN_BACKOFF,
@@ -36,14 +41,15 @@ from camserve.client.channel import (
     credentials,
     service_config,
 )
+from camserve.client.messages import *  # noqa: F403 (re-exported: messages.__all__)
 from camserve.client.messages import (
+    DenseOptions,
     DenseReply,
+    ExplainCall,
+    ExplainOptions,
     PredictResult,
-    ScaleScores,
     dense_request,
     dense_result,
-    explain_request,
-    explain_result,
     model_dict,
     predict_request,
     predict_result,
@@ -51,25 +57,8 @@ from camserve.client.messages import (
 from camserve.explanation import Explanation
 from camserve.proto import pb, pb_grpc
 
-__all__ = [
-    "MAX_ATTEMPTS",
-    "MIN_BACKOFF",
-    "RETRYABLE",
-    "SERVICE",
-    "AsyncClient",
-    "Client",
-    "DenseReply",
-    "PredictResult",
-    "ScaleScores",
-    "dense_request",
-    "dense_result",
-    "explain_request",
-    "explain_result",
-    "model_dict",
-    "predict_request",
-    "predict_result",
-    "service_config",
-]
+__all__ = ["MAX_ATTEMPTS", "MIN_BACKOFF", "RETRYABLE", "SERVICE", "AsyncClient", "Client", "service_config"]
+__all__ += messages.__all__
 
 
 def __getattr__(name: str) -> Any:
@@ -169,97 +158,63 @@ class Client(_Base):
         """Class scores (N, classes) and the ``top_k`` best classes per image."""
         return predict_result(self.call("Predict", predict_request(images, model, version, top_k), timeout))
 
-    def explain(
-        self,
-        images: Any,
-        model: str,
-        methods: Sequence[str] = ("gradcam",),
-        targets: Any = None,
-        top_k: int = 1,
-        layer: str | None = None,
-        version: int = 0,
-        raw: bool = True,
-        heatmap: bool = True,
-        timeout: float | None = None,
-    ) -> list[list[Explanation]]:
+    def explain(self, images: Any, model: str, **options: Unpack[ExplainOptions]) -> list[list[Explanation]]:
         """Per image, one Explanation per (target, method), targets outer, like
-        :meth:`camserve.Explainer.explain`. ``raw`` / ``heatmap``: False saves bandwidth
-        (the field is then None)."""
-        req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap)
-        return explain_result(self.call("Explain", req, timeout))
+        :meth:`camserve.Explainer.explain`; ``options``: :class:`ExplainOptions` (methods,
+        targets, top_k, layer, version, raw, heatmap, heatmap_size, timeout)."""
+        call = ExplainCall(images, model, options)
+        return call.result(self.call("Explain", call.request, call.timeout))
 
     def explain_with_overlays(
-        self,
-        images: Any,
-        model: str,
-        methods: Sequence[str] = ("gradcam",),
-        targets: Any = None,
-        top_k: int = 1,
-        layer: str | None = None,
-        version: int = 0,
-        raw: bool = True,
-        heatmap: bool = True,
-        timeout: float | None = None,
+        self, images: Any, model: str, **options: Unpack[ExplainOptions]
     ) -> list[list[tuple[Explanation, bytes]]]:
         """Like :meth:`explain`, with the server-made overlay PNG next to each Explanation."""
-        req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
-        return explain_result(self.call("Explain", req, timeout), overlays=True)
+        call = ExplainCall(images, model, options, overlay=True)
+        return call.result(self.call("Explain", call.request, call.timeout))
 
     def explain_many(
         self,
         images: Iterable[Any],
         model: str,
-        methods: Sequence[str] = ("gradcam",),
-        targets: Any = None,
-        top_k: int = 1,
-        layer: str | None = None,
-        version: int = 0,
-        raw: bool = True,
-        heatmap: bool = True,
+        *,
         overlay: bool = False,
         chunk: int = 8,
-        timeout: float | None = None,
+        **options: Unpack[ExplainOptions],
     ) -> Iterator[Any]:
-        """Bulk explanations over one ExplainStream: yields per image (in input order) what
-        :meth:`explain` (or :meth:`explain_with_overlays` when ``overlay``) gives for it.
-        ``targets``: None, one target for all, or per image. ``timeout`` bounds the whole
-        stream. UNAVAILABLE is retried only before the first response arrives (gRPC's rule
-        for streams)."""
+        """Bulk explanations over one ExplainStream, ``chunk`` images per request: yields per
+        image (in input order) what :meth:`explain` (or :meth:`explain_with_overlays` when
+        ``overlay``) gives for it. ``options``: :class:`ExplainOptions`, with ``targets``
+        None, one target for all, or one per image; ``timeout`` bounds the whole stream.
+        UNAVAILABLE is retried only before the first response arrives (gRPC's rule for
+        streams)."""
         items = list(images)
+        targets = options.get("targets")
         per_image = targets if isinstance(targets, (list, tuple)) and len(targets) == len(items) else None
-
-        def requests() -> Iterator[pb.ExplainRequest]:
-            for start in range(0, len(items), chunk):
-                part = items[start : start + chunk]
-                t = per_image[start : start + len(part)] if per_image is not None else targets
-                yield explain_request(
-                    part, model, methods, t, top_k, layer, version, raw, heatmap, overlay, request_id=str(start)
-                )
+        calls: dict[str, ExplainCall] = {}
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            opts = options.copy()
+            if per_image is not None:
+                opts["targets"] = per_image[start : start + len(part)]
+            calls[str(start)] = ExplainCall(part, model, opts, overlay=overlay, request_id=str(start))
 
         results: dict[int, list[Any]] = {}
-        stream = self.stub.ExplainStream(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
+        requests = (c.request for c in list(calls.values()))
+        stream = self.stub.ExplainStream(
+            requests, timeout=self._timeout(options.get("timeout")), metadata=self._metadata
+        )
         next_start = 0
         for resp in stream:
-            results[int(resp.request_id)] = explain_result(resp, overlays=overlay)
+            results[int(resp.request_id)] = calls.pop(resp.request_id).result(resp)
             while next_start in results:
                 part = results.pop(next_start)
                 yield from part
                 next_start += len(part)
 
-    def dense(
-        self,
-        image: Any,
-        model: str,
-        stride: int | None = None,
-        scales: Sequence[float] = (1.0,),
-        mode: str = "fcn",
-        version: int = 0,
-        timeout: float | None = None,
-    ) -> DenseReply:
-        """Dense sliding-window scores of one image (see :func:`camserve.dense.dense_scores`)."""
-        return dense_result(
-            self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
-        )
+    def dense(self, image: Any, model: str, **options: Unpack[DenseOptions]) -> DenseReply:
+        """Dense sliding-window scores of one image (see :func:`camserve.dense.dense_scores`);
+        ``options``: :class:`DenseOptions` (stride, scales, mode, version, timeout)."""
+        return dense_result(self.call("DenseScores", dense_request(image, model, **options), options.get("timeout")))
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The health status name of ``service`` ("" = the whole server, or a model name).
@@ -312,37 +267,15 @@ class AsyncClient(_Base):
     ) -> PredictResult:
         return predict_result(await self.call("Predict", predict_request(images, model, version, top_k), timeout))
 
-    async def explain(
-        self,
-        images: Any,
-        model: str,
-        methods: Sequence[str] = ("gradcam",),
-        targets: Any = None,
-        top_k: int = 1,
-        layer: str | None = None,
-        version: int = 0,
-        raw: bool = True,
-        heatmap: bool = True,
-        timeout: float | None = None,
-    ) -> list[list[Explanation]]:
-        req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap)
-        return explain_result(await self.call("Explain", req, timeout))
+    async def explain(self, images: Any, model: str, **options: Unpack[ExplainOptions]) -> list[list[Explanation]]:
+        call = ExplainCall(images, model, options)
+        return call.result(await self.call("Explain", call.request, call.timeout))
 
     async def explain_with_overlays(
-        self,
-        images: Any,
-        model: str,
-        methods: Sequence[str] = ("gradcam",),
-        targets: Any = None,
-        top_k: int = 1,
-        layer: str | None = None,
-        version: int = 0,
-        raw: bool = True,
-        heatmap: bool = True,
-        timeout: float | None = None,
+        self, images: Any, model: str, **options: Unpack[ExplainOptions]
     ) -> list[list[tuple[Explanation, bytes]]]:
-        req = explain_request(images, model, methods, targets, top_k, layer, version, raw, heatmap, overlay=True)
-        return explain_result(await self.call("Explain", req, timeout), overlays=True)
+        call = ExplainCall(images, model, options, overlay=True)
+        return call.result(await self.call("Explain", call.request, call.timeout))
 
     async def explain_stream(
         self, requests: AsyncIterator[pb.ExplainRequest] | Iterable[pb.ExplainRequest]
@@ -353,19 +286,9 @@ class AsyncClient(_Base):
         async for resp in self.stub.ExplainStream(requests, metadata=self._metadata, timeout=self.timeout):
             yield resp
 
-    async def dense(
-        self,
-        image: Any,
-        model: str,
-        stride: int | None = None,
-        scales: Sequence[float] = (1.0,),
-        mode: str = "fcn",
-        version: int = 0,
-        timeout: float | None = None,
-    ) -> DenseReply:
-        return dense_result(
-            await self.call("DenseScores", dense_request(image, model, stride, scales, mode, version), timeout)
-        )
+    async def dense(self, image: Any, model: str, **options: Unpack[DenseOptions]) -> DenseReply:
+        request = dense_request(image, model, **options)
+        return dense_result(await self.call("DenseScores", request, options.get("timeout")))
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -1,13 +1,14 @@
-"""The client's side of the messages: request builders and what the answers become
-(:class:`PredictResult`, Explanations, :class:`DenseReply`). The conversions themselves are
-:mod:`camserve.wire`'s, shared with the server.
+"""The client's side of the messages: the options of the calls (:class:`ExplainOptions`,
+:class:`DenseOptions`, documented once for both clients), request builders and what the
+answers become (:class:`PredictResult`, Explanations, :class:`DenseReply`). The conversions
+themselves are :mod:`camserve.wire`'s, shared with the server.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypedDict, Unpack
 
 import numpy as np
 from google.protobuf import json_format
@@ -17,17 +18,76 @@ from camserve.errors import InvalidArgument
 from camserve.proto import pb
 
 __all__ = [
+    "DenseOptions",
     "DenseReply",
+    "ExplainCall",
+    "ExplainOptions",
+    "HeatmapSize",
     "PredictResult",
     "ScaleScores",
     "dense_request",
     "dense_result",
     "explain_request",
     "explain_result",
+    "image_sizes",
     "model_dict",
     "predict_request",
     "predict_result",
 ]
+
+#: Where heatmaps and boxes come back: at the model's input size, as the server computes them,
+#: or at each image's own size.
+HeatmapSize = Literal["input", "image"]
+
+
+class ExplainOptions(TypedDict, total=False):
+    """The options of ``explain``, ``explain_with_overlays`` and ``explain_many`` (sync and
+    async clients); every key may be left out (default in brackets).
+
+    - ``methods``: method names (cam, gradcam, gradcam++, hirescam, xgradcam, layercam,
+      scorecam, eigencam, ablationcam) or one name [``("gradcam",)``].
+    - ``targets``: None (the ``top_k`` best classes of each image), one class (index or
+      name) for all images, or per image a class or a list of classes [None].
+    - ``top_k``: how many best classes to explain when ``targets`` is None [1].
+    - ``layer``: the layer to explain; None: the model's default [None].
+    - ``version``: the model version; 0: the newest [0].
+    - ``raw``: send the map at the layer's resolution (else ``Explanation.raw`` is None) [True].
+    - ``heatmap``: True: the [0, 1] heatmap as float32; ``"png"``: sent as an 8-bit grayscale
+      PNG (a quarter of the bytes or less, for drawing) and decoded to float32 in [0, 1], in
+      steps of 1/255; False: none (``Explanation.heatmap`` is None) [True].
+    - ``heatmap_size``: ``"input"``: heatmaps and boxes at the model's input size, as the
+      server computes them; ``"image"``: heatmaps resized bilinearly to each image's size as
+      sent and boxes in that image's pixels (the server's ``image_box``) ["input"].
+    - ``timeout``: the call's deadline in seconds, retries included; None: the client's [None].
+    """
+
+    methods: Sequence[str] | str
+    targets: Any
+    top_k: int
+    layer: str | None
+    version: int
+    raw: bool
+    heatmap: bool | Literal["png"]
+    heatmap_size: HeatmapSize
+    timeout: float | None
+
+
+class DenseOptions(TypedDict, total=False):
+    """The options of ``dense`` (sync and async clients); every key may be left out.
+
+    - ``stride``: output stride in input pixels; None or 0: the network's total stride.
+    - ``scales``: pyramid scales [``(1.0,)``].
+    - ``mode``: ``"fcn"`` (one pass through the fully convolutional model) or ``"crops"``
+      (the classifier on every window) ["fcn"].
+    - ``version``: the model version; 0: the newest [0].
+    - ``timeout``: the call's deadline in seconds; None: the client's [None].
+    """
+
+    stride: int | None
+    scales: Sequence[float]
+    mode: str
+    version: int
+    timeout: float | None
 
 
 class PredictResult(NamedTuple):
@@ -88,50 +148,80 @@ def predict_request(images: Any, model: str, version: int = 0, top_k: int = 0) -
     return pb.PredictRequest(model=wire.model_spec(model, version), images=wire.images_to_proto(images), top_k=top_k)
 
 
+def check_options(options: Mapping[str, Any], kind: type) -> None:
+    """TypeError for a keyword that ``kind`` (a TypedDict of options) does not define, as for a
+    function's unknown keyword argument: a misspelt option must not pass unnoticed."""
+    unknown = sorted(set(options) - set(kind.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}; {kind.__name__} allows {sorted(kind.__annotations__)}"
+        )
+
+
 def explain_request(
-    images: Any,
-    model: str,
-    methods: Sequence[str] = ("gradcam",),
-    targets: Any = None,
-    top_k: int = 1,
-    layer: str | None = None,
-    version: int = 0,
-    raw: bool = True,
-    heatmap: bool = True,
-    overlay: bool = False,
-    request_id: str = "",
+    images: Any, model: str, *, overlay: bool = False, request_id: str = "", **options: Unpack[ExplainOptions]
 ) -> pb.ExplainRequest:
+    """The ExplainRequest of ``images`` (see :func:`camserve.wire.images_to_proto`) with
+    :class:`ExplainOptions` (``heatmap_size`` and ``timeout`` shape the call, not the request)."""
+    check_options(options, ExplainOptions)
     msgs = wire.images_to_proto(images)
-    if isinstance(methods, str):
-        methods = [methods]
+    methods = options.get("methods", ("gradcam",))
+    heatmap = options.get("heatmap", True)
+    if heatmap not in (True, False, "png"):
+        raise InvalidArgument(f"heatmap must be True, False or 'png', got {heatmap!r}")
     return pb.ExplainRequest(
-        model=wire.model_spec(model, version),
+        model=wire.model_spec(model, options.get("version", 0)),
         images=msgs,
-        methods=list(methods),
-        targets=wire.targets_to_proto(targets, len(msgs)),
-        top_k=top_k,
-        layer=layer or "",
-        return_raw=raw,
-        return_heatmap=heatmap,
+        methods=[methods] if isinstance(methods, str) else list(methods),
+        targets=wire.targets_to_proto(options.get("targets"), len(msgs)),
+        top_k=options.get("top_k", 1),
+        layer=options.get("layer") or "",
+        return_raw=options.get("raw", True),
+        return_heatmap=heatmap is True,
+        return_heatmap_png=heatmap == "png",
         return_overlay=overlay,
         request_id=request_id,
     )
 
 
-def dense_request(
-    image: Any,
-    model: str,
-    stride: int | None = None,
-    scales: Sequence[float] = (1.0,),
-    mode: str = "fcn",
-    version: int = 0,
-) -> pb.DenseScoresRequest:
+def dense_request(image: Any, model: str, **options: Unpack[DenseOptions]) -> pb.DenseScoresRequest:
+    """The DenseScoresRequest of one image with :class:`DenseOptions` (``timeout`` aside)."""
+    check_options(options, DenseOptions)
     msgs = wire.images_to_proto(image)
     if len(msgs) != 1:
         raise InvalidArgument(f"DenseScores takes one image; got {len(msgs)}")
     return pb.DenseScoresRequest(
-        model=wire.model_spec(model, version), image=msgs[0], stride=int(stride or 0), scales=list(scales), mode=mode
+        model=wire.model_spec(model, options.get("version", 0)),
+        image=msgs[0],
+        stride=int(options.get("stride") or 0),
+        scales=list(options.get("scales", (1.0,))),
+        mode=options.get("mode", "fcn"),
     )
+
+
+class ExplainCall:
+    """One explanation call, shared by both clients: its ``request``, its ``timeout`` (None:
+    the client's) and :meth:`result`, what its answer becomes."""
+
+    def __init__(
+        self,
+        images: Any,
+        model: str,
+        options: ExplainOptions,
+        *,
+        overlay: bool = False,
+        request_id: str = "",
+    ) -> None:
+        self.heatmap_size = options.get("heatmap_size", "input")
+        if self.heatmap_size not in ("input", "image"):
+            raise InvalidArgument(f"heatmap_size must be 'input' or 'image', got {self.heatmap_size!r}")
+        self.request = explain_request(images, model, overlay=overlay, request_id=request_id, **options)
+        self.timeout = options.get("timeout")
+        self.overlay = overlay
+
+    def result(self, resp: pb.ExplainResponse) -> list[list[Any]]:
+        """Per image, the Explanations (with ``overlay``: (Explanation, overlay PNG) pairs)."""
+        return explain_result(resp, self.overlay, self.heatmap_size, self.request)
 
 
 def predict_result(resp: pb.PredictResponse) -> PredictResult:
@@ -142,21 +232,62 @@ def predict_result(resp: pb.PredictResponse) -> PredictResult:
     )
 
 
-def explain_result(resp: pb.ExplainResponse, overlays: bool = False) -> list[list[Any]]:
-    """Per image, the Explanations (or, with ``overlays``, (Explanation, overlay PNG bytes) pairs)."""
+def explain_result(
+    resp: pb.ExplainResponse,
+    overlays: bool = False,
+    heatmap_size: HeatmapSize = "input",
+    request: pb.ExplainRequest | None = None,
+) -> list[list[Any]]:
+    """Per image, the Explanations (or, with ``overlays``, (Explanation, overlay PNG bytes)
+    pairs). ``heatmap_size`` "image": heatmaps and boxes at each image's size, which the
+    server reports (or, for servers before that, :func:`image_sizes` of the ``request``)."""
+    sizes: list[tuple[int, int] | None] = [None] * len(resp.images)
+    if heatmap_size == "image":
+        sizes = [(img.image_height, img.image_width) if img.image_height > 0 else None for img in resp.images]
+        if None in sizes:
+            sent = image_sizes(request) if request is not None else []
+            sizes = [s if s is not None else (sent[i] if i < len(sent) else None) for i, s in enumerate(sizes)]
+            if None in sizes:
+                raise InvalidArgument(
+                    "heatmap_size='image': the server did not report an image's size and it is unknown here"
+                )
     out: list[list[Any]] = []
-    for img in resp.images:
+    for img, size in zip(resp.images, sizes):
         if overlays:
-            out.append([(wire.explanation_from_proto(e), e.overlay_png) for e in img.explanations])
+            out.append([(wire.explanation_from_proto(e, size), e.overlay_png) for e in img.explanations])
         else:
-            out.append([wire.explanation_from_proto(e) for e in img.explanations])
+            out.append([wire.explanation_from_proto(e, size) for e in img.explanations])
+    return out
+
+
+def image_sizes(request: pb.ExplainRequest) -> list[tuple[int, int] | None]:
+    """(height, width) of each image of a request as sent: a tensor's shape, or what an encoded
+    image's header declares (None when unreadable). The server reports the size it decoded
+    (EXIF orientation applied) in each answer; this is the fallback for servers before that."""
+    out: list[tuple[int, int] | None] = []
+    for m in request.images:
+        if m.WhichOneof("source") == "tensor":
+            shape = list(m.tensor.shape)
+            out.append((int(shape[0]), int(shape[1])) if len(shape) >= 2 else None)
+            continue
+        try:
+            _, w, h = wire.encoded_size(m.encoded)
+        except InvalidArgument:
+            out.append(None)
+            continue
+        out.append((h, w))
     return out
 
 
 def dense_result(resp: pb.DenseScoresResponse) -> DenseReply:
     return DenseReply(
         scales=[
-            ScaleScores(s.scale, wire.floatmap_to_array(s.scores), wire.floatmap_to_array(s.boxes)) for s in resp.scales
+            ScaleScores(
+                s.scale,
+                wire.floatmap_to_array(s.scores, "ScaleScores.scores"),
+                wire.floatmap_to_array(s.boxes, "ScaleScores.boxes"),
+            )
+            for s in resp.scales
         ],
         stride=int(resp.stride),
         exact=bool(resp.exact),
