@@ -3,6 +3,9 @@
 #   docker run --gpus all -p 8500:8500 -p 8501:8501 camserve
 # Settings come from CAMSERVE_* variables (see `camserve serve --help`), e.g.
 #   docker run -e CAMSERVE_MAX_BATCH_SIZE=64 -v $PWD/my-models:/models:ro camserve
+# Accelerator settings (GPU memory growth is on by default, the model runs on /GPU:0 when the
+# container sees a GPU), e.g. half precision and XLA on GPUs with tensor cores:
+#   docker run --gpus all -e CAMSERVE_PRECISION=mixed_float16 -e CAMSERVE_XLA=true camserve
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

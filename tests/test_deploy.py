@@ -349,3 +349,52 @@ def test_client_accepts_the_readmes_dns_target() -> None:
     finally:
         server.stop(0)
     assert "dns:///camserve-headless.default.svc.cluster.local:8500" in (DEPLOY / "README.md").read_text()
+
+
+ACCELERATOR_KEYS = ("precision", "xla", "device", "gpu_memory_growth")
+
+
+def accelerator_problems(configmap: Manifest, deployment: Manifest, tmp: Path) -> list[str]:
+    """The accelerator settings must be in the ConfigMap (where operators change them) and
+    reach the server's config with valid values."""
+    data = tomllib.loads(configmap["data"]["camserve.toml"])
+    problems = [f"camserve.toml has no {k!r} (accelerator settings)" for k in ACCELERATOR_KEYS if k not in data]
+    try:
+        cfg = effective_config(deployment, configmap, tmp)
+    except ValueError as exc:
+        return problems + [f"the server refuses the settings: {exc}"]
+    problems += [
+        f"{k} = {data[k]!r} did not reach the server"
+        for k in data
+        if k in ACCELERATOR_KEYS and getattr(cfg, k) != data[k]
+    ]
+    return problems
+
+
+def test_accelerator_settings_are_wired(deployment: Manifest, configmap: Manifest, tmp_path: Path) -> None:
+    assert accelerator_problems(configmap, deployment, tmp_path) == []
+    cfg = effective_config(deployment, configmap, tmp_path)
+    assert (cfg.precision, cfg.xla, cfg.device, cfg.gpu_memory_growth) == ("float32", False, "auto", True)
+    half = copy.deepcopy(configmap)
+    half["data"]["camserve.toml"] = (
+        half["data"]["camserve.toml"]
+        .replace('precision = "float32"', 'precision = "mixed_float16"')
+        .replace("xla = false", "xla = true")
+    )
+    assert effective_config(deployment, half, tmp_path).precision == "mixed_float16"
+    assert effective_config(deployment, half, tmp_path).xla is True
+
+
+def test_accelerator_problems_are_found(deployment: Manifest, configmap: Manifest, tmp_path: Path) -> None:
+    missing = copy.deepcopy(configmap)
+    missing["data"]["camserve.toml"] = re.sub(r"(?m)^\s*xla = .*$", "", missing["data"]["camserve.toml"])
+    assert accelerator_problems(missing, deployment, tmp_path) == ["camserve.toml has no 'xla' (accelerator settings)"]
+    bad = copy.deepcopy(configmap)
+    bad["data"]["camserve.toml"] = bad["data"]["camserve.toml"].replace('precision = "float32"', 'precision = "half"')
+    (problem,) = accelerator_problems(bad, deployment, tmp_path)
+    assert "unknown precision 'half'" in problem
+    shadowed = copy.deepcopy(deployment)
+    container(shadowed)["env"].append({"name": "CAMSERVE_XLA", "value": "true"})
+    assert configmap_problems(configmap, shadowed) == [
+        "camserve.toml: 'xla' is overridden by the environment variable CAMSERVE_XLA='true'"
+    ]

@@ -143,3 +143,25 @@ def test_entrypoint_serves_locally(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def shown_settings() -> list[dict[str, str]]:
+    """The ``-e CAMSERVE_*=value`` settings of each ``docker run`` example in the Dockerfile's comments."""
+    runs = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#") and "docker run" in line]
+    return [dict(re.findall(r"-e (CAMSERVE_[A-Z_]+)=(\S+)", line)) for line in runs]
+
+
+def test_documented_settings_are_real_and_valid() -> None:
+    from camserve.serving.config import ServerConfig
+
+    examples = [e for e in shown_settings() if e]
+    assert examples, "the Dockerfile shows how settings are passed"
+    shown = {k for e in examples for k in e}
+    assert {"CAMSERVE_PRECISION", "CAMSERVE_XLA"} <= shown, "the accelerator settings are shown"
+    for env in examples:
+        cfg = ServerConfig.load(env={**env_of_image(), **env})
+        for name, value in env.items():
+            field = name.removeprefix("CAMSERVE_").lower()
+            assert str(getattr(cfg, field)).lower() == value.lower(), f"{name}={value} did not reach the server"
+    # the image itself leaves them to the ConfigMap / `docker run -e` (an ENV would override the ConfigMap)
+    assert not {"CAMSERVE_PRECISION", "CAMSERVE_XLA", "CAMSERVE_DEVICE"} & set(env_of_image())
