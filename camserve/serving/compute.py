@@ -207,6 +207,7 @@ def _run_dense(key: DenseKey, jobs: list[DenseJob], stop_reason: Callable[[], st
                     scales=key.scales,
                     mode=key.mode,
                     checkpoint=checkpoint_for([job], stop_reason),
+                    **job.runtime.settings.dense_options(),  # as at warm-up: the same converted model
                 )
             )
         except Stopped:

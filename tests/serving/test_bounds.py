@@ -313,7 +313,8 @@ def test_layer_lookups_run_off_the_event_loop(served, stub, monkeypatch) -> None
     assert threads and served.thread not in threads, "a layer look-up ran on the event loop"
 
 
-def test_dense_model_converted_at_warm_up_not_in_a_batch_worker(repo: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_dense_model_converted_at_warm_up_not_in_a_batch_worker(repo: Path, monkeypatch, precision: str) -> None:
     import camserve.dense.scores as scores
 
     real, threads = scores.to_fully_convolutional, []
@@ -323,7 +324,7 @@ def test_dense_model_converted_at_warm_up_not_in_a_batch_worker(repo: Path, monk
         return real(*args, **kw)
 
     monkeypatch.setattr(scores, "to_fully_convolutional", spy)
-    with RunningServer(_config(repo)) as rs, grpc.insecure_channel(rs.target) as ch:
+    with RunningServer(_config(repo, precision=precision)) as rs, grpc.insecure_channel(rs.target) as ch:
         converted_at_start = len(threads)
         assert len(pb_grpc.CamServiceStub(ch).DenseScores(_dense(40), timeout=30).scales) == 1
     assert converted_at_start >= 1, "no model was converted for DenseScores at warm-up"
