@@ -291,7 +291,7 @@ class DataPlane:
                 f"{len(targets)} target lists for {n} images: give none (top_k), one for all images, or one per image"
             )
         per_image = ex.resolve_targets(n, None if targets is None else [list(t) for t in targets], top_k)
-        cost = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs)
+        cost, answer_bytes = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs)
         with self.budget.reserve(cost):
             prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
             ordered = tuple(sorted(methods))
@@ -300,7 +300,7 @@ class DataPlane:
             )
             job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline, methods=methods)
             results = await self._submit(key, job, n)
-        return ExplainResult(rt.name, rt.version, ex.layer_name, list(results), prepared)
+        return ExplainResult(rt.name, rt.version, ex.layer_name, list(results), prepared, answer_bytes)
 
     def _explain_cost(
         self,
@@ -311,9 +311,9 @@ class DataPlane:
         per_image: list[list[int]] | None,
         top_k: int,
         outputs: Outputs,
-    ) -> Cost:
-        """The work of an Explain request (checked against the budget) after checking its
-        answer's size."""
+    ) -> tuple[Cost, int]:
+        """The work of an Explain request (checked against the budget) and its answer's
+        estimated size (checked against max_message_mb)."""
         n = len(images)
         geo = rt.geometry(ex)
         counts = [len(t) for t in per_image] if per_image is not None else [top_k]
@@ -337,22 +337,23 @@ class DataPlane:
             sizes = [(h, w) if h and w else cfg.input_size for w, h in map(declared_size, images)]
         else:
             sizes = [cfg.input_size] * n
+        answer_bytes = budget.explain_response_bytes(
+            targets=counts,
+            methods=len(methods),
+            layer_size=geo.size,
+            input_size=cfg.input_size,
+            overlay_sizes=sizes,
+            outputs=outputs,
+            label_bytes=rt.label_bytes,
+        )
         self.check_response(
-            budget.explain_response_bytes(
-                targets=counts,
-                methods=len(methods),
-                layer_size=geo.size,
-                input_size=cfg.input_size,
-                overlay_sizes=sizes,
-                outputs=outputs,
-                label_bytes=rt.label_bytes,
-            ),
+            answer_bytes,
             lambda: (
                 f"{counted()} with {', '.join(k for k, v in dataclasses.asdict(outputs).items() if v) or 'no maps'}"
             ),
             "ask for fewer maps or overlays, or fewer images, targets or methods per request",
         )
-        return cost
+        return cost, answer_bytes
 
     async def dense_scores(
         self,
@@ -383,21 +384,24 @@ class DataPlane:
         mode = mode or "fcn"
         if mode not in ("fcn", "crops"):
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
-        cost = self._dense_cost(rt, (height, width), stride, scales)
+        cost, answer_bytes = self._dense_cost(rt, (height, width), stride, scales)
         with self.budget.reserve(cost):
             x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
             key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
             result = await self._submit(key, DenseJob(rt, x, deadline), 1)
-        return DenseScoresResult(rt.name, rt.version, tuple(rt.entry.config.class_names), result)
+        return DenseScoresResult(rt.name, rt.version, tuple(rt.entry.config.class_names), result, answer_bytes)
 
-    def _dense_cost(self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...]) -> Cost:
-        """The windows a DenseScores request scores (checked against the budget) after checking
-        its answer's size; 0 when the model's geometry is unknown (the engine then decides)."""
+    def _dense_cost(
+        self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...]
+    ) -> tuple[Cost, int]:
+        """The windows a DenseScores request scores (checked against the budget) and its
+        answer's estimated size (checked); 0 and 0 when the model's geometry is unknown (the
+        engine then decides)."""
         geo = rt.dense
         total = geo.stride if geo is not None else None
         step = (stride, stride) if stride else total
         if geo is None or step is None:
-            return Cost(0, "geometry unknown", "")
+            return Cost(0, "geometry unknown", ""), 0
         units = budget.dense_units(size, window=geo.window, stride=step, scales=scales)
         shifts = ""
         if total is not None and all(t % s == 0 for t, s in zip(total, step)):
@@ -413,14 +417,15 @@ class DataPlane:
             "use a coarser stride, fewer or smaller scales, or a smaller image",
         )
         self.budget.check(cost)
+        answer_bytes = budget.dense_response_bytes(
+            size, window=geo.window, stride=step, scales=scales, classes=len(rt.entry.config.class_names)
+        )
         self.check_response(
-            budget.dense_response_bytes(
-                size, window=geo.window, stride=step, scales=scales, classes=len(rt.entry.config.class_names)
-            ),
+            answer_bytes,
             lambda: f"scores and boxes of {units} windows",
             "use a coarser stride, fewer or smaller scales, or a smaller image",
         )
-        return cost
+        return cost, answer_bytes
 
     def list_models(self) -> list[ModelDescription]:
         return [self.describe(name) for name in self.repository.names()]

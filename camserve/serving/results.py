@@ -51,13 +51,16 @@ class PredictResult:
 
 @dataclasses.dataclass(frozen=True)
 class ExplainResult:
-    """Per image, one Explanation per (target, method), targets outer, methods inner."""
+    """Per image, one Explanation per (target, method), targets outer, methods inner;
+    ``answer_bytes``: the upper estimate of the answer's size checked before compute (0:
+    none)."""
 
     model: str
     version: int
     layer: str
     explanations: list[list[Explanation]]
     prepared: Prepared
+    answer_bytes: int = 0
 
     def overlays(self, i: int) -> list[bytes]:
         """PNG overlays of image ``i``'s explanations, drawn on the image as sent (or on its
@@ -69,10 +72,13 @@ class ExplainResult:
 
 @dataclasses.dataclass(frozen=True)
 class DenseScoresResult:
+    """A DenseResult; ``answer_bytes`` as for :class:`ExplainResult`."""
+
     model: str
     version: int
     class_names: tuple[str, ...]
     result: DenseResult
+    answer_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
