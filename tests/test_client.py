@@ -421,6 +421,8 @@ def test_options_are_checked_like_keyword_arguments() -> None:
     try:
         with pytest.raises(TypeError, match=r"\['method'\]; ExplainOptions allows"):
             c.explain(np.zeros((8, 8, 3), np.uint8), model="gap", method="cam")  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"\['method'\]; ExplainOptions allows"):  # before the stream starts
+            list(c.explain_many([np.zeros((8, 8, 3), np.uint8)] * 3, model="gap", chunk=2, method="cam"))  # type: ignore[call-arg]
         with pytest.raises(TypeError, match=r"\['strides'\]; DenseOptions allows"):
             c.dense(np.zeros((8, 8, 3), np.uint8), model="fc", strides=2)  # type: ignore[call-arg]
         with pytest.raises(InvalidArgument, match="heatmap_size must be 'input' or 'image'"):

@@ -191,17 +191,28 @@ class Client(_Base):
         targets = options.get("targets")
         per_image = targets if isinstance(targets, (list, tuple)) and len(targets) == len(items) else None
         calls: dict[str, ExplainCall] = {}
-        for start in range(0, len(items), chunk):
+
+        def make(start: int) -> ExplainCall:
             part = items[start : start + chunk]
             opts = options.copy()
             if per_image is not None:
                 opts["targets"] = per_image[start : start + len(part)]
-            calls[str(start)] = ExplainCall(part, model, opts, overlay=overlay, request_id=str(start))
+            call = calls[str(start)] = ExplainCall(part, model, opts, overlay=overlay, request_id=str(start))
+            return call
+
+        # The first request is built here, so that bad options raise in the caller; the others
+        # as gRPC reads them (only what is in flight is held as messages).
+        first = make(0) if items else None
+
+        def requests() -> Iterator[pb.ExplainRequest]:
+            if first is not None:
+                yield first.request
+            for start in range(chunk, len(items), chunk):
+                yield make(start).request
 
         results: dict[int, list[Any]] = {}
-        requests = (c.request for c in list(calls.values()))
         stream = self.stub.ExplainStream(
-            requests, timeout=self._timeout(options.get("timeout")), metadata=self._metadata
+            requests(), timeout=self._timeout(options.get("timeout")), metadata=self._metadata
         )
         next_start = 0
         for resp in stream:
