@@ -339,3 +339,31 @@ def test_health_not_serving_when_no_model_could_be_loaded(tmp_path: Path) -> Non
         assert c.health() == "NOT_SERVING"
         assert c.health("camserve.v1.CamService") == "NOT_SERVING"
         assert c.health("broken") == "NOT_SERVING"
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        dict(),
+        dict(raw=True),
+        dict(heatmap=True),
+        dict(heatmap_png=True),
+        dict(overlay=True),
+        dict(raw=True, heatmap=True, overlay=True),
+    ],
+    ids=lambda o: "+".join(o) or "labels only",
+)
+def test_answer_size_estimate_bounds_the_real_answer(served, outputs) -> None:
+    """The estimate checked before compute is an upper bound of the answer, and not a loose one
+    (it must not refuse answers that fit)."""
+    from camserve.serving import convert
+    from camserve.serving.budget import Outputs
+
+    images = [wire.image_to_proto(_rgb(48, 40)), wire.image_to_proto(_rgb(32, 32))]
+    result = served.run(
+        served.server.dataplane.explain(
+            "gap", 0, images, methods=["gradcam", "cam"], top_k=2, outputs=Outputs(**outputs)
+        )
+    )
+    size = convert.explain_response(result, **outputs).ByteSize()
+    assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
