@@ -367,3 +367,13 @@ def test_answer_size_estimate_bounds_the_real_answer(served, outputs) -> None:
     )
     size = convert.explain_response(result, **outputs).ByteSize()
     assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
+
+
+@pytest.mark.parametrize("stride,scales", [(0, ()), (1, (1.0, 0.8)), (2, (1.5,))])
+def test_dense_answer_size_estimate_bounds_the_real_answer(served, stride, scales) -> None:
+    from camserve.serving import convert
+
+    image = wire.image_to_proto(_rgb(48, 56))
+    result = served.run(served.server.dataplane.dense_scores("fc", 0, image, stride=stride, scales=scales))
+    size = convert.dense_response(result).ByteSize()
+    assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
