@@ -22,7 +22,6 @@ outputs, raw maps and heatmaps are float32 whatever the precision.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,8 +33,8 @@ from camserve import keras_graph as graph
 from camserve.accelerator import resolve_device
 from camserve.errors import InvalidArgument, NotFound
 from camserve.explain import heads
-from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, width_bucket
-from camserve.explain.layer_pass import SCORED, SharedPass, prepare_pass, scored_inputs, target_classes
+from camserve.explain import layer_pass as lp
+from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, bucket_sizes, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
@@ -52,18 +51,6 @@ def _no_checkpoint() -> None:
 
 class UnknownClass(NotFound):
     """A target that names no class of the model."""
-
-
-def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """Batch sizes compiled graphs are built for: powers of two up to the maximum.
-
-    >>> bucket_sizes(48)
-    (1, 2, 4, 8, 16, 32, 48)
-    """
-    if max_batch_size < 1:
-        raise InvalidArgument(f"max_batch_size must be ≥ 1, got {max_batch_size}")
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return tuple(sizes + [max_batch_size])
 
 
 def _activation_name(layer: keras.layers.Layer) -> str:
@@ -165,6 +152,7 @@ class Explainer:
         canonical = tuple(sorted(chosen, key=lambda m: m.name))
         order = [(m.name, canonical.index(m)) for m in chosen]  # the caller's order, as graph columns
         reads = tuple(sorted({r for m in canonical for r in m.reads}))
+        gradients = any(m.needs_gradients for m in canonical)
         encoded, valid = self._encode_targets(len(images), targets, top_k)
         width = width_bucket(encoded.shape[1], self.num_classes)
         encoded = np.pad(encoded, ((0, 0), (0, width - encoded.shape[1])), constant_values=-1)  # top-1: unused
@@ -174,7 +162,9 @@ class Explainer:
             for start, batch, n in self._batches(images):
                 check()
                 batch_targets = tf.constant(self._pad(encoded[start : start + n], len(batch)))
-                scored = scored_inputs(self, batch, batch_targets, n, width, reads, check) if reads else {}
+                scored = (
+                    lp.scored_inputs(self, batch, batch_targets, n, width, reads, check, gradients) if reads else {}
+                )
                 fn = self._graph(("explain", canonical, width, tuple(sorted(scored))))
                 out = fn(batch, batch_targets, scored)
                 out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
@@ -345,9 +335,10 @@ class Explainer:
         if kind == "predict":
             return self._predict_graph
         if kind == "prepare":
-            return self._traced(lambda images, targets: prepare_pass(self, images, targets, key[1]))
+            return self._traced(lambda images, targets: lp.prepare_pass(self, images, targets, key[1]))
         if kind == "chunk":
-            return self._traced(functools.partial(SCORED[key[1]], self))
+            chunk, size = lp.SCORED[key[1]][0], self.chunk_size
+            return self._traced(lambda *args: lp.chunk_group(chunk, self, size, *args))
         _, methods, width, _ = key
         return lambda images, targets, scored: self._explain_graph(images, targets, methods, width, scored)
 
@@ -418,10 +409,14 @@ class Explainer:
         self.trace_count += 1
         need_gradients = any(m.needs_gradients for m in methods)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            activations, logits, outputs = self._forward(images, on_activations=tape.watch if need_gradients else None)
-            classes = target_classes(logits, targets, width)
+            if all(name in scored for name in lp.FORWARD):  # the prepare pass's forward pass, no gradients
+                activations, logits, outputs = (scored[name] for name in lp.FORWARD)
+            else:
+                watch = tape.watch if need_gradients else None
+                activations, logits, outputs = self._forward(images, on_activations=watch)
+            classes = lp.target_classes(logits, targets, width)
             target_logits = [tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)]
-        shared = SharedPass(self, images, activations, logits, classes, scored)
+        shared = lp.SharedPass(self, images, activations, logits, classes, scored)
         maps = []
         for t in range(width):
             gradients = tape.gradient(target_logits[t], activations) if need_gradients else None

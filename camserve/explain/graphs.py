@@ -11,8 +11,8 @@ only in the order of their methods or in their exact target count share a graph.
 ...     _ = cache.get(key, lambda: object())
 >>> cache.keys(), cache.built
 (['a', 'c'], 3)
->>> width_bucket(3, num_classes=10), width_bucket(5, num_classes=6)
-(4, 6)
+>>> width_bucket(3, num_classes=10), width_bucket(5, num_classes=6), bucket_sizes(48)
+(4, 6, (1, 2, 4, 8, 16, 32, 48))
 """
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ from camserve.errors import InvalidArgument
 
 #: Compiled graphs an Explainer keeps by default (each a few MB with its traces).
 DEFAULT_MAX_GRAPHS = 32
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Batch sizes compiled graphs are built for: powers of two up to the maximum.
+
+    >>> bucket_sizes(48)
+    (1, 2, 4, 8, 16, 32, 48)
+    """
+    if max_batch_size < 1:
+        raise InvalidArgument(f"max_batch_size must be ≥ 1, got {max_batch_size}")
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return tuple(sizes + [max_batch_size])
 
 
 def width_bucket(width: int, num_classes: int) -> int:

@@ -72,14 +72,36 @@ def target_classes(logits: tf.Tensor, targets: tf.Tensor, width: int) -> tf.Tens
 
 def prepare_pass(ex: Explainer, images, targets, width: int) -> dict[str, tf.Tensor]:
     """What the chunked scores need (the body of the Explainer's "prepare" graph): the
-    activations, the target classes and the channels scored."""
-    activations, logits, _ = ex._forward(images)
+    activations, logits, outputs, target classes and the channels scored. An explain pass
+    that needs no gradients takes the forward pass from here instead of running it again."""
+    activations, logits, outputs = ex._forward(images)
     activations = tf.cast(activations, tf.float32)
     return {
         "activations": activations,
+        "logits": logits,
+        "outputs": outputs,
         "classes": target_classes(logits, targets, width),
         "channels": select_channels(activations, ex.max_channels),
     }
+
+
+#: The forward pass an explain graph may take from :func:`prepare_pass` (see ``scored``).
+FORWARD = ("activations", "logits", "outputs")
+
+
+def chunk_group(chunk: ChunkFn, ex: Explainer, size: int, images, activations, classes, image_index, channel):
+    """``chunk`` over ``len(image_index)`` pairs in chunks of ``size`` (a ``tf.map_fn`` when
+    there are several): (pairs, T) scores. The body of the Explainer's "chunk" graphs."""
+    if image_index.shape[0] == size:
+        return chunk(ex, images, activations, classes, image_index, channel)
+    width = classes.shape[1]
+    scores = tf.map_fn(
+        lambda args: chunk(ex, images, activations, classes, args[0], args[1]),
+        (tf.reshape(image_index, (-1, size)), tf.reshape(channel, (-1, size))),
+        fn_output_signature=tf.TensorSpec((size, width), tf.float32),
+        parallel_iterations=1,
+    )
+    return tf.reshape(scores, (-1, width))
 
 
 def _channels_scored(ex: Explainer) -> int | None:
@@ -92,28 +114,32 @@ def _channels_scored(ex: Explainer) -> int | None:
     return k if ex.max_channels is None else min(k, int(ex.max_channels))
 
 
-def scored_inputs(ex: Explainer, batch, targets, n: int, width: int, reads, check: Callable[[], None]) -> dict:
+def scored_inputs(ex: Explainer, batch, targets, n: int, width: int, reads, check, gradients: bool) -> dict:
     """The chunked scores ``reads`` of a batch, (B, K', T) each, computed in graph calls of
-    ``chunk_size`` (image, channel) pairs of the ``n`` real images, ``check()`` before each
-    call, when they take more than one chunk; {} otherwise (the explain pass computes them
-    in one go)."""
+    their own with ``check()`` before each, when an image scores at least ``SPLIT_CHUNKS``
+    chunks of channels (K' ≥ 4 × ``chunk_size``: the extra forward pass and the calls then
+    cost little beside the masked passes); {} otherwise (the explain pass computes them in one
+    go). Score-CAM calls score one chunk (``chunk_size`` masked inputs, each a whole forward
+    pass); Ablation-CAM calls, whose chunks only re-run the head, score ``SCORED[...][1]``
+    chunks. Without ``gradients`` the explain pass reuses this forward pass (:data:`FORWARD`)."""
     k = _channels_scored(ex)
-    if k is not None and n * k <= ex.chunk_size:
+    if k is not None and k < SPLIT_CHUNKS * ex.chunk_size:
         return {}
     prep = ex._graph(("prepare", width))(batch, targets)
     channels = prep["channels"].numpy()
-    k, size, total = channels.shape[1], ex.chunk_size, n * channels.shape[1]
-    if total <= size:
+    k, total = channels.shape[1], n * channels.shape[1]
+    if k < SPLIT_CHUNKS * ex.chunk_size:
         return {}
-    flat = np.minimum(np.arange(-(-total // size) * size), total - 1)  # the last chunk padded
-    image_index, channel = (flat // k).astype(np.int32), channels[:n].reshape(-1)[flat].astype(np.int32)
-    scored = {}
+    scored = {name: prep[name] for name in FORWARD} if not gradients else {}
     for read in reads:
-        fn = ex._graph(("chunk", read))
+        per_call = ex.chunk_size * SCORED[read][1]
+        flat = np.minimum(np.arange(-(-total // per_call) * per_call), total - 1)  # the last call padded
+        image_index, channel = (flat // k).astype(np.int32), channels[:n].reshape(-1)[flat].astype(np.int32)
+        fn = ex._graph(("chunk", read, SCORED[read][1]))
         parts = []
-        for c0 in range(0, len(flat), size):
+        for c0 in range(0, len(flat), per_call):
             check()
-            ii, ch = tf.constant(image_index[c0 : c0 + size]), tf.constant(channel[c0 : c0 + size])
+            ii, ch = tf.constant(image_index[c0 : c0 + per_call]), tf.constant(channel[c0 : c0 + per_call])
             parts.append(fn(batch, prep["activations"], prep["classes"], ii, ch).numpy())
         values = np.zeros((len(batch), k, width), np.float32)  # padded images: zeros, never read
         values[:n] = np.concatenate(parts)[:total].reshape(n, k, width)
@@ -121,8 +147,14 @@ def scored_inputs(ex: Explainer, batch, targets, n: int, width: int, reads, chec
     return scored
 
 
-#: What a method may read that is scored chunk by chunk (``Method.reads``), and its chunk.
-SCORED: dict[str, ChunkFn] = {"masked_input_scores": masked_input_chunk, "ablated_logits": ablated_chunk}
+#: What a method may read that is scored chunk by chunk (``Method.reads``): its chunk function
+#: and how many chunks one graph call scores.
+SCORED: dict[str, tuple[ChunkFn, int]] = {
+    "masked_input_scores": (masked_input_chunk, 1),
+    "ablated_logits": (ablated_chunk, 8),
+}
+#: Chunks of channels per image from which the scores are computed in calls of their own.
+SPLIT_CHUNKS = 4
 
 
 class SharedPass:
@@ -154,18 +186,12 @@ class SharedPass:
         b, k_sel = channels.shape
         total = b * k_sel
         size = min(self.ex.chunk_size, total)  # never pad a small job up to a full chunk
-        n_chunks = -(-total // size)
-        flat = tf.minimum(tf.range(n_chunks * size), total - 1)
-        image_index = flat // k_sel
-        channel = tf.gather(tf.reshape(channels, (-1,)), flat)
-        width = self.classes_all.shape[1]
-        scores = tf.map_fn(
-            lambda args: chunk(self.ex, self.images, self.activations, self.classes_all, args[0], args[1]),
-            (tf.reshape(image_index, (n_chunks, size)), tf.reshape(channel, (n_chunks, size))),
-            fn_output_signature=tf.TensorSpec((size, width), tf.float32),
-            parallel_iterations=1,
+        flat = tf.minimum(tf.range(-(-total // size) * size), total - 1)
+        image_index, channel = flat // k_sel, tf.gather(tf.reshape(channels, (-1,)), flat)
+        scores = chunk_group(
+            chunk, self.ex, size, self.images, self.activations, self.classes_all, image_index, channel
         )
-        return tf.reshape(tf.reshape(scores, (-1, width))[:total], (b, k_sel, -1))
+        return tf.reshape(scores[:total], (b, k_sel, -1))
 
     def masked_input_scores(self) -> tf.Tensor:
         return self.cached("masked_input_scores", lambda: self._chunked(masked_input_chunk))
