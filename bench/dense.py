@@ -1,6 +1,7 @@
 """Benchmark: one FCN pass against the same windows classified as batched crops, side by side.
 
     python bench/dense.py [--repeats 5] [--models VGG16,ResNet50] [--out bench/results/dense.md]
+    python bench/dense.py --fine-stride 640 [--out bench/results/dense_fine_stride.md]
 
 VGG16 with its Flatten → Dense head (384 px image, 224 px window, stride 32: 6×6 = 36 windows)
 and the ResNet50 window model (GAP → 7×7 average pool, same geometry). The FLOP ratio is
@@ -8,6 +9,11 @@ and the ResNet50 window model (GAP → 7×7 average pool, same geometry). The FL
 layer shapes (Conv2D / DepthwiseConv2D / Dense multiply-adds). Target (SPEC §8.3): measured
 speedup ≥ 90 % of the FLOP ratio. Timings are medians of interleaved repeats (FCN, then crops,
 in every round), after one untimed warm-up call of each.
+
+``--fine-stride SIZE``: instead, the peak resident memory and CPU time of one stride-1 call on a
+SIZE×SIZE image with the bundled ``shapes_fc`` (total stride 8: 64 shifted copies), each in a
+fresh process, with the default pixel budget per forward pass and with the budget lifted (the
+forward batches as they were before issue 9: ``batch_size`` copies, 32).
 """
 
 from __future__ import annotations
@@ -185,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="VGG16,ResNet50")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     parser.add_argument("--blocks", action="store_true", help="also break VGG16 down block by block")
+    parser.add_argument("--fine-stride", type=int, default=0, metavar="SIZE", help="memory of stride 1 instead")
     args = parser.parse_args(argv)
+    if args.fine_stride:
+        text = fine_stride(args.fine_stride)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     rows, infos = [], []
     load_before = os.getloadavg()
     for name in args.models.split(","):
@@ -249,6 +262,55 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     return 0
+
+
+FINE_STRIDE_CHILD = """
+import os, resource, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+from camserve.dense import dense_scores
+from camserve.serving.repository import load_model_dir
+root, size, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+entry = load_model_dir(root)
+dense_scores(entry.model, np.zeros((*entry.config.input_size, 3), np.float32))  # convert and trace first
+image = np.random.default_rng(0).random((size, size, 3), dtype=np.float32)
+before, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.process_time()
+result = dense_scores(entry.model, image, stride=1, max_batch_pixels=budget)
+cpu = time.process_time() - cpu
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(f"{result[0].scores.shape[0]}x{result[0].scores.shape[1]} {grew:.0f} {cpu:.2f}")
+"""
+
+
+def fine_stride(size: int) -> str:
+    """The ``--fine-stride`` report: peak RSS growth and CPU time of one stride-1 call."""
+    import subprocess
+
+    from camserve.dense.scores import MAX_BATCH_PIXELS
+
+    root = str(Path(__file__).resolve().parents[1] / "models" / "shapes_fc")
+    rows = []
+    for label, budget in ((f"default ({MAX_BATCH_PIXELS} pixels per pass)", MAX_BATCH_PIXELS), ("lifted", 1 << 60)):
+        out = subprocess.run(
+            [sys.executable, "-c", FINE_STRIDE_CHILD, root, str(size), str(budget)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        rows.append([f"{size}×{size}", out[0], label, out[1], out[2]])
+    return "\n".join(
+        [
+            "# Dense scores at stride 1: memory of the shifted copies",
+            "",
+            f"Machine: {machine()}.",
+            "",
+            f"Command: `python bench/dense.py --fine-stride {size}` (each row a fresh process; peak resident "
+            "memory growth over the call, process CPU time of all threads).",
+            "",
+            table(["image", "grid", "pixel budget per forward pass", "peak RSS growth MiB", "CPU s"], rows),
+            "",
+        ]
+    )
 
 
 HEADER = ["model", "what", "time", "FCN ms", "crops ms", "speedup", "FLOP ratio", "speedup / ratio", "≥ 90 %"]
