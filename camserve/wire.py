@@ -204,12 +204,13 @@ def tensor_to_array(
     count = math.prod(shape)  # Python ints: an int64 product could wrap around to a small number
     if max_elements is not None and count > max_elements:
         raise InvalidArgument(f"{what}: {count} elements exceed the limit of {max_elements}")
-    if len(t.data) != count * dtype.itemsize:
+    data = t.data  # each read of a bytes field copies it out of the message: read it once
+    if len(data) != count * dtype.itemsize:
         raise InvalidArgument(
-            f"{what}: {len(t.data)} data bytes do not match shape {list(shape)} of {t.dtype} "
+            f"{what}: {len(data)} data bytes do not match shape {list(shape)} of {t.dtype} "
             f"({count * dtype.itemsize} bytes expected)"
         )
-    a = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    a = np.frombuffer(data, dtype=dtype).reshape(shape)
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise InvalidArgument(f"{what}: {bad} values are NaN or Inf; only finite values are allowed")
