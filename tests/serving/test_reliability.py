@@ -518,9 +518,10 @@ CORPUS: dict[str, Case] = {
         NF,
         r"^invalid model name 'mmm+\.\.\. \[\d+ characters cut\] \.\.\.m+': use letters, digits",
     ),
-    "50k-character layer": case(
-        "Explain", explain(layer="L" * 50_000), NF, r"^unknown layer 'LLL", r"last ones: .*last_conv$"
+    "50k-character layer": case(  # refused by its length, before any look-up (issue 9 item 4)
+        "Explain", explain(layer="L" * 50_000), INV, r"^layer name of 50000 characters is too long: at most 256"
     ),
+    "unknown layer": case("Explain", explain(layer="last_con"), NF, r"^unknown layer 'last_con' \(did you mean"),
     "30k non-ascii class name": case(
         "Explain", explain(targets=targets("é" * 30_000)), NF, r"^unknown class 'ééé", r"characters cut"
     ),
