@@ -115,6 +115,8 @@ def test_settings_from_flags_environment_and_toml(tmp_path: Path) -> None:
         server_config.ServerConfig.load(env={"CAMSERVE_PRECISION": "float16"})
     with pytest.raises(InvalidArgument, match="device must be auto"):
         server_config.ServerConfig.load(overrides={"device": "gpu"})
+    with pytest.raises(InvalidArgument, match="max_graphs must be >= 1"):
+        server_config.ServerConfig.load(env={"CAMSERVE_MAX_GRAPHS": "0"})
 
 
 def test_the_runtime_builds_explainers_with_the_settings(tmp_path: Path) -> None:
@@ -124,7 +126,8 @@ def test_the_runtime_builds_explainers_with_the_settings(tmp_path: Path) -> None
     from camserve.serving.runtime import ExplainerSettings, ModelRuntime
 
     cfg = server_config.ServerConfig.load(
-        env={}, overrides={"precision": "mixed_float16", "xla": True, "device": "/CPU:0", "max_batch_size": 2}
+        env={},
+        overrides={"precision": "mixed_float16", "xla": True, "device": "/CPU:0", "max_batch_size": 2, "max_graphs": 5},
     )
     settings = ExplainerSettings.from_config(cfg)
     assert settings.dense_options() == {"precision": "mixed_float16", "device": "/CPU:0"}
@@ -133,6 +136,6 @@ def test_the_runtime_builds_explainers_with_the_settings(tmp_path: Path) -> None
     runtime = ModelRuntime(repo.get("gap", 1), settings)
     runtime.warm_up()
     ex = runtime.default_explainer
-    assert (ex.precision, ex.jit_compile, ex.device) == ("mixed_float16", True, "/CPU:0")
+    assert (ex.precision, ex.jit_compile, ex.device, ex.max_graphs) == ("mixed_float16", True, "/CPU:0", 5)
     assert ex.model is not runtime.entry.model and ex.source_model is runtime.entry.model
     assert runtime.dense is not None and runtime.dense.stride is not None  # DenseScores warmed up in half

@@ -63,6 +63,9 @@ class ServerConfig:
         "Ablation-CAM by channels; DenseScores windows scored over all scales and shifts)",
     )
     max_layers_cached: int = _field(8, "explainers kept for layers other than the default (least recently used go)")
+    max_graphs: int = _field(
+        32, "compiled graphs kept per explainer (method sets x target widths; least recently used go)"
+    )
     precision: str = _field(
         "float32",
         "model compute precision: float32 | mixed_float16 | mixed_bfloat16 (Keras mixed-precision policy, output "
@@ -116,6 +119,7 @@ class ServerConfig:
             "chunk_size",
             "stream_inflight",
             "max_work_units",
+            "max_graphs",
         )
         for name in positive:
             if getattr(self, name) < 1:

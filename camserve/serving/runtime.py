@@ -46,6 +46,7 @@ class ExplainerSettings:
     max_batch_size: int = 32
     warmup_methods: tuple[str, ...] = ("gradcam",)
     max_layers_cached: int = 8
+    max_graphs: int = 32
     precision: str = "float32"
     jit_compile: bool = False
     device: str | None = "auto"
@@ -58,6 +59,7 @@ class ExplainerSettings:
             max_batch_size=config.max_batch_size,
             warmup_methods=tuple(config.warmup_methods),
             max_layers_cached=config.max_layers_cached,
+            max_graphs=config.max_graphs,
             precision=config.precision,
             jit_compile=config.xla,
             device=config.device,
@@ -184,6 +186,7 @@ class ModelRuntime:
             chunk_size=s.chunk_size,
             max_channels=s.max_channels,
             max_batch_size=s.max_batch_size,
+            max_graphs=s.max_graphs,
             precision=s.precision,
             jit_compile=s.jit_compile,
             device=s.device,
