@@ -42,7 +42,9 @@ class ServerConfig:
     metrics_port: int = _field(8501, "Prometheus /metrics HTTP port (-1: off; 0: pick a free one)")
     max_batch_size: int = _field(32, "images per merged batch (Triton max_batch_size)")
     batch_timeout_ms: float = _field(
-        5.0, "how long a forming batch waits for more requests (TF Serving batch_timeout_micros / 1000)"
+        5.0,
+        "how long a free batch worker waits for more requests while another batch computes; a request that "
+        "finds nothing computing runs at once (Triton max_queue_delay; TF Serving batch_timeout_micros / 1000)",
     )
     max_queued: int = _field(
         1024, "requests waiting before RESOURCE_EXHAUSTED (TF Serving max_enqueued_batches x batch size)"
