@@ -1,0 +1,58 @@
+"""Explanation quality tools: localization accuracy, pointing game, deletion / insertion
+AUC and the model-randomization sanity check (Adebayo et al. 2018).
+
+Everything works on numpy inputs. Boxes are ``(x0, y0, x1, y1)`` in pixels with ``x1`` and
+``y1`` exclusive, as returned by :func:`camserve.imaging.heatmap_box`; heatmaps are (H, W)
+arrays, larger values meaning more relevant. One module per family of measures:
+
+- :mod:`~camserve.evaluation.localization`: box IoU, localization accuracy, pointing game;
+- :mod:`~camserve.evaluation.perturbation`: deletion / insertion curves;
+- :mod:`~camserve.evaluation.sanity`: rank correlation, model-randomization sanity check.
+
+>>> box_iou((0, 0, 2, 2), (1, 0, 3, 2))
+0.3333333333333333
+>>> localization_accuracy([(0, 0, 2, 2), None], [(0, 0, 2, 2), (0, 0, 2, 2)])
+0.5
+"""
+
+from camserve.evaluation.localization import (
+    Box,
+    ExplainFn,
+    GroundTruth,
+    ScoreFn,
+    box_iou,
+    localization_accuracy,
+    localization_hits,
+    pointing_game,
+    pointing_hits,
+)
+from camserve.evaluation.perturbation import (
+    CurveOptions,
+    blurred_baseline,
+    deletion_auc,
+    insertion_auc,
+    perturbation_curve,
+)
+from camserve.evaluation.sanity import SanityResult, randomized_copy, rankdata, sanity_check, spearman
+
+__all__ = [
+    "Box",
+    "CurveOptions",
+    "ExplainFn",
+    "GroundTruth",
+    "SanityResult",
+    "ScoreFn",
+    "blurred_baseline",
+    "box_iou",
+    "deletion_auc",
+    "insertion_auc",
+    "localization_accuracy",
+    "localization_hits",
+    "perturbation_curve",
+    "pointing_game",
+    "pointing_hits",
+    "randomized_copy",
+    "rankdata",
+    "sanity_check",
+    "spearman",
+]
