@@ -1,6 +1,6 @@
 """Regenerate the Python gRPC code from ``protos/`` (a developer tool; needs grpcio-tools).
 
-    python -m camserve.protogen            # writes camserve/proto/camserve/v1/*.py(i)
+    python -m camserve.protogen            # writes camserve/proto/{camserve/v1,inference}/*.py(i)
     python -m camserve.protogen --out DIR  # somewhere else (the staleness test does this)
 
 The generated modules import each other package-relatively (``from . import camserve_pb2``)
@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = Path(__file__).resolve().parent / "proto"
-PROTOS = ("camserve/v1/camserve.proto",)
+PROTOS = ("camserve/v1/camserve.proto", "inference/grpc_service.proto")
 
-_IMPORT_RE = re.compile(r"^from camserve\.v1 import (\w+) as (\w+)$", re.M)
+_IMPORT_RE = re.compile(r"^from (?:camserve\.v1|inference) import (\w+) as (\w+)$", re.M)
 
 
 def _fix_imports(text: str) -> str:

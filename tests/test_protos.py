@@ -39,3 +39,16 @@ def test_generated_code_imports_package_relative() -> None:
     assert hasattr(camserve_pb2_grpc, "CamServiceStub")
     text = (protogen.OUT_ROOT / "camserve/v1/camserve_pb2_grpc.py").read_text()
     assert "from . import camserve_pb2" in text
+
+
+def test_open_inference_protocol_is_generated_package_relative() -> None:
+    from camserve.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
+    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"} <= set(
+        service.methods_by_name
+    )
+    assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceStub")
+    text = (protogen.OUT_ROOT / "inference/grpc_service_pb2_grpc.py").read_text()
+    assert "from . import grpc_service_pb2" in text
