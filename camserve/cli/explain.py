@@ -9,12 +9,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
 from camserve.cli import add_command, load_tensorflow, log_level
 from camserve.errors import InvalidArgument
+from camserve.explanation import image_box
 
 BATCH = 32
 
@@ -43,23 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _targets(raw: list[str] | None) -> list[int | str] | None:
+def parse_targets(raw: list[str] | None) -> list[int | str] | None:
+    """``--target`` values: class indices as int, class names as given; None when there are none."""
     if not raw:
         return None
     return [int(t) if t.lstrip("-").isdigit() else t for t in raw]
 
 
-def _scaled_box(box, heat_shape, image_shape):
-    if box is None:
-        return None
-    sy, sx = image_shape[0] / heat_shape[0], image_shape[1] / heat_shape[1]
-    x0, y0, x1, y1 = box
-    return [round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)]
-
-
 def run(args: argparse.Namespace) -> int:
     methods = tuple(args.methods or ("gradcam",))
-    targets = _targets(args.targets)
+    targets = parse_targets(args.targets)
     if args.server:
         from camserve.client import Client
 
@@ -80,23 +73,12 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         load_tensorflow(log_level(args))
-        from camserve import Explainer
-        from camserve.serving.repository import load_model_dir
+        from camserve.explain.folder import FolderExplainer
 
-        entry = load_model_dir(args.model, args.version)
-        cfg = entry.config
-        ex = Explainer(
-            entry.model,
-            layer=args.layer or cfg.default_layer,
-            class_names=cfg.class_names,
-            max_channels=args.max_channels,
-        )
+        folder = FolderExplainer.load(args.model, args.version, layer=args.layer, max_channels=args.max_channels)
 
         def explain_batch(rgbs):
-            batch = np.stack([imaging.model_input(rgb, cfg) for rgb in rgbs])
-            return ex.explain(
-                batch, methods=methods, targets=[targets] * len(rgbs) if targets else None, top_k=args.top_k
-            )
+            return folder.explain_rgbs(rgbs, methods=methods, targets=targets, top_k=args.top_k)
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = []
@@ -115,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                             "class_index": e.class_index,
                             "label": e.label,
                             "score": round(e.score, 6),
-                            "box": _scaled_box(e.box, e.heatmap.shape, rgb.shape),
+                            "box": image_box(e.box, e.heatmap.shape, rgb.shape),
                             "overlay": png.name,
                         }
                     )
