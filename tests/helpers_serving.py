@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from camserve.serving.config import ServerConfig
 
 CLASSES = ("circle", "square", "triangle", "star")
 
@@ -43,6 +46,13 @@ def write_config(model_dir: Path, name: str, size: int = 32, layer: str = "") ->
         f'name = "{name}"\nclass_names = [{names}]\ninput_size = [{size}, {size}]\nchannels = 3\n'
         f'preprocessing = "scale_0_1"\ndefault_layer = "{layer}"\n'
     )
+
+
+def local_config(root: Path, **overrides: Any) -> ServerConfig:
+    """A server on loopback with free ports, text logs and no environment, for ``root``;
+    ``overrides`` replace or add settings."""
+    settings: dict[str, Any] = dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, log_format="text")
+    return ServerConfig.load(env={}, overrides={**settings, **overrides})
 
 
 def save_model(root: Path, name: str, version: int, model, size: int = 32) -> Path:

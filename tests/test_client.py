@@ -15,7 +15,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, make_repository, metric_value
+from helpers_serving import RunningServer, local_config, make_repository, metric_value
 
 from camserve.client import (
     MAX_ATTEMPTS,
@@ -34,18 +34,7 @@ from camserve.serving.config import ServerConfig
 
 
 def _config(root: Path) -> ServerConfig:
-    return ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(root),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            max_batch_size=4,
-            batch_timeout_ms=2,
-            log_format="text",
-        ),
-    )
+    return local_config(root, max_batch_size=4, batch_timeout_ms=2)
 
 
 @pytest.fixture(scope="module")

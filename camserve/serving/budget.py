@@ -36,8 +36,19 @@ from collections.abc import Callable, Sequence
 
 from camserve.errors import InvalidArgument, ResourceExhausted
 
-#: Methods that run one masked forward pass per channel of the layer (their cost is by channels).
-PER_CHANNEL_METHODS = frozenset({"scorecam", "ablationcam"})
+
+def per_channel(method: str) -> bool:
+    """Whether ``method`` scores one masked input or ablated activation per channel of the
+    layer (its cost is by channels): what its registry entry says it reads.
+
+    >>> per_channel("scorecam"), per_channel("gradcam")
+    (True, False)
+    """
+    from camserve.explain.methods import METHODS
+
+    entry = METHODS.get(method)
+    return bool(entry is not None and entry.reads)
+
 
 #: Bytes of a float map's header, a message's framing and field tags (a generous bound).
 _MAP_OVERHEAD = 64
@@ -69,11 +80,11 @@ def predict_units(images: int) -> int:
 def explain_units(images: int, targets: Sequence[int], methods: Sequence[str], channels: int) -> int:
     """``targets``: targets per image (one entry per image, or one for all). Per image:
     targets × (methods that are not per channel) + channels × (per-channel methods)."""
-    per_channel = sum(1 for m in methods if m in PER_CHANNEL_METHODS)
-    cheap = len(methods) - per_channel
+    channel_methods = sum(1 for m in methods if per_channel(m))
+    cheap = len(methods) - channel_methods
     if len(targets) == 1 and images != 1:
         targets = list(targets) * images
-    return sum(t * cheap + channels * per_channel for t in targets)
+    return sum(t * cheap + channels * channel_methods for t in targets)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -232,9 +243,10 @@ def dense_response_bytes(
     return total
 
 
-def predict_response_bytes(images: int, listed: int, label_bytes: int) -> int:
-    """Upper estimate of a PredictResponse listing ``listed`` classes per image."""
-    return 128 + images * (16 + listed * (24 + label_bytes))
+def predict_response_bytes(images: int, listed: int, label_bytes: int, classes: int) -> int:
+    """Upper estimate of a PredictResponse: the (images, classes) scores map and ``listed``
+    classes per image with their labels."""
+    return 128 + float_map_bytes(images, classes) + images * (16 + listed * (24 + label_bytes))
 
 
 def check_response(estimate: int, limit: int, what: str | Callable[[], str], change: str) -> None:

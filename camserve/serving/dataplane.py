@@ -192,7 +192,9 @@ class DataPlane:
         self.budget.check(cost)
         listed = top_k or len(classes)
         self.check_response(
-            budget.predict_response_bytes(n, listed, rt.label_bytes), lambda: f"{n} x {listed} scores", "use top_k"
+            budget.predict_response_bytes(n, listed, rt.label_bytes, len(classes)),
+            lambda: f"{n} x {listed} scores",
+            "use top_k",
         )
         with self.budget.reserve(cost):
             prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
@@ -257,7 +259,7 @@ class DataPlane:
         n = len(images)
         geo = rt.geometry(ex)
         counts = [len(t) for t in per_image] if per_image is not None else [top_k]
-        channel_methods = [m for m in methods if m in budget.PER_CHANNEL_METHODS]
+        channel_methods = [m for m in methods if budget.per_channel(m)]
 
         def counted() -> str:
             words = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, make_repository, metric_value, write_config
+from helpers_serving import RunningServer, local_config, make_repository, metric_value, write_config
 from test_server_ops import Gate
 
 from camserve import wire
@@ -30,21 +30,8 @@ GAP, FC = pb.ModelSpec(name="gap"), pb.ModelSpec(name="fc")
 
 
 def _config(root: Path, **kw) -> ServerConfig:
-    base = dict(
-        models=str(root),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        max_batch_size=4,
-        batch_timeout_ms=2,
-        max_images=8,
-        max_message_mb=0.25,
-        stream_inflight=4,
-        log_format="text",
-        log_level="ERROR",
-    )
-    base.update(kw)
-    return ServerConfig.load(env={}, overrides=base)
+    base = dict(max_batch_size=4, batch_timeout_ms=2, max_images=8, max_message_mb=0.25, stream_inflight=4)
+    return local_config(root, **{**base, "log_level": "ERROR", **kw})
 
 
 def _rgb(h: int, w: int) -> np.ndarray:
@@ -377,3 +364,19 @@ def test_dense_answer_size_estimate_bounds_the_real_answer(served, stride, scale
     result = served.run(served.server.dataplane.dense_scores("fc", 0, image, stride=stride, scales=scales))
     size = convert.dense_response(result).ByteSize()
     assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
+
+
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_predict_answer_size_estimate_bounds_the_real_answer(served, top_k) -> None:
+    """Predict's answer carries every class's score as one map whatever top_k is: the estimate
+    counts it."""
+    from camserve.serving import budget, convert
+
+    dataplane = served.server.dataplane
+    images = [wire.image_to_proto(_rgb(32, 32)) for _ in range(3)]
+    result = served.run(dataplane.predict("gap", 0, images, top_k=top_k))
+    size = convert.predict_response(result, top_k).ByteSize()
+    rt = dataplane.runtime("gap", 0)
+    classes = len(rt.entry.config.class_names)
+    estimate = budget.predict_response_bytes(3, top_k or classes, rt.label_bytes, classes)
+    assert size <= estimate <= 3 * size + 4096, (size, estimate)

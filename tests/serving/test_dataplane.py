@@ -10,12 +10,11 @@ import dataclasses
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import CLASSES, RunningServer, make_repository, metric_value
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository, metric_value
 
 from camserve import errors, wire
 from camserve.imaging import encode_png, model_input
 from camserve.proto import pb, pb_grpc
-from camserve.serving.config import ServerConfig
 from camserve.serving.dataplane import DataPlane, decode_image, display_pixels
 from camserve.serving.jobs import DenseJob, DenseKey, ExplainJob, ExplainKey, PredictJob, PredictKey
 
@@ -45,19 +44,7 @@ def test_keys_are_frozen_hashable_and_name_their_operation() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = make_repository(tmp_path_factory.mktemp("models"), corrupt=False)
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(root),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            max_batch_size=4,
-            max_images=4,
-            batch_timeout_ms=2,
-            log_format="text",
-        ),
-    )
+    cfg = local_config(root, max_batch_size=4, max_images=4, batch_timeout_ms=2)
     with RunningServer(cfg) as rs:
         yield rs
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, metric_value, save_model, tiny_gap
+from helpers_serving import RunningServer, local_config, metric_value, save_model, tiny_gap
 
 from camserve import wire
 from camserve.proto import pb, pb_grpc
-from camserve.serving.config import ServerConfig
 
 TOKEN = "s3cret-t0ken"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -45,10 +44,7 @@ REQUEST_TYPES = {
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     save_model(root, "gap", 1, tiny_gap(1))
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, token=TOKEN, log_format="text"),
-    )
+    cfg = local_config(root, token=TOKEN)
     with RunningServer(cfg) as rs:
         yield rs
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, make_repository, metric_value
+from helpers_serving import RunningServer, local_config, make_repository, metric_value
 
 from camserve import wire
 from camserve.client import Client
@@ -29,18 +29,7 @@ def repo_root(tmp_path_factory) -> Path:
 
 
 def _config(root: Path, **kw) -> ServerConfig:
-    base = dict(
-        models=str(root),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        max_batch_size=1,
-        batch_timeout_ms=0,
-        warmup_methods=["gradcam"],
-        log_format="text",
-    )
-    base.update(kw)
-    return ServerConfig.load(env={}, overrides=base)
+    return local_config(root, **{**dict(max_batch_size=1, batch_timeout_ms=0, warmup_methods=["gradcam"]), **kw})
 
 
 def _request() -> pb.PredictRequest:

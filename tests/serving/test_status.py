@@ -9,12 +9,18 @@ import re
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import LogLines, RunningServer, make_repository, metric_value, payload_only_the_gc_frees
+from helpers_serving import (
+    LogLines,
+    RunningServer,
+    local_config,
+    make_repository,
+    metric_value,
+    payload_only_the_gc_frees,
+)
 
 from camserve import errors, wire
 from camserve.proto import pb, pb_grpc
 from camserve.serving.batching import BatcherClosed, DeadlineExpired, QueueFull
-from camserve.serving.config import ServerConfig
 from camserve.serving.repository import ModelNotFound, ModelUnavailable
 from camserve.serving.status import MAX_STATUS_MESSAGE_BYTES, clip_message, request_id_from, status_for
 
@@ -81,10 +87,7 @@ def test_request_id_from_metadata_only_when_sane() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = make_repository(tmp_path_factory.mktemp("models"), corrupt=False)
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, max_batch_size=4, log_format="text"),
-    )
+    cfg = local_config(root, max_batch_size=4)
     with RunningServer(cfg) as rs:
         yield rs
 
