@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from camserve.cli import add_command, load_tensorflow, log_level
@@ -29,11 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and exit 0 only when SERVING",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--token", default=None, help="bearer token (or env CAMSERVE_TOKEN)")
+    p.add_argument(
+        "--token", default=None, help="bearer token (shows in the process list: prefer --token-file or CAMSERVE_TOKEN)"
+    )
+    p.add_argument("--token-file", default=None, help="file holding the bearer token (or env CAMSERVE_TOKEN_FILE)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--ca", default=None, help="PEM root certificates for --tls (default: the system's)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=run)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token, else --token-file, else CAMSERVE_TOKEN, else CAMSERVE_TOKEN_FILE."""
+    if args.token:
+        return str(args.token)
+    path = args.token_file or (None if os.environ.get("CAMSERVE_TOKEN") else os.environ.get("CAMSERVE_TOKEN_FILE"))
+    if path:
+        return Path(path).read_text().strip() or None
+    return os.environ.get("CAMSERVE_TOKEN") or None
 
 
 def _table(models: list[dict[str, Any]]) -> str:
@@ -81,8 +96,6 @@ def _local(root: str, level: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     if args.repository:
         models = _local(args.repository, log_level(args))
     else:
@@ -91,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         from camserve.client import Client
 
         ca = open(args.ca, "rb").read() if args.ca else None
-        token = args.token or os.environ.get("CAMSERVE_TOKEN") or None
+        token = _token(args)
         with Client(args.server, token=token, tls=args.tls, root_certificates=ca, timeout=args.timeout, retries=0) as c:
             if args.health is not None:
                 try:

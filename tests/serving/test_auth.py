@@ -4,6 +4,8 @@ health is exempt; the right token passes. (TLS + token together: test_server_ops
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -144,3 +146,22 @@ def test_denied_requests_are_let_go_at_once(stub) -> None:
     kept = payload_only_the_gc_frees(calls)
     assert codes == ["UNAUTHENTICATED"] * 6
     assert kept < BIG_REQUEST.ByteSize(), f"{kept / BIG_REQUEST.ByteSize():.1f} requests kept by reference cycles"
+
+
+def test_models_command_reads_the_token_from_a_file_or_the_environment(served, tmp_path, monkeypatch, capsys) -> None:
+    """``camserve models --token-file`` (and CAMSERVE_TOKEN_FILE) so the token never shows in the
+    process list; without a token the same call is refused."""
+    from camserve.cli import main
+
+    target = served.target
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.delenv("CAMSERVE_TOKEN", raising=False)
+    monkeypatch.delenv("CAMSERVE_TOKEN_FILE", raising=False)
+    assert main(["models", "--server", target, "--json", "--timeout", "10"]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["models", "--server", target, "--json", "--token-file", str(token_file), "--timeout", "10"]) == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)}
+    monkeypatch.setenv("CAMSERVE_TOKEN_FILE", str(token_file))
+    assert main(["models", "--server", target, "--json", "--timeout", "10"]) == 0
+    assert {m["name"] for m in json.loads(capsys.readouterr().out)} == names and names
