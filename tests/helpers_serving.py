@@ -51,7 +51,9 @@ def write_config(model_dir: Path, name: str, size: int = 32, layer: str = "") ->
 def local_config(root: Path, **overrides: Any) -> ServerConfig:
     """A server on loopback with free ports, text logs and no environment, for ``root``;
     ``overrides`` replace or add settings."""
-    settings: dict[str, Any] = dict(models=str(root), host="127.0.0.1", port=0, metrics_port=0, log_format="text")
+    settings: dict[str, Any] = dict(
+        models=str(root), host="127.0.0.1", port=0, metrics_port=0, http_port=0, log_format="text"
+    )
     return ServerConfig.load(env={}, overrides={**settings, **overrides})
 
 
