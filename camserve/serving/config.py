@@ -40,6 +40,11 @@ class ServerConfig:
     host: str = _field("[::]", "address to listen on")
     port: int = _field(8500, "gRPC port (0: pick a free one)")
     metrics_port: int = _field(8501, "Prometheus /metrics HTTP port (-1: off; 0: pick a free one)")
+    http_port: int = _field(
+        8080,
+        "HTTP API port: v1 REST, camserve.v1 RPCs as JSON, Open Inference Protocol v2, viewer (-1: off; 0: pick a "
+        "free one; KServe's 8080, TF Serving's REST 8501 is camserve's metrics port)",
+    )
     max_batch_size: int = _field(32, "images per merged batch (Triton max_batch_size)")
     batch_timeout_ms: float = _field(
         5.0,
@@ -132,9 +137,10 @@ class ServerConfig:
             raise InvalidArgument(f"max_layers_cached must be >= 0, got {self.max_layers_cached}")
         if self.max_channels < 0:
             raise InvalidArgument(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
-        if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
+        if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536 or not -1 <= self.http_port < 65536:
             raise InvalidArgument(
-                f"ports must be in 0..65535 (metrics_port -1: off); got {self.port}, {self.metrics_port}"
+                "ports must be in 0..65535 (metrics_port and http_port -1: off); got "
+                f"port={self.port}, metrics_port={self.metrics_port}, http_port={self.http_port}"
             )
         if self.metrics_auth and not (self.token or self.token_file):
             raise InvalidArgument("metrics_auth needs a token (token_file or token)")

@@ -32,6 +32,8 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 
 from camserve import accelerator
+from camserve.http import server as http_server
+from camserve.http.server import HttpServer
 from camserve.proto import pb_grpc
 from camserve.serving.auth import TokenAuthInterceptor
 from camserve.serving.batching import Batcher
@@ -76,6 +78,7 @@ class CamServer:
         self._status = StatusInterceptor(SERVICE_NAME, record=self.metrics.record)
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None  # the HTTP API (camserve.http), when http_port >= 0
         self._load_task: asyncio.Task[None] | None = None
 
     @property
@@ -85,8 +88,14 @@ class CamServer:
 
     @property
     def inflight(self) -> int:
-        """CamService calls in progress."""
-        return self._status.inflight
+        """CamService calls and HTTP requests in progress."""
+        return self._status.inflight + (self.http.inflight if self.http is not None else 0)
+
+    def serving(self) -> bool:
+        """Loaded and warmed up, at least one model ready, and not draining (HTTP readiness)."""
+        names = self.repository.names()
+        ready = any(self.runtimes.ready_versions(name) for name in names)
+        return self._ready.is_set() and ready and not self.dataplane.draining
 
     # ------------------------------------------------------------ life cycle
 
@@ -126,11 +135,14 @@ class CamServer:
         await self.dataplane.start()
         if cfg.metrics_port >= 0:
             await self.metrics.serve_http(cfg.host, cfg.metrics_port, token=token if cfg.metrics_auth else "")
+        if cfg.http_port >= 0:
+            self.http = await http_server.start_for(self)
         log.info(
             "listening",
             extra={
                 "port": self.port,
                 "metrics_port": self.metrics.port,
+                "http_port": self.http.port if self.http is not None else None,
                 "tls": bool(cfg.tls_cert),
                 "auth": bool(token),
                 "config": cfg.public_dict(),
@@ -175,6 +187,9 @@ class CamServer:
         while self.inflight > 0 and time.monotonic() - t0 < grace:
             await asyncio.sleep(0.01)
         await self._server.stop(max(0.0, grace - (time.monotonic() - t0)))
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
         await self.dataplane.close()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()

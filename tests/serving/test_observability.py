@@ -158,7 +158,9 @@ def _serve(tmp_path, **overrides):
     from camserve.serving.config import ServerConfig
 
     (tmp_path / "models").mkdir(exist_ok=True)
-    settings = dict(models=str(tmp_path / "models"), port=0, metrics_port=0, log_format="text", log_level="ERROR")
+    settings = dict(
+        models=str(tmp_path / "models"), port=0, metrics_port=0, http_port=0, log_format="text", log_level="ERROR"
+    )
     return RunningServer(ServerConfig.load(env={}, overrides={**settings, **overrides}), ready_timeout=60)
 
 

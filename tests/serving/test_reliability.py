@@ -73,6 +73,7 @@ def served(repo: Path):
             host="127.0.0.1",
             port=0,
             metrics_port=0,
+            http_port=0,
             max_batch_size=4,
             batch_timeout_ms=2,
             max_images=MAX_IMAGES,

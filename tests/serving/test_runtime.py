@@ -81,7 +81,10 @@ def test_failed_warm_up_makes_only_that_version_unavailable(repo_root: Path, mon
 
     monkeypatch.setattr(ModelRuntime, "warm_up", warm_up)
     cfg = ServerConfig.load(
-        env={}, overrides=dict(models=str(repo_root), host="127.0.0.1", port=0, metrics_port=-1, log_format="text")
+        env={},
+        overrides=dict(
+            models=str(repo_root), host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, log_format="text"
+        ),
     )
     with RunningServer(cfg) as rs, Client(rs.target, retries=0, timeout=30) as c:
         info = c.model("gap")

@@ -27,6 +27,7 @@ def _config(root: Path, **kw) -> ServerConfig:
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        http_port=0,
         max_batch_size=MAX_BATCH,
         batch_timeout_ms=20,
         max_images=8,

@@ -203,6 +203,8 @@ def _start_cli(root: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             *extra,
         ],
         stderr=subprocess.PIPE,

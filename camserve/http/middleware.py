@@ -1,0 +1,170 @@
+"""The middlewares of the HTTP application: metrics, security headers, error answers, body
+limits and bearer-token auth (in that order, outermost first; see :mod:`camserve.http.app`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from camserve.errors import CamserveError, Unauthenticated
+from camserve.http.app import (
+    CONTENT_SECURITY_POLICY,
+    HttpContext,
+    PayloadTooLarge,
+    default_error_body,
+    too_large_message,
+)
+from camserve.serving.auth import check_bearer
+from camserve.serving.status import REQUEST_ID_KEY, clip_message, new_request_id
+
+log = logging.getLogger("camserve.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: aiohttp's own refusals (no route, wrong method, body too long) and their status code names.
+_OWN_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 400: "INVALID_ARGUMENT"}
+
+
+class HttpMetrics:
+    """``camserve_http_requests_total{method, route, status}`` and
+    ``camserve_http_request_latency_seconds{route}`` in one registry (made once per registry)."""
+
+    _made: weakref.WeakKeyDictionary[Any, HttpMetrics] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter(
+            "camserve_http_requests_total",
+            "HTTP requests by method, route pattern and status",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "camserve_http_request_latency_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+    @classmethod
+    def of(cls, registry: Any) -> HttpMetrics:
+        made = cls._made.get(registry)
+        if made is None:
+            made = cls._made[registry] = cls(registry)
+        return made
+
+
+def route_of(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/models/{name}``), or ``unmatched``."""
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.route is not None else None
+    return resource.canonical if resource is not None and info.http_exception is None else "unmatched"
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when sane, else a new one (kept on the request)."""
+    rid = request.get("camserve_request_id")
+    if rid is None:
+        sent = request.headers.get(REQUEST_ID_KEY, "")
+        ok = 0 < len(sent) <= 64 and all(c.isalnum() or c in "._:-" for c in sent) and sent.isascii()
+        rid = request["camserve_request_id"] = sent if ok else new_request_id()
+    return str(rid)
+
+
+def middlewares(ctx: HttpContext) -> list[Middleware]:
+    """The middlewares for ``ctx``, outermost first."""
+    metrics = HttpMetrics.of(ctx.registry) if ctx.registry is not None else None
+    limit = ctx.config.max_message_bytes
+    token = ctx.token
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        ctx.inflight += 1
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            ctx.inflight -= 1
+            if metrics is not None:
+                route = route_of(request)
+                metrics.requests.labels(request.method, route, str(status)).inc()
+                metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    @web.middleware
+    async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if (response.content_type or "").startswith("text/html"):
+            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        shape = getattr(request.match_info.handler, "camserve_error_body", default_error_body)
+        try:
+            return await handler(request)
+        except CamserveError as e:
+            message = clip_message(str(e.args[0]) if e.args else str(e))
+            response = web.json_response(shape(e.code, message), status=e.http_status)
+            if isinstance(e, Unauthenticated):
+                response.headers["WWW-Authenticate"] = 'Bearer realm="camserve"'
+            if isinstance(e, PayloadTooLarge):
+                response.force_close()  # the body was not read: do not read it to reuse the connection
+            return response
+        except web.HTTPException as e:
+            if e.status not in _OWN_CODES or e.content_type == "application/json":
+                raise
+            if e.status == 413:
+                response = web.json_response(shape("RESOURCE_EXHAUSTED", too_large_message(None, limit)), status=413)
+                response.force_close()
+                return response
+            text = e.text or e.reason
+            if e.status == 404 and route_of(request) == "unmatched":
+                text = f"no route {request.method} {clip_message(request.path, 200)}; see the README's HTTP API section"
+            if e.status == 405:
+                text = f"{request.method} is not allowed here; allowed: {e.headers.get('Allow', '')}"
+            response = web.json_response(shape(_OWN_CODES[e.status], text), status=e.status)
+            for key in ("Allow",):
+                if key in e.headers:
+                    response.headers[key] = e.headers[key]
+            return response
+        except Exception as e:  # a bug: 500 naming the request id, logged
+            rid = request_id(request)
+            log.error(
+                "internal error",
+                exc_info=(type(e), e, e.__traceback__),
+                extra={"path": request.path, "request_id": rid, "error": f"{type(e).__name__}: {e}"},
+            )
+            message = f"internal error ({type(e).__name__}); the server log has the details (request id {rid})"
+            return web.json_response(shape("INTERNAL", message), status=500)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(too_large_message(length, limit))
+        if token and not getattr(request.match_info.handler, "camserve_public", False):
+            if request.match_info.http_exception is None:  # unknown routes answer 404, as gRPC's UNIMPLEMENTED
+                problem = check_bearer(request.headers.getall("Authorization", []), token)
+                if problem is not None:
+                    raise Unauthenticated(problem.replace("send metadata", "send the header"))
+        return await handler(request)
+
+    return [count, headers, errors, guard]
