@@ -52,7 +52,7 @@ class ParsingInterceptor(ServiceInterceptor):
     hands over the bytes) and its behaviour parses them first (:func:`request_parser`). Put it
     last, after authentication. The wrapped handlers are made once per method."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str | tuple[str, ...]) -> None:
         super().__init__(service)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from camserve import accelerator
 from camserve.http import server as http_server
 from camserve.http.server import HttpServer
+from camserve.oip import grpc_service as oip_grpc_service
 from camserve.proto import pb_grpc
 from camserve.serving.auth import TokenAuthInterceptor
 from camserve.serving.batching import Batcher
@@ -75,7 +76,9 @@ class CamServer:
         )
         self.dataplane = DataPlane(config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks())
         self.servicer = CamServicer(self.dataplane)
-        self._status = StatusInterceptor(SERVICE_NAME, record=self.metrics.record)
+        self.oip_servicer = oip_grpc_service.InferenceServicer(self.dataplane)
+        self._services = (SERVICE_NAME, oip_grpc_service.SERVICE_NAME)  # both behind the same interceptors
+        self._status = StatusInterceptor(self._services, record=self.metrics.record)
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.http: HttpServer | None = None  # the HTTP API (camserve.http), when http_port >= 0
@@ -112,11 +115,12 @@ class CamServer:
         token = cfg.bearer_token()
         if token:
             interceptors.append(TokenAuthInterceptor(token))
-        interceptors.append(ParsingInterceptor(SERVICE_NAME))  # last: parses only what auth let through
+        interceptors.append(ParsingInterceptor(self._services))  # last: parses only what auth let through
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_CamServiceServicer_to_server(self.servicer, server)
+        oip_grpc_service.add_to_server(self.oip_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"

@@ -197,19 +197,21 @@ class _Call:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor for the methods of one ``service`` (a full service name): :meth:`wrap`
-    gets each of their handlers; other services (health, reflection) pass through untouched."""
+    """An interceptor for the methods of one ``service`` or several (full service names, e.g.
+    ``camserve.v1.CamService`` and ``inference.GRPCInferenceService``): :meth:`wrap` gets each
+    of their handlers; other services (health, reflection) pass through untouched."""
 
-    def __init__(self, service: str) -> None:
-        self._prefix = f"/{service}/"
+    def __init__(self, service: str | tuple[str, ...]) -> None:
+        services = (service,) if isinstance(service, str) else service
+        self._prefixes = tuple(f"/{s}/" for s in services)
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefix):
+        if handler is None or not details.method.startswith(self._prefixes):
             return handler
-        return self.wrap(details.method[len(self._prefix) :], handler)
+        return self.wrap(details.method.rpartition("/")[2], handler)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler that answers ``method`` (its short name) instead of ``handler``."""
@@ -230,7 +232,7 @@ class StatusInterceptor(ServiceInterceptor):
     (:func:`forget_tracebacks`) and the request let go before the abort.
     """
 
-    def __init__(self, service: str, record: Callable[[str, str, float], None] | None = None) -> None:
+    def __init__(self, service: str | tuple[str, ...], record: Callable[[str, str, float], None] | None = None) -> None:
         super().__init__(service)
         self._record = record
         self.inflight = 0
