@@ -32,7 +32,7 @@ import tensorflow as tf
 from camserve import keras_graph as graph
 from camserve.accelerator import resolve_device
 from camserve.errors import InvalidArgument, NotFound
-from camserve.explain import heads
+from camserve.explain import heads, pixel
 from camserve.explain import layer_pass as lp
 from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, bucket_sizes, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
@@ -149,7 +149,7 @@ class Explainer:
         """
         images = self._check_images(images)
         chosen = self._methods(methods)
-        canonical = tuple(sorted(chosen, key=lambda m: m.name))
+        canonical = tuple(sorted(chosen, key=lambda m: (m.pixel, m.name)))  # pixel methods last
         order = [(m.name, canonical.index(m)) for m in chosen]  # the caller's order, as graph columns
         reads = tuple(sorted({r for m in canonical for r in m.reads}))
         gradients = any(m.needs_gradients for m in canonical)
@@ -163,8 +163,10 @@ class Explainer:
                 check()
                 batch_targets = tf.constant(self._pad(encoded[start : start + n], len(batch)))
                 scored = (
-                    lp.scored_inputs(self, batch, batch_targets, n, width, reads, check, gradients) if reads else {}
-                )
+                    lp.scored_inputs(self, batch, batch_targets, n, width, reads, check, gradients)
+                    if any(r in lp.SCORED for r in reads)
+                    else {}
+                ) | pixel.sampled_gradients(self, batch, batch_targets, n, width, reads, check, gradients)
                 fn = self._graph(("explain", canonical, width, tuple(sorted(scored))))
                 out = fn(batch, batch_targets, scored)
                 out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
@@ -350,9 +352,10 @@ class Explainer:
         return traced
 
     # ----------------------------------------------------------------- the model, re-run with hooks
-    def _forward(self, images, on_activations=None, replace_activations=None, need_activations=True):
+    def _forward(self, images, on_activations=None, replace_activations=None, need_activations=True, hooks=None):
         """(activations, logits, outputs) of one pass. ``replace_activations(a)`` substitutes
-        the layer's output (Ablation-CAM); ``on_activations(a)`` sees it (the tape's watch)."""
+        the layer's output (Ablation-CAM); ``on_activations(a)`` sees it (the tape's watch);
+        ``hooks``: more layer hooks (guided backprop's gates)."""
         captured: dict[str, tf.Tensor] = {}
         out_layer = self._output_layer
 
@@ -385,7 +388,7 @@ class Explainer:
 
             return hooked
 
-        hooks = {id(out_layer): logits_hook}
+        hooks = {**(hooks or {}), id(out_layer): logits_hook}
         if need_activations:
             hooks[id(self.layer_path[-1])] = layer_hook
         logits = graph.run_with_hooks(self.model, images, hooks)
@@ -421,15 +424,15 @@ class Explainer:
         for t in range(width):
             gradients = tape.gradient(target_logits[t], activations) if need_gradients else None
             view = shared.for_target(t, gradients)
-            maps.append(tf.stack([tf.nn.relu(m.fn(view)) for m in methods], axis=1))
-        raw = tf.stack(maps, axis=1)  # (B, T, M, h, w)
+            maps.append([tf.nn.relu(m.fn(view)) for m in methods])
+        raw, pixel_raw = pixel.split_maps(maps, methods, activations)  # (B, T, M, h, w); pixel maps apart
         b, h, w = tf.shape(raw)[0], tf.shape(raw)[3], tf.shape(raw)[4]
         size = tf.shape(images)[1:3]
         up = tf.image.resize(tf.reshape(raw, (-1, h, w, 1)), size, method="bilinear")[..., 0]
         peak = tf.reduce_max(up, axis=(1, 2), keepdims=True)
         heat = tf.where(peak > 0.0, up / tf.where(peak > 0.0, peak, 1.0), 0.0)
-        heat = tf.reshape(heat, (b, width, len(methods), size[0], size[1]))
-        return {"outputs": outputs, "classes": classes, "raw": raw, "heatmap": heat}
+        heat, extra = pixel.pixel_heatmaps(tf.reshape(heat, (b, width, raw.shape[2], size[0], size[1])), pixel_raw)
+        return {"outputs": outputs, "classes": classes, "raw": raw, "heatmap": heat, **extra}
 
     # ----------------------------------------------------------------- CAM head
     def cam_head(self) -> tuple[Any, list, Any]:
@@ -484,7 +487,7 @@ class Explainer:
                         class_index=c,
                         label=label,
                         score=float(out["outputs"][i, c]),
-                        raw=out["raw"][i, t, m],
+                        raw=pixel.raw_map(out, i, t, m),
                         heatmap=heat,
                         box=heatmap_box(heat),
                     )

@@ -131,7 +131,7 @@ def scored_inputs(ex: Explainer, batch, targets, n: int, width: int, reads, chec
     if k < SPLIT_CHUNKS * ex.chunk_size:
         return {}
     scored = {name: prep[name] for name in FORWARD} if not gradients else {}
-    for read in reads:
+    for read in (r for r in reads if r in SCORED):  # sampled reads: camserve.explain.pixel
         per_call = ex.chunk_size * SCORED[read][1]
         flat = np.minimum(np.arange(-(-total // per_call) * per_call), total - 1)  # the last call padded
         image_index, channel = (flat // k).astype(np.int32), channels[:n].reshape(-1)[flat].astype(np.int32)
@@ -221,3 +221,8 @@ class TargetView:
 
     def ablated_logits(self) -> tf.Tensor:
         return self._shared.ablated_logits()[:, :, self._t]
+
+    def per_target(self, key: str, compute: Callable[[SharedPass], tf.Tensor]) -> tf.Tensor:
+        """``compute(shared pass)``, a (B, T, ...) value for all targets computed once per pass
+        (or given in ``scored`` under ``key``), at this target (pixel methods read it)."""
+        return self._shared.cached(key, lambda: compute(self._shared))[:, self._t]

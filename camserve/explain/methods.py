@@ -5,7 +5,10 @@ seen for one target class per image) to a map of shape (B, h, w) at the layer's
 resolution, before the ReLU that :mod:`camserve.explain` applies to all of them.
 The pass gives ``activations`` A (B, h, w, K) and, for gradient methods, ``gradients``
 dY_c/dA of the target's logit. Score-CAM and Ablation-CAM ask the pass to score masked
-inputs or ablated activations (``masked_input_scores``, ``ablated_logits``).
+inputs or ablated activations (``masked_input_scores``, ``ablated_logits``). Pixel-level
+methods (``pixel=True``) return maps at the input's resolution (B, H, W). More families
+register into the same table from :mod:`~camserve.explain.methods_activation`,
+:mod:`~camserve.explain.methods_gradient` and :mod:`~camserve.explain.methods_pixel`.
 
 New methods are registered with :func:`register`; an :class:`~camserve.explain.Explainer`
 sees them at once, also one made before:
@@ -14,7 +17,7 @@ sees them at once, also one made before:
 ... def gradcam_x2(p):
 ...     return 2.0 * gradcam(p)
 >>> list(METHODS)[-2:], METHODS["gradcam_x2"].doc
-(['ablationcam', 'gradcam_x2'], 'Twice Grad-CAM.')
+(['integrated_gradients', 'gradcam_x2'], 'Twice Grad-CAM.')
 >>> unregister("gradcam_x2").name
 'gradcam_x2'
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import tensorflow as tf
 
@@ -45,6 +48,7 @@ class LayerPass(Protocol):
     def selected_channels(self) -> tf.Tensor: ...  # (B, K') channel indices (all, or a cap)
     def masked_input_scores(self) -> tf.Tensor: ...  # (B, K') target probability per mask
     def ablated_logits(self) -> tf.Tensor: ...  # (B, K') target logit, channel k zeroed
+    def per_target(self, key: str, compute: Callable[[Any], tf.Tensor]) -> tf.Tensor: ...  # see TargetView
 
 
 MethodFn = Callable[[LayerPass], tf.Tensor]
@@ -63,10 +67,15 @@ class Method:
     needs_gradients: bool = False
     doc: str = ""
     reads: tuple[str, ...] = ()
+    pixel: bool = False  # the map is at the input's resolution (B, H, W), not the layer's
+    samples: int = 0  # forward/backward passes per target it runs of its own (SmoothGrad, IG)
 
 
-#: The chunked scores a method may read (see :mod:`camserve.explain.layer_pass`).
-READS = ("masked_input_scores", "ablated_logits")
+#: The chunked scores a method may read: per channel (see :mod:`camserve.explain.layer_pass`)
+#: and per input sample (see :mod:`camserve.explain.pixel`).
+CHANNEL_READS = ("masked_input_scores", "ablated_logits")
+SAMPLE_READS = ("smoothgrad_gradients", "integrated_gradients")
+READS = CHANNEL_READS + SAMPLE_READS
 
 #: All methods by their public name, in registration order (the built-ins first).
 METHODS: dict[str, Method] = {}
@@ -84,11 +93,14 @@ def register(
     replace: bool = False,
     doc: str | None = None,
     reads: tuple[str, ...] = (),
+    pixel: bool = False,
+    samples: int = 0,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding ``fn(pass) -> (B, h, w)`` to :data:`METHODS` as ``name``.
 
     ``needs_gradients``: the pass computes dY/dA of each target for it. ``reads``: the chunked
-    scores of the pass it reads (``"masked_input_scores"``, ``"ablated_logits"``). ``doc``:
+    scores of the pass it reads (one of :data:`READS`). ``pixel``: the method returns a map at
+    the input's resolution (B, H, W); ``samples``: the passes per target it runs. ``doc``:
     defaults to the function's docstring. A name already registered raises InvalidArgument
     unless ``replace=True`` (the method then keeps its place in the registry).
     """
@@ -102,9 +114,8 @@ def register(
     def add(fn: MethodFn) -> MethodFn:
         if not callable(fn):
             raise InvalidArgument(f"method {name!r} must be a function of the pass, got {fn!r}")
-        method = Method(
-            name, fn, needs_gradients=needs_gradients, doc=(fn.__doc__ or "") if doc is None else doc, reads=reads
-        )
+        text = (fn.__doc__ or "") if doc is None else doc
+        method = Method(name, fn, needs_gradients, text, reads, pixel=pixel, samples=samples)
         with _LOCK:
             if name in METHODS and not replace:
                 raise InvalidArgument(f"method {name!r} is already registered; pass replace=True to replace it")
@@ -191,20 +202,29 @@ def scorecam(p: LayerPass) -> tf.Tensor:
     return weighted_sum(p.activations, _scatter_channels(p, p.masked_input_scores()))
 
 
+def first_component(x: tf.Tensor) -> tf.Tensor:
+    """(B, h, w, K) -> (B, h, w): the centred maps projected on their first principal component,
+    its sign fixed so the map correlates positively with Σ_k of the centred maps."""
+    b, h, w, k = tf.unstack(tf.shape(x))
+    flat = tf.reshape(x, (b, h * w, k))
+    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    _, _, v = tf.linalg.svd(centred)
+    projection = tf.einsum("bnk,bk->bn", centred, v[:, :, 0])
+    return tf.reshape(orient(projection, tf.reduce_sum(centred, axis=-1)), (b, h, w))
+
+
+def orient(projection: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+    """(B, N) projections with the sign that correlates positively with ``reference`` (B, N)."""
+    sign = tf.where(tf.reduce_sum(projection * reference, axis=1) < 0.0, -1.0, 1.0)
+    return projection * sign[:, None]
+
+
 @register("eigencam")
 def eigencam(p: LayerPass) -> tf.Tensor:
     """Eigen-CAM (Muhammad & Yeasin 2020): the activations projected on their first principal
     component (class-agnostic). The SVD's sign is fixed so the map correlates positively with
     Σ_k A_k."""
-    a = p.activations
-    b, h, w, k = tf.unstack(tf.shape(a))
-    flat = tf.reshape(a, (b, h * w, k))
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    _, _, v = tf.linalg.svd(centred)
-    projection = tf.einsum("bnk,bk->bn", centred, v[:, :, 0])
-    total = tf.reduce_sum(centred, axis=-1)
-    sign = tf.where(tf.reduce_sum(projection * total, axis=1) < 0.0, -1.0, 1.0)
-    return tf.reshape(projection * sign[:, None], (b, h, w))
+    return first_component(p.activations)
 
 
 @register("ablationcam", reads=("ablated_logits",))
@@ -213,3 +233,7 @@ def ablationcam(p: LayerPass) -> tf.Tensor:
     y = tf.gather(p.logits, p.classes, batch_dims=1)[:, None]
     drop = (y - p.ablated_logits()) / tf.maximum(tf.abs(y), _EPS)
     return weighted_sum(p.activations, _scatter_channels(p, drop))
+
+
+# The other families register into the same table (after the built-ins, in this order).
+from camserve.explain import methods_activation, methods_gradient, methods_pixel  # noqa: E402, F401

@@ -10,6 +10,8 @@ from camserve.explain import UnknownClass, UnknownMethod, bucket_sizes
 from camserve.keras_graph import UnknownLayer
 
 ALL = ("cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "ablationcam")
+ALL += ("kpcacam", "fem", "gradcamelementwise", "eigengradcam", "finercam", "shapleycam")
+ALL += ("guidedbackprop", "guided_gradcam", "smoothgrad", "integrated_gradients")
 
 
 def test_methods_table_has_every_method():
