@@ -1,0 +1,246 @@
+"""The workers of ``camserve bulk``: one :class:`ExplainActor` per Ray actor, each holding one
+model and its :class:`~camserve.explain.folder.FolderExplainer`, built and warmed up once; every
+call explains a batch of images and writes their rows as one part of the output.
+
+>>> settings = BulkSettings(model_dir="models/shapes_gap", out="out")
+>>> settings.methods, settings.top_k
+(('gradcam',), 1)
+>>> default_batch_size((64, 64, 3)), default_batch_size((224, 224, 3))
+(64, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from camserve.bulk import output
+from camserve.bulk.inputs import load_rgb
+from camserve.errors import CamserveError
+
+#: Input values one batch may hold when the batch size is chosen from the model (16 MiB of float32).
+BATCH_VALUES = 1 << 22
+MAX_DEFAULT_BATCH = 64
+
+
+def default_batch_size(input_shape: Sequence[int | None]) -> int:
+    """The largest power of two (at most :data:`MAX_DEFAULT_BATCH`) whose batch of the model's
+    input holds at most :data:`BATCH_VALUES` values."""
+    values = int(np.prod([d or 1 for d in input_shape]))
+    size = 1
+    while size * 2 <= MAX_DEFAULT_BATCH and size * 2 * values <= BATCH_VALUES:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkSettings:
+    """What every actor needs to know (sent to each one; plain values only).
+
+    ``targets``: the same classes for every image (names or indices), else the ``top_k`` best.
+    ``batch_size``: images per call, None for the model's config (``max_batch_size`` in
+    ``config.toml``) or :func:`default_batch_size`. ``threads``: TensorFlow threads per actor
+    (None: TensorFlow's choice). ``dense``: add ``dense`` rows (sliding-window scores).
+    """
+
+    model_dir: str
+    out: str
+    version: int | None = None
+    methods: tuple[str, ...] = ("gradcam",)
+    targets: tuple[int | str, ...] | None = None
+    top_k: int = 1
+    layer: str | None = None
+    max_channels: int | None = None
+    batch_size: int | None = None
+    overlays: bool = False
+    dense: bool = False
+    threads: int | None = None
+
+
+def model_batch_size(settings: BulkSettings) -> int:
+    """``settings.batch_size``, else the model's ``max_batch_size`` in its ``config.toml``, else
+    :func:`default_batch_size` of its input (``input_size`` × ``channels``).
+
+    >>> model_batch_size(BulkSettings(model_dir="any", out="out", batch_size=8))
+    8
+    """
+    if settings.batch_size:
+        return int(settings.batch_size)
+    from camserve.serving.repository import ModelConfig
+
+    config = ModelConfig.from_toml(os.path.join(settings.model_dir, "config.toml"))
+    configured = config.extra.get("max_batch_size")
+    return int(configured) if configured else default_batch_size((*config.input_size, config.channels))
+
+
+class ExplainActor:
+    """Explain batches of images (a Ray Data ``map_batches`` callable class).
+
+    Built once per actor: TensorFlow (quietly), the model folder, its Explainer, then warm-up of
+    every batch bucket for the methods. Each call takes ``{"image": [...]}`` and returns one
+    summary row per image (``image``, ``rows`` written, ``error``); the explanation rows go to
+    a part of ``OUT/explanations.parquet`` written by the actor itself, so they never travel
+    through the driver.
+    """
+
+    def __init__(self, settings: BulkSettings):
+        from camserve.cli import load_tensorflow
+
+        load_tensorflow()
+        if settings.threads:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(settings.threads)
+        from camserve.explain.folder import FolderExplainer
+
+        self.settings = settings
+        self.folder = FolderExplainer.load(
+            settings.model_dir,
+            settings.version,
+            settings.layer,
+            settings.max_channels,
+            max_batch_size=model_batch_size(settings),
+        )
+        self.folder.explainer.warm_up(methods=settings.methods, top_k=len(settings.targets or ()) or settings.top_k)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = [str(i) for i in batch["image"]]
+        rows = explain_images(self, images, [str(p) for p in batch["location"]])
+        output.write_part(self.settings.out, rows)
+        counts = {image: 0 for image in images}
+        errors: dict[str, str | None] = dict.fromkeys(images)
+        for r in rows:
+            counts[r["image"]] += 1
+            if r["error"] is not None:
+                errors[r["image"]] = r["error"]
+        return {
+            "image": np.array(images, dtype=object),
+            "rows": np.array([counts[i] for i in images], np.int64),
+            "error": np.array([errors[i] for i in images], dtype=object),
+        }
+
+
+def explain_images(
+    actor: ExplainActor, images: Sequence[str], locations: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The output rows of ``images`` (read from ``locations``, default the images as given): per
+    image, one row per (target, method) (then ``dense`` rows), or one error row when it cannot be
+    read, decoded or explained."""
+    s = actor.settings
+    read: dict[str, np.ndarray] = {}
+    rows_of: dict[str, list[dict[str, Any]]] = {}
+    for image, location in zip(images, locations or images):
+        try:
+            read[image] = load_rgb(location, name=image)
+        except CamserveError as e:
+            rows_of[image] = [output.error_row(image, _message(e))]
+    good = list(read)
+    try:
+        explained = actor.folder.explain_rgbs([read[i] for i in good], s.methods, s.targets, s.top_k) if good else []
+    except CamserveError:  # one bad image (an unknown class is every image's): explain one by one
+        explained = []
+        for image in good:
+            try:
+                explained.append(actor.folder.explain_rgbs([read[image]], s.methods, s.targets, s.top_k)[0])
+            except CamserveError as e:
+                explained.append(e)  # type: ignore[arg-type]
+    for image, result in zip(good, explained):
+        rgb = read[image]
+        if isinstance(result, CamserveError):
+            rows_of[image] = [output.error_row(image, _message(result), *rgb.shape[:2])]
+            continue
+        rows_of[image] = [_explanation_row(s, image, rgb, e) for e in result]
+        if s.dense:
+            rows_of[image] += _dense_rows(actor, image, rgb, list(dict.fromkeys(e.class_index for e in result)))
+    return [r for image in images for r in rows_of[image]]
+
+
+def _message(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _explanation_row(s: BulkSettings, image: str, rgb: np.ndarray, e: Any) -> dict[str, Any]:
+    from camserve import imaging
+    from camserve.explanation import image_box
+
+    overlay = None
+    if s.overlays:
+        overlay = output.overlay_name(image, e.label, e.method)
+        png = imaging.encode_png(imaging.overlay(rgb, e.heatmap, box=e.box))
+        output.write_file(output.join(s.out, output.OVERLAYS, overlay), png)
+    return output.row(
+        image,
+        method=e.method,
+        class_index=e.class_index,
+        label=e.label,
+        score=float(e.score),
+        box=image_box(e.box, e.heatmap.shape, rgb.shape),
+        height=rgb.shape[0],
+        width=rgb.shape[1],
+        overlay=overlay,
+        **output.map_columns(e.raw),
+    )
+
+
+def _dense_rows(actor: ExplainActor, image: str, rgb: np.ndarray, classes: list[int]) -> list[dict[str, Any]]:
+    """One ``dense`` row per class: its sliding-window scores over the whole image (one FCN
+    pass at the network's stride, images smaller than the window zero-padded), the best
+    window's score and box."""
+    from camserve import imaging
+    from camserve.dense import dense_scores
+
+    folder = actor.folder
+    x = imaging.model_input(rgb, folder.entry.config, resize_to_input=False)
+    try:
+        level = dense_scores(folder.entry.model, x, pad=True)[0]
+    except (CamserveError, ValueError) as e:
+        return [output.error_row(image, f"dense scores: {_message(e)}", *rgb.shape[:2])]
+    names = folder.explainer.class_names
+    rows = []
+    for c in classes:
+        grid = level.scores[..., c]
+        best = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        x0, y0, x1, y1 = (float(v) for v in level.boxes[best])
+        rows.append(
+            output.row(
+                image,
+                method="dense",
+                class_index=c,
+                label=names[c] if names else str(c),
+                score=float(grid[best]),
+                box=[int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))],
+                height=rgb.shape[0],
+                width=rgb.shape[1],
+                **output.map_columns(grid),
+            )
+        )
+    return rows
+
+
+def actor_resources(cluster: dict[str, float], cpus_per_actor: int, max_actors: int | None = None) -> dict[str, Any]:
+    """Ray resources and pool size of the actors for a cluster's resources
+    (``ray.cluster_resources()``): one GPU each where the cluster has GPUs (as many actors as
+    GPUs), else ``cpus_per_actor`` CPUs each (as many as fit); ``max_actors`` caps the pool.
+
+    >>> actor_resources({"CPU": 8.0, "GPU": 2.0}, 2)
+    {'num_cpus': 1, 'num_gpus': 1, 'min_size': 1, 'max_size': 2}
+    >>> actor_resources({"CPU": 2.0}, 2)
+    {'num_cpus': 2, 'num_gpus': 0, 'min_size': 1, 'max_size': 1}
+    """
+    gpus = int(cluster.get("GPU", 0))
+    if gpus:
+        size = gpus
+        resources = {"num_cpus": 1, "num_gpus": 1}
+    else:
+        cpus = max(1, int(cluster.get("CPU", os.cpu_count() or 1)))
+        per = max(1, min(cpus_per_actor, cpus))
+        size = max(1, cpus // per)
+        resources = {"num_cpus": per, "num_gpus": 0}
+    if max_actors:  # e.g. more GPUs than now, on a cluster that autoscales
+        size = max(1, max_actors)
+    return {**resources, "min_size": 1, "max_size": size}
