@@ -1,0 +1,104 @@
+"""Drive a camserve server with unmodified ``tritonclient`` (grpc and http); print JSON results.
+
+Runs in its own virtual environment (tritonclient pins protobuf < 7, camserve needs 7), built
+by the ``tritonclient_python`` fixture of tests/serving/test_oip_tritonclient.py, which then
+compares what this prints with Keras and the in-process Explainer. It imports nothing from
+camserve.
+
+    python tests/tritonclient_script.py --grpc 127.0.0.1:8001 --http 127.0.0.1:8000 \\
+        --model gap --pixels pixels.npy --png a.png --png b.png --token s3cret
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+
+def _error(call: Any) -> list[str]:
+    """[status, message] of the InferenceServerException that ``call()`` raises."""
+    try:
+        call()
+    except InferenceServerException as e:
+        return [str(e.status()), str(e.message())]
+    return ["no error", ""]
+
+
+def drive(module: Any, url: str, model: str, pixels: np.ndarray, pngs: list[bytes], token: str) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {token}"} if token else None  # gRPC metadata keys are lower case
+    client = module.InferenceServerClient(url)
+    out: dict[str, Any] = {
+        "live": client.is_server_live(headers=headers),
+        "ready": client.is_server_ready(headers=headers),
+        "model_ready": client.is_model_ready(model, headers=headers),
+    }
+    server = client.get_server_metadata(headers=headers, **({"as_json": True} if module is grpcclient else {}))
+    meta = client.get_model_metadata(model, headers=headers, **({"as_json": True} if module is grpcclient else {}))
+    out["server"] = {"name": server["name"], "extensions": list(server["extensions"])}
+    out["metadata"] = {
+        "name": meta["name"],
+        "versions": list(meta["versions"]),
+        "inputs": [[t["name"], t["datatype"], [int(s) for s in t["shape"]]] for t in meta["inputs"]],
+    }
+
+    images = module.InferInput("images", list(pixels.shape), "UINT8")
+    images.set_data_from_numpy(pixels)
+    result = client.infer(model, [images], headers=headers, request_id="triton-1")
+    out["scores"] = result.as_numpy("scores").tolist()
+    out["id"] = result.get_response(**({"as_json": True} if module is grpcclient else {})).get("id", "")
+
+    files = module.InferInput("images", [len(pngs)], "BYTES")
+    files.set_data_from_numpy(np.array(pngs, dtype=object))
+    out["scores_png"] = client.infer(model, [files], headers=headers).as_numpy("scores").tolist()
+
+    top2 = module.InferRequestedOutput("scores", class_count=2)
+    classified = client.infer(model, [images], outputs=[top2], headers=headers).as_numpy("scores")
+    out["classification"] = [[s.decode() for s in row] for row in classified]
+
+    heatmap = module.InferRequestedOutput("heatmap")
+    explained = client.infer(
+        model, [images], outputs=[heatmap], parameters={"method": "gradcam", "target": 1}, headers=headers
+    )
+    out["heatmap"] = explained.as_numpy("heatmap").tolist()
+
+    wrong = module.InferInput("images", list(pixels.shape), "INT32")
+    wrong.set_data_from_numpy(pixels.astype(np.int32))
+    out["errors"] = {
+        "unknown_model": _error(lambda: client.infer("no_such_model", [images], headers=headers)),
+        "bad_datatype": _error(lambda: client.infer(model, [wrong], headers=headers)),
+        "no_token": _error(lambda: client.infer(model, [images])),
+    }
+    out["live_after_errors"] = client.is_server_live(headers=headers)
+    client.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grpc", required=True)
+    parser.add_argument("--http", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pixels", required=True, help=".npy file, uint8 [N, H, W, 3]")
+    parser.add_argument("--png", action="append", default=[], help="an encoded image file (repeat)")
+    parser.add_argument("--token", default="")
+    args = parser.parse_args(argv)
+    pixels = np.load(args.pixels)
+    pngs = [Path(p).read_bytes() for p in args.png]
+    report = {
+        "grpc": drive(grpcclient, args.grpc, args.model, pixels, pngs, args.token),
+        "http": drive(httpclient, args.http, args.model, pixels, pngs, args.token),
+    }
+    json.dump(report, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
