@@ -1,0 +1,388 @@
+"""The web viewer in headless Chromium (selenium with Debian's chromium and chromium-driver),
+against the real serving process (CamServer with its HTTP port) on the bundled shapes_gap.
+
+What the page shows is checked against independent computations in Python: the canvas
+pixels against OpenCV's colormap of the API's own heatmap resized with cv2.resize, the hover
+value against the same resized heatmap, the arg-max map against numpy's arg-max of the API's
+dense scores, the static report against the Explainer run here.
+
+Set CAMSERVE_UPDATE_SCREENSHOT=1 to rewrite docs/viewer.png (the README's screenshot).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_serving import RunningServer, local_config
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "samples"
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+CHROMEDRIVER = shutil.which("chromedriver") or (
+    "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+)
+
+try:
+    import selenium  # noqa: F401
+
+    SELENIUM = True
+except ImportError:
+    SELENIUM = False
+
+pytestmark = [
+    pytest.mark.skipif(not SELENIUM, reason="selenium is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="no headless browser: install Debian's chromium and chromium-driver "
+        "(apt-get install -y chromium chromium-driver; .ci/run does it)",
+    ),
+]
+
+WAIT_S = 60
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(REPO / "models" / "shapes_gap", root / "shapes_gap")
+    with RunningServer(local_config(root, max_batch_size=8)) as rs:
+        yield Api(f"http://127.0.0.1:{rs.server.http.port}/")
+
+
+class Api:
+    """The HTTP JSON API called from Python (what the page calls, independently)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def call(self, method: str, body: dict) -> dict:
+        req = urllib.request.Request(
+            f"{self.url}camserve.v1.CamService/{method}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def error(self, method: str, body: dict) -> tuple[int, dict]:
+        try:
+            self.call(method, body)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        raise AssertionError("the call succeeded")
+
+    def heatmap(self, image: bytes, class_index: int, method: str) -> np.ndarray:
+        r = self.call(
+            "Explain",
+            {
+                "model": {"name": "shapes_gap"},
+                "images": [{"encoded": base64.b64encode(image).decode()}],
+                "methods": [method],
+                "targets": [{"targets": [{"index": class_index}]}],
+                "returnHeatmap": True,
+            },
+        )
+        return float_map(r["images"][0]["explanations"][0]["heatmap"])
+
+
+def float_map(m: dict) -> np.ndarray:
+    shape = [int(n) for n in m["shape"]]
+    return np.frombuffer(base64.b64decode(m["data"]), "<f4").reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never download a driver or browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1100"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield d
+    d.quit()
+
+
+@pytest.fixture
+def page(driver, server):
+    driver.get(server.url)
+    wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    wait(driver, lambda d: d.execute_script("return document.querySelectorAll('#methods input').length > 0"))
+    driver.get_log("browser")  # only this test's messages in the next read
+    return driver
+
+
+def wait(driver, condition, timeout: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def set_methods(d, methods: list[str]) -> None:
+    d.execute_script(
+        "document.querySelectorAll('#methods input').forEach(b => { b.checked = arguments[0].includes(b.value); });"
+        "document.querySelector('#methods input').dispatchEvent(new Event('change'));",
+        methods,
+    )
+
+
+def upload(d, *paths: Path) -> None:
+    d.find_element("id", "files").send_keys("\n".join(str(p) for p in paths))
+
+
+def wait_cells(d, images: int, methods: int) -> None:
+    wait(
+        d,
+        lambda d: (
+            d.execute_script("return document.querySelectorAll('.image-row canvas.overlay').length") == images * methods
+            and not d.execute_script("return document.querySelector('.busy') !== null")
+        ),
+    )
+
+
+def set_display(d, opacity: float, show_box: bool = False) -> None:
+    d.execute_script(
+        "const o = document.getElementById('opacity'); o.value = arguments[0];"
+        "o.dispatchEvent(new Event('input'));"
+        "const b = document.getElementById('boxes'); if (b.checked !== arguments[1]) b.click();",
+        str(opacity),
+        show_box,
+    )
+
+
+def canvas_pixels(d, selector: str) -> np.ndarray:
+    """RGBA pixels of the first canvas matching ``selector``, read with getImageData."""
+    w, h, data = d.execute_script(
+        "const c = document.querySelector(arguments[0]);"
+        "const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "return [c.width, c.height, Array.from(px)];",
+        selector,
+    )
+    return np.asarray(data, np.uint8).reshape(h, w, 4)
+
+
+def expected_colors(heatmap: np.ndarray, h: int, w: int) -> np.ndarray:
+    """OpenCV's JET colormap of the heatmap resized to (h, w), as camserve.imaging.colorize."""
+    import cv2
+
+    resized = cv2.resize(heatmap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    gray = np.clip(resized * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def assert_colors_match(pixels: np.ndarray, expected: np.ndarray) -> None:
+    diff = np.abs(pixels[..., :3].astype(int) - expected.astype(int))
+    # A value on the edge of two colormap entries may land on either (float rounding): JET
+    # steps by 4 per entry, so a few pixels may differ by a step; none by more than two.
+    assert np.mean(diff) < 1.0, f"mean difference {np.mean(diff):.2f}"
+    assert np.percentile(diff, 99) <= 8 and diff.max() <= 12, f"max difference {diff.max()}"
+
+
+def row_selector(name: str) -> str:
+    return f'.image-row[data-image="{name}"]'
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_upload_methods_grid_and_pixels_agree_with_the_api(page, server):
+    d = page
+    set_methods(d, ["gradcam", "cam"])
+    upload(d, SAMPLES / "star.png", SAMPLES / "circle.png")
+    wait_cells(d, 2, 2)
+    headers = d.execute_script(
+        "return Array.from(document.querySelectorAll('.header .method-name')).map(e => e.textContent)"
+    )
+    assert sorted(headers) == ["cam", "gradcam"]  # in the order of the model's method list
+    set_display(d, 1.0)  # the overlay alone: the colormap of the heatmap
+    for name in ("star.png", "circle.png"):
+        for method in ("gradcam", "cam"):
+            sel = f'{row_selector(name)} .cell[data-method="{method}"] canvas'
+            target = int(d.execute_script("return document.querySelector(arguments[0]).dataset.classIndex", sel))
+            heat = server.heatmap((SAMPLES / name).read_bytes(), target, method)
+            pixels = canvas_pixels(d, sel)
+            assert_colors_match(pixels, expected_colors(heat, *pixels.shape[:2]))
+    # the chips list the API's top-k classes with their scores, the best one selected
+    top = server.call(
+        "Predict",
+        {
+            "model": {"name": "shapes_gap"},
+            "images": [{"encoded": base64.b64encode((SAMPLES / "star.png").read_bytes()).decode()}],
+            "topK": 3,
+        },
+    )["predictions"][0]["top"]
+    chips = d.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0] + ' .chip'))"
+        ".map(c => [Number(c.dataset.classIndex), Number(c.dataset.score), c.classList.contains('selected')])",
+        row_selector("star.png"),
+    )
+    assert [c[0] for c in chips] == [t.get("index", 0) for t in top]
+    np.testing.assert_allclose([c[1] for c in chips], [t["score"] for t in top], rtol=1e-5)
+    assert [c[2] for c in chips] == [True, False, False]
+
+
+def test_clicking_a_chip_retargets_the_heatmap(page, server):
+    d = page
+    set_methods(d, ["gradcam"])
+    upload(d, SAMPLES / "three_shapes.png")
+    wait_cells(d, 1, 1)
+    set_display(d, 1.0)
+    sel = f"{row_selector('three_shapes.png')} canvas.overlay"
+    before = canvas_pixels(d, sel)
+    chip = d.find_elements("css selector", f"{row_selector('three_shapes.png')} .chip")[1]
+    second = int(chip.get_attribute("data-class-index"))
+    chip.click()
+    wait(
+        d,
+        lambda d: (
+            d.execute_script("return document.querySelector(arguments[0]).dataset.classIndex", sel) == str(second)
+        ),
+    )
+    after = canvas_pixels(d, sel)
+    assert np.abs(after.astype(int) - before.astype(int)).mean() > 5, "the heatmap did not change"
+    assert "selected" in d.find_elements("css selector", f"{row_selector('three_shapes.png')} .chip")[1].get_attribute(
+        "class"
+    )
+    heat = server.heatmap((SAMPLES / "three_shapes.png").read_bytes(), second, "gradcam")
+    assert_colors_match(after, expected_colors(heat, *after.shape[:2]))
+
+
+def test_hover_shows_the_heatmap_value_and_the_class_score(page, server):
+    import cv2
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    d = page
+    set_methods(d, ["gradcam"])
+    upload(d, SAMPLES / "square.png")
+    wait_cells(d, 1, 1)
+    canvas = d.find_element("css selector", f"{row_selector('square.png')} canvas.overlay")
+    w, h = int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))
+    target = int(canvas.get_attribute("data-class-index"))
+    heat = cv2.resize(server.heatmap((SAMPLES / "square.png").read_bytes(), target, "gradcam"), (w, h))
+    # offsets from the element's centre (selenium 4); the canvas is drawn at CSS size = pixel size
+    x, y = 150, 60
+    ActionChains(d).move_to_element_with_offset(canvas, x - w // 2, y - h // 2).perform()
+    readout = d.find_element("css selector", f"{row_selector('square.png')} .readout")
+    wait(d, lambda d: readout.get_attribute("data-value") is not None)
+    value = float(readout.get_attribute("data-value"))
+    assert abs(value - heat[y, x]) < 2e-3 or abs(value - heat[y - 1 : y + 2, x - 1 : x + 2]).min() < 2e-3
+    score = d.execute_script(
+        "return document.querySelector(arguments[0] + ' .chip.selected').dataset.score", row_selector("square.png")
+    )
+    assert f"{float(score):.3f}" in readout.text and "heatmap" in readout.text
+
+
+def test_a_corrupt_file_shows_the_servers_error(page, server, tmp_path):
+    d = page
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes((SAMPLES / "circle.png").read_bytes()[:60])  # a truncated PNG
+    status, body = server.error(
+        "Predict",
+        {"model": {"name": "shapes_gap"}, "images": [{"encoded": base64.b64encode(bad.read_bytes()).decode()}]},
+    )
+    assert status == 400
+    upload(d, bad)
+    error = d.find_element("id", "error")
+    wait(d, lambda d: error.is_displayed())
+    assert body["error"]["message"] in error.text and "400" in error.text
+    row_error = d.find_element("css selector", f"{row_selector('corrupt.png')} .row-error")
+    assert body["error"]["message"] in row_error.text
+
+
+def test_dense_tab_argmax_map_agrees_with_the_api(page, server, tmp_path):
+    import cv2
+
+    d = page
+    tiles = [cv2.imread(str(SAMPLES / n)) for n in ("circle.png", "square.png", "star.png", "cross.png")]
+    big = tmp_path / "four.png"
+    cv2.imwrite(str(big), np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:])]))
+    upload(d, big)
+    wait_cells(d, 1, 1)
+    d.find_element("id", "tab-dense").click()
+    d.find_element("id", "dense-run").click()  # stride 0: the network's total stride (4 px)
+    error = d.find_element("id", "error")
+    wait(d, lambda d: len(d.find_elements("css selector", "canvas.dense-class")) > 0 or error.is_displayed())
+    assert not error.is_displayed(), error.text
+    r = server.call(
+        "DenseScores",
+        {"model": {"name": "shapes_gap"}, "image": {"encoded": base64.b64encode(big.read_bytes()).decode()}},
+    )
+    scores = float_map(r["scales"][0]["scores"])
+    gh, gw, classes = scores.shape
+    assert len(d.find_elements("css selector", "canvas.dense-class")) == classes == len(r["classNames"])
+    palette = d.execute_script(
+        "return ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd'].map(h => parseInt(h.slice(1), 16))"
+    )
+    expected = np.array([[(p >> 16) & 255, (p >> 8) & 255, p & 255] for p in palette])[scores.argmax(-1)]
+    pixels = canvas_pixels(d, "canvas.dense-argmax")
+    ch, cw = pixels.shape[:2]
+    centres = pixels[((np.arange(gh) + 0.5) * ch / gh).astype(int)][:, ((np.arange(gw) + 0.5) * cw / gw).astype(int)]
+    np.testing.assert_array_equal(centres[..., :3], expected)
+    threshold = float(d.find_element("id", "dense-threshold").get_attribute("value"))
+    shown = {int(e.get_attribute("data-class-index")) for e in d.find_elements("css selector", "#detections li")}
+    assert shown == set(np.unique(scores.argmax(-1)[scores.max(-1) >= threshold]).tolist())
+
+
+def test_static_report_renders_from_file_url(driver, tmp_path):
+    from camserve.cli import main
+    from camserve.explain.folder import FolderExplainer
+    from camserve.imaging import read_image
+
+    driver.get_log("browser")  # only this test's messages in the last read
+    out = tmp_path / "report"
+    names = ["circle.png", "three_shapes.png"]
+    argv = ["explain", *(str(SAMPLES / n) for n in names), "--model", str(REPO / "models" / "shapes_gap")]
+    assert main([*argv, "--method", "gradcam", "--method", "cam", "--top-k", "2", "--html", "--out", str(out)]) == 0
+    assert (out / "explanations.json").exists()
+    d = driver
+    d.get((out / "explanations.html").as_uri())
+    wait(d, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    wait_cells(d, 2, 2)
+    assert d.execute_script("return document.body.classList.contains('static')")
+    folder = FolderExplainer.load(REPO / "models" / "shapes_gap")
+    rgbs = [read_image(SAMPLES / n) for n in names]
+    results = folder.explain_rgbs(rgbs, methods=("gradcam", "cam"), targets=None, top_k=2)
+    set_display(d, 1.0)
+    for name, explanations in zip(names, results):
+        chips = d.find_elements("css selector", f"{row_selector(name)} .chip")
+        assert [int(c.get_attribute("data-class-index")) for c in chips] == list(
+            dict.fromkeys(e.class_index for e in explanations)
+        )
+        second = int(chips[1].get_attribute("data-class-index"))
+        chips[1].click()  # switches to the second class the report holds
+        for e in explanations:
+            if e.class_index != second:
+                continue
+            pixels = canvas_pixels(d, f'{row_selector(name)} .cell[data-method="{e.method}"] canvas')
+            assert_colors_match(pixels, expected_colors(e.heatmap, *pixels.shape[:2]))
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_screenshot_for_the_readme(page):
+    d = page
+    set_methods(d, ["gradcam", "gradcam++", "scorecam"])
+    upload(d, *(SAMPLES / n for n in ("three_shapes.png", "star.png", "triangle.png")))
+    wait_cells(d, 3, 3)
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors  # no CSP violation, no script error
+    if os.environ.get("CAMSERVE_UPDATE_SCREENSHOT"):
+        (REPO / "docs").mkdir(exist_ok=True)
+        d.save_screenshot(str(REPO / "docs" / "viewer.png"))
