@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="also write explanations.html: the web viewer as a static report (opens from file://)",
+    )
     p.set_defaults(func=run)
 
 
@@ -53,6 +58,8 @@ def parse_targets(raw: list[str] | None) -> list[int | str] | None:
 def run(args: argparse.Namespace) -> int:
     methods = tuple(args.methods or ("gradcam",))
     targets = parse_targets(args.targets)
+    if args.html:
+        from camserve.http.viewer.report import image_entry, write_report
     if args.server:
         from camserve.client import Client
 
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = []
+    html_images = []
     with tqdm(total=len(args.images), unit="img", desc="explain") as bar:
         for start in range(0, len(args.images), BATCH):
             paths = args.images[start : start + BATCH]
@@ -104,7 +112,13 @@ def run(args: argparse.Namespace) -> int:
                 report.append(
                     {"image": str(path), "height": rgb.shape[0], "width": rgb.shape[1], "explanations": entries}
                 )
+                if args.html:
+                    html_images.append(image_entry(path, rgb.shape[0], rgb.shape[1], explanations))
                 bar.update(1)
     (args.out / "explanations.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {sum(len(r['explanations']) for r in report)} overlays and explanations.json to {args.out}")
+    if args.html:
+        model_name = args.model_name or (args.model.name if args.model else "")
+        page = write_report(args.out, html_images, model=model_name, layer=args.layer or "", methods=methods)
+        print(f"wrote the viewer report {page} (open it in a browser)")
     return 0
