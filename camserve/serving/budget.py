@@ -6,7 +6,7 @@ The data plane checks both before anything is queued (issue 9, "bounded by const
   one classifier pass over one image or window each: Predict counts its images; Explain
   counts images × targets × methods, where Score-CAM and Ablation-CAM count the layer's
   (selected) channels instead, once per image (they run one masked pass per channel, shared
-  by the targets); DenseScores counts the windows it scores: per scale, the windows of one
+  by the targets), and SmoothGrad / Integrated Gradients add their copies per target; DenseScores counts the windows it scores: per scale, the windows of one
   pass at the network's total stride × the shifted passes (total stride / stride)², which is
   the number of windows at the requested stride. The :class:`WorkBudget` admits a request
   when its units fit ``max_work_units`` together with those of the requests in progress:
@@ -44,10 +44,35 @@ def per_channel(method: str) -> bool:
     >>> per_channel("scorecam"), per_channel("gradcam")
     (True, False)
     """
+    from camserve.explain.methods import CHANNEL_READS, METHODS
+
+    entry = METHODS.get(method)
+    return bool(entry is not None and set(entry.reads) & set(CHANNEL_READS))
+
+
+def samples(method: str) -> int:
+    """Passes per target that ``method`` runs of its own (SmoothGrad's and Integrated
+    Gradients' copies of the image); 0 for the rest.
+
+    >>> samples("smoothgrad"), samples("gradcam")
+    (16, 0)
+    """
     from camserve.explain.methods import METHODS
 
     entry = METHODS.get(method)
-    return bool(entry is not None and entry.reads)
+    return entry.samples if entry is not None else 0
+
+
+def raw_size(methods: Sequence[str], layer_size: tuple[int, int], input_size: tuple[int, int]) -> tuple[int, int]:
+    """The largest raw map of ``methods``: the layer's, or the input's for pixel-level methods.
+
+    >>> raw_size(("gradcam", "guidedbackprop"), (7, 7), (224, 224))
+    (224, 224)
+    """
+    from camserve.explain.methods import METHODS
+
+    pixel = any(getattr(METHODS.get(m), "pixel", False) for m in methods)
+    return (max(layer_size[0], input_size[0]), max(layer_size[1], input_size[1])) if pixel else layer_size
 
 
 #: Bytes of a float map's header, a message's framing and field tags (a generous bound).
@@ -79,9 +104,14 @@ def predict_units(images: int) -> int:
 
 def explain_units(images: int, targets: Sequence[int], methods: Sequence[str], channels: int) -> int:
     """``targets``: targets per image (one entry per image, or one for all). Per image:
-    targets × (methods that are not per channel) + channels × (per-channel methods)."""
+    targets × Σ (1 + :func:`samples`) over the methods that are not per channel + channels ×
+    (per-channel methods).
+
+    >>> explain_units(images=1, targets=[2], methods=("gradcam", "smoothgrad"), channels=64)
+    36
+    """
     channel_methods = sum(1 for m in methods if per_channel(m))
-    cheap = len(methods) - channel_methods
+    cheap = sum(1 + samples(m) for m in methods if not per_channel(m))
     if len(targets) == 1 and images != 1:
         targets = list(targets) * images
     return sum(t * cheap + channels * channel_methods for t in targets)

@@ -282,7 +282,7 @@ class DataPlane:
         answer_bytes = budget.explain_response_bytes(
             targets=counts,
             methods=len(methods),
-            layer_size=geo.size,
+            layer_size=budget.raw_size(methods, geo.size, cfg.input_size),  # pixel methods: the input's
             input_size=cfg.input_size,
             overlay_sizes=sizes,
             outputs=outputs,
