@@ -177,6 +177,8 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidArgument("the request body is empty; send a JSON object (Content-Type: application/json)")
     try:
         return json.loads(data)
+    except RecursionError:
+        raise InvalidArgument("the request body is JSON nested too deeply; images are [H][W][C] lists") from None
     except UnicodeDecodeError:
         raise InvalidArgument("the request body is not UTF-8 text; send a JSON object") from None
     except json.JSONDecodeError as e:

@@ -70,14 +70,17 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None and info.http_exception is None else "unmatched"
 
 
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("camserve_request_id", str)
+
+
 def request_id(request: web.Request) -> str:
     """The caller's ``X-Request-Id`` when sane, else a new one (kept on the request)."""
-    rid = request.get("camserve_request_id")
+    rid = request.get(REQUEST_ID)
     if rid is None:
         sent = request.headers.get(REQUEST_ID_KEY, "")
         ok = 0 < len(sent) <= 64 and all(c.isalnum() or c in "._:-" for c in sent) and sent.isascii()
-        rid = request["camserve_request_id"] = sent if ok else new_request_id()
-    return str(rid)
+        rid = request[REQUEST_ID] = sent if ok else new_request_id()
+    return rid
 
 
 def middlewares(ctx: HttpContext) -> list[Middleware]:
