@@ -75,6 +75,7 @@ def drive(module: Any, url: str, model: str, pixels: np.ndarray, pngs: list[byte
         "unknown_model": _error(lambda: client.infer("no_such_model", [images], headers=headers)),
         "bad_datatype": _error(lambda: client.infer(model, [wrong], headers=headers)),
         "no_token": _error(lambda: client.infer(model, [images])),
+        "model_config": _error(lambda: client.get_model_config(model, headers=headers)),
     }
     out["live_after_errors"] = client.is_server_live(headers=headers)
     client.close()

@@ -45,6 +45,25 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
 
+#: Triton's REST extensions camserve does not offer: 501 with what it offers instead.
+UNIMPLEMENTED_PATHS = (
+    "/v2/repository/index",
+    "/v2/repository/models/{name}/{action:load|unload}",
+    "/v2/models/stats",
+    "/v2/{memory:systemsharedmemory|cudasharedmemory}{tail:.*}",
+    "/v2/trace/setting",
+    "/v2/logging",
+    *(
+        base + tail
+        for base in (MODEL, VERSION)
+        for tail in ("/config", "/stats", "/trace/setting", "/generate", "/generate_stream")
+    ),
+)
+SUPPORTED = (
+    "its Open Inference Protocol routes are /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}[/versions/{v}], "
+    ".../ready and POST .../infer"
+)
+
 
 def oip_error_body(code: str, message: str) -> dict[str, str]:
     """The protocol's error body (what tritonclient reads)."""
@@ -240,7 +259,15 @@ def add_routes(app: web.Application, ctx: HttpContext) -> None:
         result = await inference.infer(plane, req, deadline=deadline)
         return infer_response(result, binary_default=req.parameters.get("binary_data_output") is True)
 
+    @oip
+    async def unimplemented(request: web.Request) -> web.Response:
+        # No camserve error kind means UNIMPLEMENTED (gRPC's servicer aborts with it directly).
+        message = f"{request.method} {request.path} is not implemented by camserve; {SUPPORTED}"
+        return web.json_response(oip_error_body("UNIMPLEMENTED", message), status=501)
+
     router = app.router
+    for path in UNIMPLEMENTED_PATHS:  # before the model routes: /v2/models/stats is not a model
+        router.add_route("*", path, unimplemented)
     router.add_get("/v2/health/live", live)
     router.add_get("/v2/health/ready", ready)
     router.add_get("/v2", server_metadata)

@@ -231,3 +231,10 @@ def test_bad_bodies_and_unknown_model(base: str, pixels) -> None:
     status, _, body = _call(f"{base}/v2/models/gap/infer", b"x" * (2 << 20))
     assert status == 413 and "max_message_mb" in json.loads(body)["error"]
     assert _json(f"{base}/v2/models/gap/infer", {"inputs": [_tensor(pixels)]})[0] == 200  # still serving
+
+
+def test_unsupported_triton_routes_answer_501(base: str) -> None:
+    for path, body in [("/v2/models/gap/config", None), ("/v2/models/stats", None), ("/v2/repository/index", b"{}")]:
+        status, _, data = _call(f"{base}{path}", body)
+        assert status == 501 and "not implemented" in json.loads(data)["error"], path
+    assert _json(f"{base}/v2/models/gap")[0] == 200

@@ -303,3 +303,18 @@ def test_malformed_message_and_unsupported_calls(channel, stub, pixels) -> None:
         channel.unary_unary(f"/{SERVICE_NAME}/ModelConfig")(b"")
     assert _code(e) == grpc.StatusCode.UNIMPLEMENTED
     assert stub.ModelInfer(_request(pixels)).outputs[0].name == "scores"  # still serving
+
+
+def test_reflection_describes_the_service(served: RunningServer) -> None:
+    """grpcurl can list and describe the protocol's service."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(served.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+        ]
+        listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
+    assert SERVICE_NAME in {s.name for s in listed.list_services_response.service}
+    assert described.file_descriptor_response.file_descriptor_proto

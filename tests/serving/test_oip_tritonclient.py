@@ -166,3 +166,4 @@ def test_errors(report: dict) -> None:
     assert grpc_errors["bad_datatype"][0] == "StatusCode.INVALID_ARGUMENT" and http_errors["bad_datatype"][0] == "400"
     assert "INT32" in grpc_errors["bad_datatype"][1] and "INT32" in http_errors["bad_datatype"][1]
     assert grpc_errors["no_token"][0] == "StatusCode.UNAUTHENTICATED" and http_errors["no_token"][0] == "401"
+    assert grpc_errors["model_config"][0] == "StatusCode.UNIMPLEMENTED" and http_errors["model_config"][0] == "501"
