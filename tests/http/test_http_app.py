@@ -1,0 +1,147 @@
+"""The HTTP application's middlewares and route interface on a stub data plane (no model, no
+TensorFlow): error bodies by kind, route-specific error shapes, public handlers, the CSP on
+HTML, request ids on 500s, the body limit, and the http_port setting."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from camserve import errors
+from camserve.http.app import (
+    CONTENT_SECURITY_POLICY,
+    HttpContext,
+    deadline_of,
+    error_body,
+    make_app,
+    public,
+    read_json,
+)
+from camserve.serving.config import ServerConfig, add_arguments, from_args
+
+TOKEN = "t0k"
+
+
+def _app(max_message_mb: float = 0.01) -> tuple[web.Application, CollectorRegistry]:
+    cfg = ServerConfig.load(env={}, overrides={"max_message_mb": max_message_mb})
+    registry = CollectorRegistry()
+    ctx = HttpContext(dataplane=types.SimpleNamespace(config=cfg), servicer=None, registry=registry, token=TOKEN)  # type: ignore[arg-type]
+    app = make_app(ctx, route_modules=())
+
+    async def raises(request: web.Request) -> web.Response:
+        kind = getattr(errors, request.match_info["kind"])
+        raise kind(f"{kind.__name__} happened; allowed: nothing")
+
+    @error_body(lambda code, message: {"error": message})
+    async def oip_style(request: web.Request) -> web.Response:
+        raise errors.NotFound("no model 'x'")
+
+    @public
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><p>hi</p>", content_type="text/html")
+
+    async def bug(request: web.Request) -> web.Response:
+        return {}["missing"]
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"got": await read_json(request), "deadline": deadline_of(request) is not None})
+
+    app.router.add_get("/raise/{kind}", raises)
+    app.router.add_get("/oip", oip_style)
+    app.router.add_get("/", page)
+    app.router.add_get("/bug", bug)
+    app.router.add_post("/echo", echo)
+    return app, registry
+
+
+def _run(check: Any) -> None:
+    async def main() -> None:
+        app, registry = _app()
+        async with TestClient(TestServer(app)) as client:
+            await check(client, registry)
+
+    asyncio.run(main())
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize("kind", [k.__name__ for k in errors.KINDS])
+def test_every_error_kind_gets_its_http_status_and_json_body(kind: str) -> None:
+    async def check(client: TestClient, _: Any) -> None:
+        r = await client.get(f"/raise/{kind}", headers=AUTH)
+        cls = getattr(errors, kind)
+        assert r.status == cls.http_status and r.content_type == "application/json"
+        assert await r.json() == {"error": {"code": cls.code, "message": f"{kind} happened; allowed: nothing"}}
+
+    _run(check)
+
+
+def test_route_error_shapes_public_pages_csp_and_request_ids() -> None:
+    async def check(client: TestClient, registry: CollectorRegistry) -> None:
+        r = await client.get("/oip", headers=AUTH)
+        assert r.status == 404 and await r.json() == {"error": "no model 'x'"}
+        r = await client.get("/oip")  # the route's shape for auth errors too
+        assert r.status == 401 and (await r.json())["error"].startswith("missing bearer token")
+        page = await client.get("/")  # public: no token
+        assert page.status == 200 and page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+        assert page.headers["X-Frame-Options"] == "DENY" and "Access-Control-Allow-Origin" not in page.headers
+        r = await client.get("/raise/NotFound", headers=AUTH)
+        assert "Content-Security-Policy" not in r.headers  # JSON answers need none
+        r = await client.get("/bug", headers={**AUTH, "X-Request-Id": "abc-123"})
+        assert r.status == 500
+        assert await r.json() == {
+            "error": {
+                "code": "INTERNAL",
+                "message": "internal error (KeyError); the server log has the details (request id abc-123)",
+            }
+        }
+        sample = registry.get_sample_value(
+            "camserve_http_requests_total", {"method": "GET", "route": "/bug", "status": "500"}
+        )
+        assert sample == 1.0
+
+    _run(check)
+
+
+def test_body_limit_json_errors_and_the_timeout_header() -> None:
+    async def check(client: TestClient, _: Any) -> None:
+        limit = int(0.01 * 2**20)
+        r = await client.post("/echo", data=b"1" * (limit + 1), headers=AUTH)
+        assert r.status == 413 and (await r.json())["error"]["code"] == "RESOURCE_EXHAUSTED"
+
+        async def chunks():  # no Content-Length: cut off while reading
+            for _ in range(4):
+                yield b" " * limit
+
+        r = await client.post("/echo", data=chunks(), headers=AUTH)
+        assert r.status == 413 and "is longer, more than the" in (await r.json())["error"]["message"]
+        r = await client.post("/echo", data=b"[1, 2]", headers={**AUTH, "Connect-Timeout-Ms": "250"})
+        assert await r.json() == {"got": [1, 2], "deadline": True}
+        r = await client.post("/echo", data=b"[1]", headers={**AUTH, "Connect-Timeout-Ms": "-5"})
+        assert r.status == 400 and "positive number of milliseconds" in (await r.json())["error"]["message"]
+
+    _run(check)
+
+
+def test_http_port_is_a_flag_an_environment_variable_and_a_toml_key(tmp_path) -> None:
+    import argparse
+
+    assert ServerConfig().http_port == 8080
+    assert {ServerConfig().port, ServerConfig().metrics_port, ServerConfig().http_port} == {8500, 8501, 8080}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_args(parser.parse_args(["--http-port", "-1"]), env={}).http_port == -1
+    assert ServerConfig.load(env={"CAMSERVE_HTTP_PORT": "0"}).http_port == 0
+    toml = tmp_path / "serve.toml"
+    toml.write_text("[serve]\nhttp_port = 9090\n")
+    assert ServerConfig.load(toml, env={}).http_port == 9090
+    with pytest.raises(errors.InvalidArgument, match=r"http_port=70000"):
+        ServerConfig.load(env={}, overrides={"http_port": 70000})
