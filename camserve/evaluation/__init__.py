@@ -7,7 +7,9 @@ arrays, larger values meaning more relevant. One module per family of measures:
 
 - :mod:`~camserve.evaluation.localization`: box IoU, localization accuracy, pointing game;
 - :mod:`~camserve.evaluation.perturbation`: deletion / insertion curves;
-- :mod:`~camserve.evaluation.sanity`: rank correlation, model-randomization sanity check.
+- :mod:`~camserve.evaluation.sanity`: rank correlation, model-randomization sanity check;
+- :mod:`~camserve.evaluation.road`: ROAD, remove and debias (noisy linear imputation, MoRF / LeRF);
+- :mod:`~camserve.evaluation.confidence`: average drop / increase in confidence.
 
 >>> box_iou((0, 0, 2, 2), (1, 0, 3, 2))
 0.3333333333333333
@@ -15,6 +17,13 @@ arrays, larger values meaning more relevant. One module per family of measures:
 0.5
 """
 
+from camserve.evaluation.confidence import (
+    ConfidenceResult,
+    average_drop,
+    confidence_change,
+    explanation_masked,
+    increase_in_confidence,
+)
 from camserve.evaluation.localization import (
     Box,
     ExplainFn,
@@ -33,9 +42,19 @@ from camserve.evaluation.perturbation import (
     insertion_auc,
     perturbation_curve,
 )
+from camserve.evaluation.road import RoadResult, noisy_linear_imputation, road, road_curve
 from camserve.evaluation.sanity import SanityResult, randomized_copy, rankdata, sanity_check, spearman
 
 __all__ = [
+    "ConfidenceResult",
+    "RoadResult",
+    "average_drop",
+    "confidence_change",
+    "explanation_masked",
+    "increase_in_confidence",
+    "noisy_linear_imputation",
+    "road",
+    "road_curve",
     "Box",
     "CurveOptions",
     "ExplainFn",
