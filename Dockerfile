@@ -1,6 +1,7 @@
 # camserve: explain Keras image classifiers over gRPC, on the official TensorFlow GPU image.
 #   docker build -t camserve .
-#   docker run --gpus all -p 8500:8500 -p 8501:8501 camserve
+#   docker run --gpus all -p 8500:8500 -p 8501:8501 -p 8080:8080 camserve
+# Ports: gRPC 8500, Prometheus /metrics 8501, HTTP API 8080 (REST, Open Inference Protocol, viewer).
 # Settings come from CAMSERVE_* variables (see `camserve serve --help`), e.g.
 #   docker run -e CAMSERVE_MAX_BATCH_SIZE=64 -v $PWD/my-models:/models:ro camserve
 # Accelerator settings (GPU memory growth is on by default, the model runs on /GPU:0 when the
@@ -16,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CAMSERVE_HOST=0.0.0.0 \
     CAMSERVE_PORT=8500 \
     CAMSERVE_METRICS_PORT=8501 \
+    CAMSERVE_HTTP_PORT=8080 \
     CAMSERVE_LOG_FORMAT=json
 
 WORKDIR /opt/camserve
@@ -28,7 +30,7 @@ RUN pip install --no-cache-dir . \
 COPY --chown=10001:10001 models /models
 
 USER 10001
-EXPOSE 8500 8501
+EXPOSE 8500 8501 8080
 
 # The gRPC health service: SERVING once every model has loaded and compiled its graphs.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \

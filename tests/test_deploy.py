@@ -94,6 +94,8 @@ def probe_problems(deployment: Manifest, cfg: server_config.ServerConfig) -> lis
         problems.append(f"container port 'grpc' is {ports.get('grpc')}, the server listens on {cfg.port}")
     if ports.get("metrics") != cfg.metrics_port:
         problems.append(f"container port 'metrics' is {ports.get('metrics')}, metrics are on {cfg.metrics_port}")
+    if cfg.http_port >= 0 and ports.get("http") != cfg.http_port:
+        problems.append(f"container port 'http' is {ports.get('http')}, the HTTP API is on {cfg.http_port}")
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
     scrape = (annotations.get("prometheus.io/scrape"), annotations.get("prometheus.io/port"))
     if scrape != ("true", str(cfg.metrics_port)):
@@ -267,6 +269,8 @@ def test_probe_problems_are_found(deployment: Manifest, cfg: server_config.Serve
     assert len(problems) == 2 and "readinessProbe probes port 9000" in problems[0] and "livenessProbe" in problems[1]
     moved = server_config.ServerConfig(port=9000)
     assert any("container port 'grpc' is 8500" in p for p in probe_problems(one("Deployment"), moved))
+    http_moved = server_config.ServerConfig(http_port=9090)
+    assert any("container port 'http' is 8080" in p for p in probe_problems(one("Deployment"), http_moved))
 
 
 def test_configmap_toml_loads_into_a_valid_config(configmap: Manifest, cfg: server_config.ServerConfig) -> None:
@@ -298,7 +302,8 @@ def test_services_select_the_pods(deployment: Manifest, cfg: server_config.Serve
     headless = one("Service", "camserve-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert [p["port"] for p in headless["spec"]["ports"]] == [cfg.port]  # dns:///camserve-headless...:8500
-    for service in (headless, one("Service", "camserve-metrics")):
+    assert [p["port"] for p in one("Service", "camserve-http")["spec"]["ports"]] == [cfg.http_port] == [8080]
+    for service in (headless, one("Service", "camserve-metrics"), one("Service", "camserve-http")):
         assert service_problems(service, deployment, cfg) == []
     pdb = one("PodDisruptionBudget")
     assert selects(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])

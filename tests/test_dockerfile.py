@@ -79,7 +79,7 @@ def test_conventions() -> None:
     )
     exposed = {p for w, a in ins if w == "EXPOSE" for p in a.split()}
     env = env_of_image()
-    assert {env["CAMSERVE_PORT"], env["CAMSERVE_METRICS_PORT"]} <= exposed
+    assert {env["CAMSERVE_PORT"], env["CAMSERVE_METRICS_PORT"], env["CAMSERVE_HTTP_PORT"]} <= exposed
     assert any(w == "COPY" and a.split()[-2:] == ["models", env["CAMSERVE_MODELS"]] for w, a in ins), "bundled models"
     (health,) = [a for w, a in ins if w == "HEALTHCHECK"]
     assert "--health" in health and "camserve models" in health
@@ -119,6 +119,7 @@ def test_entrypoint_serves_locally(tmp_path: Path) -> None:
         CAMSERVE_HOST="127.0.0.1",
         CAMSERVE_PORT=str(_free_port()),
         CAMSERVE_METRICS_PORT=str(_free_port()),
+        CAMSERVE_HTTP_PORT=str(_free_port()),
     )
     exe = shutil.which(command[0]) or str(Path(sys.executable).parent / command[0])
     env["PATH"] = f"{Path(exe).parent}{os.pathsep}{env.get('PATH', '')}"
