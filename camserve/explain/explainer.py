@@ -30,17 +30,19 @@ import numpy as np
 import tensorflow as tf
 
 from camserve import keras_graph as graph
+from camserve import targets as tg
 from camserve.accelerator import resolve_device
-from camserve.errors import InvalidArgument, NotFound
-from camserve.explain import heads, pixel
+from camserve.errors import InvalidArgument
+from camserve.explain import heads, passes, pixel, tokens
 from camserve.explain import layer_pass as lp
 from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, bucket_sizes, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import heatmap_box
 
-Target = int | str
-Targets = Sequence[Target | Sequence[Target]] | None
+Target = tg.TargetKind
+Targets = Target | Sequence[Target | Sequence[Target]] | None
+UnknownClass = tg.UnknownClass
 #: Called between chunks of work; raises to stop it (the server's deadline / shutdown).
 Checkpoint = Callable[[], None]
 
@@ -49,12 +51,7 @@ def _no_checkpoint() -> None:
     return None
 
 
-class UnknownClass(NotFound):
-    """A target that names no class of the model."""
-
-
-def _activation_name(layer: keras.layers.Layer) -> str:
-    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+_activation_name = passes._activation_name
 
 
 class _Registered:
@@ -68,8 +65,12 @@ class _Registered:
 class Explainer:
     """Explain a Keras image classifier with the CAM family.
 
-    ``layer``: None (the last 4-D activation before the head) or a name, ``outer/inner`` for
-    a layer of a nested model. ``chunk_size``: masked inputs per forward pass for Score-CAM
+    ``layer``: None (the last 4-D activation before the head; for a transformer the last
+    block's normalised tokens), a name (``outer/inner`` for a layer of a nested model; a
+    token (N, T, C) layer is laid on its grid, ``prefix_tokens`` dropped or inferred: see
+    :mod:`camserve.explain.tokens`) or a list of names (maps fused: see
+    :mod:`camserve.explain.passes`). ``output``: the output explained, by name, of a
+    multi-output model. ``chunk_size``: masked inputs per forward pass for Score-CAM
     and Ablation-CAM. ``max_channels``: score only the highest-variance channels
     (Faster-Score-CAM); None scores all. ``max_graphs``: compiled graphs kept (LRU).
     ``precision``: ``"float32"`` (None) or ``"mixed_float16"`` (the model is cloned with that
@@ -87,7 +88,7 @@ class Explainer:
     def __init__(
         self,
         model: keras.Model,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         chunk_size: int = 32,
         max_channels: int | None = None,
@@ -96,11 +97,17 @@ class Explainer:
         precision: str | None = None,
         jit_compile: bool = False,
         device: str | None = None,
+        output: str | None = None,
+        prefix_tokens: int | None = None,
     ):
-        if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.output_shape) != 2:
+        if len(model.inputs) != 1:
             raise InvalidArgument(
-                f"Explainer needs a classifier with one image input and one (N, classes) output; "
-                f"{model.name!r} has {len(model.inputs)} input(s) and output shape(s) {model.output_shape}"
+                f"Explainer needs a model with one image input; {model.name!r} has {len(model.inputs)}"
+            )
+        model = passes.select_output(model, output)
+        if len(model.output_shape) not in (2, 4):
+            raise InvalidArgument(
+                f"Explainer needs an (N, classes) or a dense (N, H, W, C) output; {model.name!r} has {model.output_shape}"
             )
         self.precision = graph.check_precision(precision)
         self.jit_compile = bool(jit_compile)
@@ -109,9 +116,12 @@ class Explainer:
         with self._placement():
             model = graph.cast_model(model, self.precision)
         self.model = model
-        self.layer_path = graph.resolve_layer(model, layer)
-        self.layer_name = graph.layer_path_name(self.layer_path)
+        self.sites = tokens.resolve_sites(model, layer, prefix_tokens)
+        self.layer_path = self.sites[0].path
+        self.layer_names = tuple(site.name for site in self.sites)
+        self.layer_name = ",".join(self.layer_names)
         self._output_layer = graph.output_layer_path(model)[-1]
+        self.output_shape = tuple(int(d) for d in model.output_shape[1:])
         self.num_classes = int(model.output_shape[-1])
         if class_names is not None and len(class_names) != self.num_classes:
             raise InvalidArgument(f"{len(class_names)} class names given for a model with {self.num_classes} outputs")
@@ -139,13 +149,17 @@ class Explainer:
         targets: Targets = None,
         top_k: int = 1,
         checkpoint: Checkpoint | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
     ) -> list[list[Explanation]]:
         """Explain a batch of preprocessed images (N, H, W, C).
 
-        ``targets``: None (the ``top_k`` predicted classes) or, per image, a class index, a
-        class name or a list of them. Returns, per image, one :class:`Explanation` per
-        (target, method), targets outer, methods inner. ``checkpoint``: called before every
-        compiled pass; whatever it raises stops the work and propagates (a server's deadline).
+        ``targets``: None (the ``top_k`` predicted classes) or, per image, a target (a class
+        index or name, or a :mod:`camserve.targets` object) or a list of them. Returns, per
+        image, one :class:`Explanation` per (target, method), targets outer, methods inner.
+        ``checkpoint``: called before every compiled pass; whatever it raises stops the work
+        and propagates (a server's deadline). ``aug_smooth`` / ``eigen_smooth``: see
+        :mod:`camserve.explain.smoothing` (six augmented views in the same pass).
         """
         images = self._check_images(images)
         chosen = self._methods(methods)
@@ -153,25 +167,28 @@ class Explainer:
         order = [(m.name, canonical.index(m)) for m in chosen]  # the caller's order, as graph columns
         reads = tuple(sorted({r for m in canonical for r in m.reads}))
         gradients = any(m.needs_gradients for m in canonical)
-        encoded, valid = self._encode_targets(len(images), targets, top_k)
-        width = width_bucket(encoded.shape[1], self.num_classes)
-        encoded = np.pad(encoded, ((0, 0), (0, width - encoded.shape[1])), constant_values=-1)  # top-1: unused
+        aug, eigen = bool(aug_smooth), bool(eigen_smooth)
+        enc = self._encode_targets(images, targets, top_k, checkpoint)
+        width = width_bucket(enc.classes.shape[1], self.num_classes)
+        spec = self._spec_arrays(enc, width)
+        split = enc.plain and not aug and len(self.sites) == 1  # chunked scores in calls of their own
         results: list[list[Explanation]] = []
         check = checkpoint or _no_checkpoint
         with self._placement():
             for start, batch, n in self._batches(images):
                 check()
-                batch_targets = tf.constant(self._pad(encoded[start : start + n], len(batch)))
-                scored = (
-                    lp.scored_inputs(self, batch, batch_targets, n, width, reads, check, gradients)
-                    if any(r in lp.SCORED for r in reads)
-                    else {}
-                ) | pixel.sampled_gradients(self, batch, batch_targets, n, width, reads, check, gradients)
-                fn = self._graph(("explain", canonical, width, tuple(sorted(scored))))
-                out = fn(batch, batch_targets, scored)
+                batch_spec = {k: tf.constant(self._pad(v[start : start + n], len(batch))) for k, v in spec.items()}
+                batch_targets = batch_spec["targets"]
+                scored = {}
+                if split and any(r in lp.SCORED for r in reads):
+                    scored = lp.scored_inputs(self, batch, batch_targets, n, width, reads, check, gradients)
+                if split:
+                    scored |= pixel.sampled_gradients(self, batch, batch_targets, n, width, reads, check, gradients)
+                key = ("explain", canonical, width, tuple(sorted(scored)), tuple(sorted(spec)), aug, eigen)
+                out = self._graph(key)(batch, batch_spec, scored)
                 out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
                 for i in range(n):
-                    results.append(self._collect(out, i, order, valid[start + i]))
+                    results.append(self._collect(out, i, order, enc.valid[start + i], enc.labels[start + i]))
         return results
 
     def predict(self, images: np.ndarray, checkpoint: Checkpoint | None = None) -> np.ndarray:
@@ -185,7 +202,7 @@ class Explainer:
             for _, batch, n in self._batches(images):
                 check()
                 parts.append(fn(batch).numpy()[:n])
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0,) + self.output_shape, np.float32)
 
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
         """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic."""
@@ -231,33 +248,31 @@ class Explainer:
                 raise UnknownMethod(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
             found.append(method)
         if "cam" in names:
+            if len(self.sites) > 1:
+                raise InvalidArgument(f"'cam' reads one layer's GAP → Dense head; {self.layer_name!r} are several")
             self.cam_head()  # raises with the head it found
         return tuple(found)
 
     def class_index(self, target: Target) -> int:
         """A class index from an index or a class name; :class:`UnknownClass` otherwise."""
-        if isinstance(target, (str, np.str_)):
-            if self.class_names and target in self.class_names:
-                return self.class_names.index(target)
-            allowed = f"one of {list(self.class_names)}" if self.class_names else "an integer index"
-            raise UnknownClass(f"unknown class {target!r}; use {allowed}")
-        if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
-            raise InvalidArgument(f"a target must be a class index or name, got {target!r}")
-        if not 0 <= int(target) < self.num_classes:
-            raise UnknownClass(f"class index {target} out of range; the model has classes 0..{self.num_classes - 1}")
-        return int(target)
+        return tg.class_of(target, self.class_names, self.num_classes)
 
     def check_top_k(self, top_k: int) -> int:
         """``top_k`` if it is a whole number from 1 to the class count; InvalidArgument otherwise."""
+        if len(self.output_shape) != 1:
+            raise InvalidArgument(
+                f"a model with dense {self.output_shape} outputs has no predicted classes: give "
+                "SegmentationTarget(class, mask) targets"
+            )
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
             raise InvalidArgument(f"top_k must be between 1 and {self.num_classes} (the class count), got {top_k}")
         return int(top_k)
 
-    def resolve_targets(self, n: int, targets: Targets, top_k: int = 1) -> list[list[int]] | None:
+    def resolve_targets(self, n: int, targets: Targets, top_k: int = 1) -> list[list[Any]] | None:
         """Validate a request's targets for ``n`` images: None (the ``top_k`` predicted classes,
-        ``top_k`` checked), or class indices per image. ``targets`` may be one class (index or
-        name) for all images, one entry for all images, or one entry per image; an entry is a
-        class or a list of classes (at most the class count). Servers call this before queueing.
+        ``top_k`` checked), or the checked targets per image (a class as its index; target
+        objects with their class resolved: :func:`camserve.targets.per_image`). Servers call
+        this before queueing.
 
         >>> ex.resolve_targets(2, "dog")            # doctest: +SKIP
         [[1], [1]]
@@ -265,38 +280,28 @@ class Explainer:
         if targets is None:
             self.check_top_k(top_k)
             return None
-        if isinstance(targets, (int, np.integer, str, np.str_)):
-            targets = [targets]
-        if len(targets) not in (1, n):
-            raise InvalidArgument(
-                f"{len(targets)} target entries for {n} images: give none (top_k), one for all images, or one per image"
-            )
-        per_image = []
-        for i, entry in enumerate(targets):
-            classes: list[Any] = list(entry) if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
-            if not classes:
-                raise InvalidArgument(f"image {i} has an empty target list; give at least one class")
-            if len(classes) > self.num_classes:
-                raise InvalidArgument(
-                    f"image {i} has {len(classes)} targets; at most {self.num_classes} (the class count)"
-                )
-            per_image.append([self.class_index(t) for t in classes])
-        return per_image * n if len(per_image) == 1 and n != 1 else per_image
+        return tg.per_image(n, targets, self.output_shape, self.class_names)
 
-    def _encode_targets(self, n: int, targets: Targets, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(N, T) int32 targets, where t ≥ 0 is a class and -(r + 1) the r-th predicted class,
-        and a (N, T) mask of the entries that are real (images may ask for fewer targets)."""
-        per_image = self.resolve_targets(n, targets, top_k)
-        if per_image is None:
-            encoded = np.tile(-np.arange(1, top_k + 1, dtype=np.int32), (n, 1))
-            return encoded, np.ones_like(encoded, bool)
-        width = max(len(p) for p in per_image)
-        encoded = np.zeros((n, width), np.int32)
-        valid = np.zeros((n, width), bool)
-        for i, p in enumerate(per_image):
-            encoded[i, : len(p)] = p
-            valid[i, : len(p)] = True
-        return encoded, valid
+    def _encode_targets(self, images: np.ndarray, targets: Targets, top_k: int, checkpoint) -> tg.EncodedTargets:
+        """The targets as arrays (:func:`camserve.targets.encode`); multi-label targets expanded
+        from a prediction of the images."""
+        per_image = self.resolve_targets(len(images), targets, top_k)
+        if per_image is not None and any(isinstance(t, tg.MultiLabelTarget) for p in per_image for t in p):
+            per_image = tg.expand_multi_label(per_image, self.predict(images, checkpoint))
+        return tg.encode(per_image, self.output_shape, self.class_names, len(images), top_k)
+
+    @staticmethod
+    def _spec_arrays(enc: tg.EncodedTargets, width: int) -> dict[str, np.ndarray]:
+        """The arrays a graph takes, padded to ``width`` slots: ``targets`` (classes) alone
+        when every target is a class logit, else ``space``, ``dense`` and ``weights`` too."""
+        pad = [(0, 0), (0, width - enc.classes.shape[1])]
+        spec = {"targets": np.pad(enc.classes, pad, constant_values=-1)}  # padding: the top-1 class, unused
+        if not enc.plain:
+            spec["space"] = np.pad(enc.space, pad)
+            spec["dense"] = np.pad(enc.dense, pad)
+            if enc.weights is not None:
+                spec["weights"] = np.pad(enc.weights, pad + [(0, 0)])
+        return spec
 
     # ----------------------------------------------------------------- batching
     def _batches(self, images: np.ndarray):
@@ -341,8 +346,8 @@ class Explainer:
         if kind == "chunk":
             chunk, size = lp.SCORED[key[1]][0], self.chunk_size
             return self._traced(lambda *args: lp.chunk_group(chunk, self, size, *args))
-        _, methods, width, _ = key
-        return lambda images, targets, scored: self._explain_graph(images, targets, methods, width, scored)
+        _, methods, width, _, _, aug, eigen = key
+        return lambda images, spec, scored: self._explain_graph(images, spec, methods, width, scored, aug, eigen)
 
     def _traced(self, fn: Callable) -> Callable:
         def traced(*args):
@@ -353,49 +358,13 @@ class Explainer:
 
     # ----------------------------------------------------------------- the model, re-run with hooks
     def _forward(self, images, on_activations=None, replace_activations=None, need_activations=True, hooks=None):
-        """(activations, logits, outputs) of one pass. ``replace_activations(a)`` substitutes
-        the layer's output (Ablation-CAM); ``on_activations(a)`` sees it (the tape's watch);
-        ``hooks``: more layer hooks (guided backprop's gates)."""
-        captured: dict[str, tf.Tensor] = {}
-        out_layer = self._output_layer
-
-        def layer_hook(call):
-            def hooked(*args, **kwargs):
-                a = call(*args, **kwargs) if replace_activations is None else replace_activations()
-                if on_activations is not None:
-                    on_activations(a)
-                captured["activations"] = a
-                return a
-
-            return hooked
-
-        def logits_hook(call):
-            act = _activation_name(out_layer)
-
-            def hooked(x, *args, **kwargs):
-                # Gradients must see the pre-activation score even behind softmax/sigmoid.
-                if isinstance(out_layer, keras.layers.Dense) and act != "linear":
-                    kernel = tf.convert_to_tensor(out_layer.kernel)
-                    logits = tf.matmul(tf.cast(x, kernel.dtype), kernel)  # mixed precision: float16 in
-                    if out_layer.use_bias:
-                        logits = logits + tf.cast(out_layer.bias, kernel.dtype)
-                    captured["outputs"] = out_layer.activation(logits)
-                    return logits
-                if isinstance(out_layer, (keras.layers.Softmax, keras.layers.Activation)):
-                    captured["outputs"] = call(x, *args, **kwargs)
-                    return x
-                return call(x, *args, **kwargs)
-
-            return hooked
-
-        hooks = {**(hooks or {}), id(out_layer): logits_hook}
-        if need_activations:
-            hooks[id(self.layer_path[-1])] = layer_hook
-        logits = graph.run_with_hooks(self.model, images, hooks)
-        logits = tf.cast(logits, tf.float32)
-        outputs = tf.cast(captured.get("outputs", logits), tf.float32)
-        activations = captured.get("activations")
-        return activations, logits, outputs
+        """(activations, logits, outputs) of one pass (:func:`camserve.explain.passes.forward`),
+        the activations the first layer's (B, h, w, C). ``replace_activations()`` substitutes
+        them (Ablation-CAM); ``on_activations(a)`` sees them (the tape's watch); ``hooks``:
+        more layer hooks (guided backprop's gates)."""
+        replace = None if replace_activations is None else {0: lambda raw: replace_activations()}
+        grids, logits, outputs = passes.forward(self, images, on_activations, replace, need_activations, hooks)
+        return (grids[0] if grids else None), logits, outputs
 
     def _probabilities(self, logits: tf.Tensor) -> tf.Tensor:
         """Class probabilities for Score-CAM: sigmoid for a single logit or a sigmoid head,
@@ -408,31 +377,8 @@ class Explainer:
         self.trace_count += 1
         return self._forward(images, need_activations=False)[2]
 
-    def _explain_graph(self, images, targets, methods: tuple[Method, ...], width: int, scored: dict):
-        self.trace_count += 1
-        need_gradients = any(m.needs_gradients for m in methods)
-        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            if all(name in scored for name in lp.FORWARD):  # the prepare pass's forward pass, no gradients
-                activations, logits, outputs = (scored[name] for name in lp.FORWARD)
-            else:
-                watch = tape.watch if need_gradients else None
-                activations, logits, outputs = self._forward(images, on_activations=watch)
-            classes = lp.target_classes(logits, targets, width)
-            target_logits = [tf.reduce_sum(tf.gather(logits, classes[:, t], batch_dims=1)) for t in range(width)]
-        shared = lp.SharedPass(self, images, activations, logits, classes, scored)
-        maps = []
-        for t in range(width):
-            gradients = tape.gradient(target_logits[t], activations) if need_gradients else None
-            view = shared.for_target(t, gradients)
-            maps.append([tf.nn.relu(m.fn(view)) for m in methods])
-        raw, pixel_raw = pixel.split_maps(maps, methods, activations)  # (B, T, M, h, w); pixel maps apart
-        b, h, w = tf.shape(raw)[0], tf.shape(raw)[3], tf.shape(raw)[4]
-        size = tf.shape(images)[1:3]
-        up = tf.image.resize(tf.reshape(raw, (-1, h, w, 1)), size, method="bilinear")[..., 0]
-        peak = tf.reduce_max(up, axis=(1, 2), keepdims=True)
-        heat = tf.where(peak > 0.0, up / tf.where(peak > 0.0, peak, 1.0), 0.0)
-        heat, extra = pixel.pixel_heatmaps(tf.reshape(heat, (b, width, raw.shape[2], size[0], size[1])), pixel_raw)
-        return {"outputs": outputs, "classes": classes, "raw": raw, "heatmap": heat, **extra}
+    def _explain_graph(self, images, spec, methods: tuple[Method, ...], width: int, scored: dict, aug, eigen):
+        return passes.explain_pass(self, images, spec, methods, width, scored, aug, eigen)
 
     # ----------------------------------------------------------------- CAM head
     def cam_head(self) -> tuple[Any, list, Any]:
@@ -472,13 +418,16 @@ class Explainer:
         return heads.fold_batchnorm(dense.kernel, norms)
 
     # ----------------------------------------------------------------- results
-    def _collect(self, out: dict[str, np.ndarray], i: int, order, valid: np.ndarray) -> list[Explanation]:
-        """Image ``i``'s explanations: its real targets, each with the methods in the caller's
-        ``order`` ((name, graph column) pairs)."""
+    def _collect(self, out: dict[str, np.ndarray], i: int, order, valid: np.ndarray, labels) -> list[Explanation]:
+        """Image ``i``'s explanations: its real targets (``labels``: (class_index, label) per
+        target, None for a predicted class), each with the methods in the caller's ``order``
+        ((name, graph column) pairs). The score is the model's output for the class, or the
+        target's value (segmentation, similarity)."""
         found = []
         for t in np.flatnonzero(valid):
-            c = int(out["classes"][i, t])
-            label = self.class_names[c] if self.class_names else str(c)
+            c, label = labels[t] or tg.label_of(int(out["classes"][i, t]), self.class_names)
+            by_class = c >= 0 and len(self.output_shape) == 1
+            score = float(out["outputs"][i, c] if by_class else out["values"][i, t])
             for method, m in order:
                 heat = out["heatmap"][i, t, m]
                 found.append(
@@ -486,7 +435,7 @@ class Explainer:
                         method=method,
                         class_index=c,
                         label=label,
-                        score=float(out["outputs"][i, c]),
+                        score=score,
                         raw=pixel.raw_map(out, i, t, m),
                         heatmap=heat,
                         box=heatmap_box(heat),

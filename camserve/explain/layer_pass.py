@@ -12,11 +12,15 @@ scores one chunk of (image, channel) pairs; :func:`scored_inputs` drives those g
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
+
+from camserve.explain import passes
 
 if TYPE_CHECKING:
     from camserve.explain.explainer import Explainer
@@ -36,9 +40,12 @@ def _target_columns(classes: tf.Tensor, values: tf.Tensor, image_index: tf.Tenso
     return tf.gather(values, tf.gather(classes, image_index), batch_dims=1)
 
 
-def masked_input_chunk(ex: Explainer, images, activations, classes, image_index, channel) -> tf.Tensor:
+def masked_input_chunk(
+    ex: Explainer, images, activations, classes, image_index, channel, site: int = 0, scorer=None
+) -> tf.Tensor:
     """Score-CAM for one chunk of (image, channel) pairs: the target probabilities (S, T) of
-    the images masked by the upsampled, min-max normalised channel."""
+    the images masked by the upsampled, min-max normalised channel (of site ``site``);
+    ``scorer``: the targets' values for targets other than class logits."""
     a = tf.transpose(activations, (0, 3, 1, 2))  # (B, K, h, w)
     maps = tf.gather_nd(a, tf.stack([image_index, channel], axis=1))[..., None]
     maps = tf.image.resize(maps, tf.shape(images)[1:3], method="bilinear")
@@ -46,18 +53,24 @@ def masked_input_chunk(ex: Explainer, images, activations, classes, image_index,
     high = tf.reduce_max(maps, axis=(1, 2, 3), keepdims=True)
     masks = (maps - low) / tf.maximum(high - low, 1e-7)
     masked = tf.gather(images, image_index) * tf.cast(masks, images.dtype)
-    _, logits, _ = ex._forward(masked, need_activations=False)
+    _, logits, outputs = passes.forward(ex, masked, need_activations=False)
+    if scorer is not None:
+        return scorer(classes, logits, outputs, image_index, True)
     return _target_columns(classes, ex._probabilities(logits), image_index)
 
 
-def ablated_chunk(ex: Explainer, images, activations, classes, image_index, channel) -> tf.Tensor:
+def ablated_chunk(
+    ex: Explainer, images, activations, classes, image_index, channel, site: int = 0, scorer=None
+) -> tf.Tensor:
     """Ablation-CAM for one chunk of (image, channel) pairs: the target logits (S, T) with
-    the channel of the layer zeroed."""
+    the channel of the layer (site ``site``) zeroed; ``scorer`` as for :func:`masked_input_chunk`."""
     a = tf.gather(activations, image_index)
     keep = 1.0 - tf.one_hot(channel, a.shape[-1], dtype=a.dtype)
     ablated = a * keep[:, None, None, :]
-    # The ablated activations replace the layer's output; what feeds the layer is unused.
-    _, logits, _ = ex._forward(tf.gather(images, image_index), replace_activations=lambda: ablated)
+    # The ablated activations replace the layer's output (tokens: its grid part).
+    _, logits, outputs = passes.forward(ex, tf.gather(images, image_index), replace={site: lambda raw: ablated})
+    if scorer is not None:
+        return scorer(classes, logits, outputs, image_index, False)
     return _target_columns(classes, logits, image_index)
 
 
@@ -74,8 +87,8 @@ def prepare_pass(ex: Explainer, images, targets, width: int) -> dict[str, tf.Ten
     """What the chunked scores need (the body of the Explainer's "prepare" graph): the
     activations, logits, outputs, target classes and the channels scored. An explain pass
     that needs no gradients takes the forward pass from here instead of running it again."""
-    activations, logits, outputs = ex._forward(images)
-    activations = tf.cast(activations, tf.float32)
+    grids, logits, outputs = passes.forward(ex, images)
+    activations = tf.cast(grids[0], tf.float32)
     return {
         "activations": activations,
         "logits": logits,
@@ -162,14 +175,27 @@ class SharedPass:
     ablation scores (B, K', T) are taken from ``scored`` when given, else computed once for
     all targets, in chunks of ``chunk_size``."""
 
-    def __init__(self, ex: Explainer, images, activations, logits, classes, scored: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        ex: Explainer,
+        images,
+        activations,
+        logits,
+        classes,
+        scored: dict[str, Any] | None = None,
+        site: int = 0,
+        scorer=None,
+    ):
         self.ex, self.images, self.logits, self.classes_all = ex, images, logits, classes
         self.activations = tf.cast(activations, tf.float32)
         self._cache: dict[str, tf.Tensor] = dict(scored or {})
+        self.site, self.scorer = site, scorer
 
-    def for_target(self, t: int, gradients) -> TargetView:
+    def for_target(self, t: int, gradients, values=None) -> TargetView:
+        """The pass as target ``t`` sees it; ``values`` (B,): the target's scalars when they are
+        not class logits (the view's ``logits`` then hold them in the target's column)."""
         grads = None if gradients is None else tf.cast(gradients, tf.float32)
-        return TargetView(self, t, grads)
+        return TargetView(self, t, grads, values)
 
     def cached(self, key: str, compute):
         if key not in self._cache:
@@ -188,8 +214,9 @@ class SharedPass:
         size = min(self.ex.chunk_size, total)  # never pad a small job up to a full chunk
         flat = tf.minimum(tf.range(-(-total // size) * size), total - 1)
         image_index, channel = flat // k_sel, tf.gather(tf.reshape(channels, (-1,)), flat)
+        bound = functools.partial(chunk, site=self.site, scorer=self.scorer)
         scores = chunk_group(
-            chunk, self.ex, size, self.images, self.activations, self.classes_all, image_index, channel
+            bound, self.ex, size, self.images, self.activations, self.classes_all, image_index, channel
         )
         return tf.reshape(scores[:total], (b, k_sel, -1))
 
@@ -203,12 +230,24 @@ class SharedPass:
 class TargetView:
     """The pass as one target sees it (the :class:`camserve.explain.methods.LayerPass` protocol)."""
 
-    def __init__(self, shared: SharedPass, t: int, gradients):
+    def __init__(self, shared: SharedPass, t: int, gradients, values=None):
         self._shared, self._t = shared, t
         self.activations = shared.activations
         self.gradients = gradients
         self.logits = shared.logits
         self.classes = shared.classes_all[:, t]
+        if values is not None:  # the target's scalar where a method reads "the target's logit"
+            if len(self.logits.shape) == 2:
+                column = tf.one_hot(self.classes, tf.shape(self.logits)[1]) > 0.0
+                self.logits = tf.where(column, values[:, None], self.logits)
+            else:
+                self.logits, self.classes = values[:, None], tf.zeros_like(self.classes)
+
+    def with_activations(self, activations) -> TargetView:
+        """The same view reading ``activations`` instead (eigen-smoothing's linearisation)."""
+        view = copy.copy(self)
+        view.activations = activations
+        return view
 
     def head_weights(self) -> tf.Tensor:
         return self._shared.cached("cam_weights", self._shared.ex.cam_weights)

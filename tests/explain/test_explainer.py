@@ -193,5 +193,5 @@ def test_multi_output_models_are_refused():
     x = keras.layers.Conv2D(4, 3)(inp)
     pooled = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inp, [keras.layers.Dense(2)(pooled), keras.layers.Dense(3)(pooled)])
-    with pytest.raises(InvalidArgument, match="one image input and one"):
+    with pytest.raises(InvalidArgument, match="has 2 outputs; pick one with output="):
         Explainer(model)
