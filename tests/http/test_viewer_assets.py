@@ -160,3 +160,37 @@ def test_static_report_embeds_the_data_where_nothing_can_end_the_block(tmp_path)
     np.testing.assert_array_equal(decoded, heat)
     assert data["images"][0]["explanations"][0]["box"] == {"x0": 1, "y0": 0, "x1": 3, "y1": 2}
     assert sorted(p.name for p in (tmp_path / ASSETS_DIR).iterdir()) == sorted(p.name for p in asset_files())
+
+
+def test_explain_html_embeds_what_explanations_json_reports(tmp_path):
+    from camserve.cli import main
+    from camserve.explanation import image_box
+
+    names = ["circle.png", "three_shapes.png"]
+    argv = ["explain", *(str(REPO / "samples" / n) for n in names), "--model", str(REPO / "models" / "shapes_gap")]
+    assert (
+        main([*argv, "--method", "gradcam", "--method", "cam", "--top-k", "2", "--html", "--out", str(tmp_path)]) == 0
+    )
+    report = json.loads((tmp_path / "explanations.json").read_text())
+    text = (tmp_path / "explanations.html").read_text()
+    block = re.search(r'<script type="application/json" id="camserve-report">(.*?)</script>', text, re.S)
+    data = json.loads(block.group(1))
+    assert data["model"] == "shapes_gap" and data["methods"] == ["gradcam", "cam"]
+    assert [i["name"] for i in data["images"]] == names
+    for entry, image in zip(report, data["images"]):
+        assert (image["height"], image["width"]) == (entry["height"], entry["width"])
+        assert image["src"] == "data:image/png;base64," + base64.b64encode(Path(entry["image"]).read_bytes()).decode()
+        assert len(image["explanations"]) == len(entry["explanations"]) == 4
+        for listed, embedded in zip(entry["explanations"], image["explanations"]):
+            assert (listed["method"], listed["class_index"], listed["label"]) == (
+                embedded["method"],
+                embedded["classIndex"],
+                embedded["label"],
+            )
+            assert abs(listed["score"] - embedded["score"]) < 1e-6
+            heat = np.frombuffer(base64.b64decode(embedded["heatmap"]["data"]), "<f4")
+            heat = heat.reshape([int(n) for n in embedded["heatmap"]["shape"]])
+            assert heat.min() >= 0 and heat.max() <= 1
+            box = embedded.get("box")
+            as_tuple = tuple(box[k] for k in ("x0", "y0", "x1", "y1")) if box else None
+            assert image_box(as_tuple, heat.shape, (entry["height"], entry["width"])) == listed["box"]

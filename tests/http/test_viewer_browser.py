@@ -47,6 +47,7 @@ pytestmark = [
 ]
 
 WAIT_S = 60
+TOKEN = "viewer-test-token"  # the server needs it on the API (one auth for gRPC and HTTP)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -56,7 +57,7 @@ WAIT_S = 60
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(REPO / "models" / "shapes_gap", root / "shapes_gap")
-    with RunningServer(local_config(root, max_batch_size=8)) as rs:
+    with RunningServer(local_config(root, max_batch_size=8, token=TOKEN)) as rs:
         yield Api(f"http://127.0.0.1:{rs.server.http.port}/")
 
 
@@ -70,7 +71,7 @@ class Api:
         req = urllib.request.Request(
             f"{self.url}camserve.v1.CamService/{method}",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
         )
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
@@ -82,7 +83,17 @@ class Api:
             return e.code, json.loads(e.read())
         raise AssertionError("the call succeeded")
 
-    def heatmap(self, image: bytes, class_index: int, method: str) -> np.ndarray:
+    def error_without_token(self, method: str) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"{self.url}camserve.v1.CamService/{method}", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        raise AssertionError("the call succeeded without the token")
+
+    def heatmap(self, image: bytes, class_index: int, method: str, layer: str = "") -> np.ndarray:
         r = self.call(
             "Explain",
             {
@@ -91,6 +102,7 @@ class Api:
                 "methods": [method],
                 "targets": [{"targets": [{"index": class_index}]}],
                 "returnHeatmap": True,
+                "layer": layer,
             },
         )
         return float_map(r["images"][0]["explanations"][0]["heatmap"])
@@ -121,9 +133,18 @@ def driver():
 def page(driver, server):
     driver.get(server.url)
     wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    if not driver.execute_script("return document.querySelectorAll('#methods input').length"):
+        enter_token(driver, TOKEN)  # once per browser session: the page keeps it in sessionStorage
     wait(driver, lambda d: d.execute_script("return document.querySelectorAll('#methods input').length > 0"))
     driver.get_log("browser")  # only this test's messages in the next read
     return driver
+
+
+def enter_token(d, token: str) -> None:
+    field = d.find_element("id", "token")
+    field.clear()
+    field.send_keys(token)
+    d.find_element("id", "topk").click()  # leaving the field commits it ("change")
 
 
 def wait(driver, condition, timeout: float = WAIT_S):
@@ -136,11 +157,10 @@ def wait(driver, condition, timeout: float = WAIT_S):
 
 
 def set_methods(d, methods: list[str]) -> None:
-    d.execute_script(
-        "document.querySelectorAll('#methods input').forEach(b => { b.checked = arguments[0].includes(b.value); });"
-        "document.querySelector('#methods input').dispatchEvent(new Event('change'));",
-        methods,
-    )
+    """Click the method check boxes so that exactly ``methods`` are checked."""
+    for box in d.find_elements("css selector", "#methods input"):
+        if box.is_selected() != (box.get_attribute("value") in methods):
+            box.click()
 
 
 def upload(d, *paths: Path) -> None:
@@ -267,10 +287,12 @@ def test_clicking_a_chip_retargets_the_heatmap(page, server):
 def test_hover_shows_the_heatmap_value_and_the_class_score(page, server):
     import cv2
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
 
     d = page
     set_methods(d, ["gradcam"])
-    upload(d, SAMPLES / "square.png")
+    Select(d.find_element("id", "sample")).select_by_value("square.png")  # a bundled sample, from the server
+    d.find_element("id", "add-sample").click()
     wait_cells(d, 1, 1)
     canvas = d.find_element("css selector", f"{row_selector('square.png')} canvas.overlay")
     w, h = int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))
@@ -386,3 +408,55 @@ def test_screenshot_for_the_readme(page):
     if os.environ.get("CAMSERVE_UPDATE_SCREENSHOT"):
         (REPO / "docs").mkdir(exist_ok=True)
         d.save_screenshot(str(REPO / "docs" / "viewer.png"))
+
+
+def test_the_token_field_unlocks_a_server_with_a_token(driver, server):
+    d = driver
+    d.get(server.url)
+    d.execute_script("sessionStorage.clear()")
+    d.get(server.url)
+    wait(d, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    status, body = server.error_without_token("ListModels")
+    assert status == 401
+    error = d.find_element("id", "error")
+    assert error.is_displayed() and "401" in error.text and body["error"]["message"] in error.text
+    assert not d.find_elements("css selector", "#methods input")
+    d.execute_script("arguments[0].hidden = true; arguments[0].textContent = '';", error)
+    enter_token(d, "wrong-token")
+    wait(d, lambda d: error.is_displayed())
+    assert "401" in error.text and not d.find_elements("css selector", "#methods input")
+    enter_token(d, TOKEN)
+    wait(d, lambda d: len(d.find_elements("css selector", "#methods input")) > 0)
+    assert not error.is_displayed()
+    models = [o.get_attribute("value") for o in d.find_elements("css selector", "#model option")]
+    assert models == ["shapes_gap"]
+
+
+def test_choosing_a_layer_explains_at_that_layer(page, server):
+    from selenium.webdriver.support.ui import Select
+
+    d = page
+    set_methods(d, ["gradcam"])
+    upload(d, SAMPLES / "cross.png")
+    wait_cells(d, 1, 1)
+    row = row_selector("cross.png")
+    assert d.find_element("css selector", row).get_attribute("data-layer") == "last_conv"
+    layers = [o.get_attribute("value") for o in d.find_elements("css selector", "#layer option")]
+    assert "conv3b" in layers and "last_conv" in layers
+    Select(d.find_element("id", "layer")).select_by_value("conv3b")
+    wait(d, lambda d: d.find_element("css selector", row).get_attribute("data-layer") == "conv3b")
+    wait_cells(d, 1, 1)
+    set_display(d, 1.0)
+    sel = f"{row} canvas.overlay"
+    target = int(d.find_element("css selector", sel).get_attribute("data-class-index"))
+    pixels = canvas_pixels(d, sel)
+    assert_colors_match(
+        pixels,
+        expected_colors(
+            server.heatmap((SAMPLES / "cross.png").read_bytes(), target, "gradcam", "conv3b"), *pixels.shape[:2]
+        ),
+    )
+    default = expected_colors(
+        server.heatmap((SAMPLES / "cross.png").read_bytes(), target, "gradcam"), *pixels.shape[:2]
+    )
+    assert np.abs(pixels[..., :3].astype(int) - default).mean() > 5, "the layer made no difference"

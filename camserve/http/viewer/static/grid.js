@@ -131,6 +131,7 @@
       const row = el("div", "row image-row");
       row.dataset.image = image.name;
       row.dataset.target = image.target === null ? "" : String(image.target);
+      row.dataset.layer = image.layer || "";
       row.appendChild(rowHead(image, onChip));
       state.methods.forEach(function (m) {
         row.appendChild(cell(image, m, state.display));
