@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,8 +82,9 @@ class ExplainActor:
     """Explain batches of images (a Ray Data ``map_batches`` callable class).
 
     Built once per actor: TensorFlow (quietly), the model folder, its Explainer, then warm-up of
-    every batch bucket for the methods. Each call takes ``{"image": [...]}`` and returns one
-    summary row per image (``image``, ``rows`` written, ``error``); the explanation rows go to
+    every batch bucket for the methods. Each call takes ``{"image": [...], "location": [...]}``
+    and returns one summary row per image (``image``, ``rows`` written, ``failed``,
+    ``setup_error``: the pickled error of a start that failed, else empty); the rows go to
     a part of ``OUT/explanations.parquet`` written by the actor itself, so they never travel
     through the driver.
     """
@@ -99,30 +101,46 @@ class ExplainActor:
         from camserve.explain.folder import FolderExplainer
 
         self.settings = settings
-        self.folder = FolderExplainer.load(
-            settings.model_dir,
-            settings.version,
-            settings.layer,
-            settings.max_channels,
-            max_batch_size=model_batch_size(settings),
-        )
-        self.folder.explainer.warm_up(methods=settings.methods, top_k=len(settings.targets or ()) or settings.top_k)
+        self.setup_error: CamserveError | None = None
+        try:
+            self.folder = FolderExplainer.load(
+                settings.model_dir,
+                settings.version,
+                settings.layer,
+                settings.max_channels,
+                max_batch_size=model_batch_size(settings),
+            )
+            top_k = len(settings.targets or ()) or settings.top_k
+            self.folder.explainer.warm_up(methods=settings.methods, top_k=top_k)
+        except CamserveError as e:
+            # Sent back by every call instead (nothing written): Ray reports exceptions raised
+            # by actors only as text, and the driver shows the user this error as it is.
+            self.setup_error = e
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = [str(i) for i in batch["image"]]
+        if self.setup_error is not None:
+            return _summary(images, dict.fromkeys(images, 0), set(), pickle.dumps(self.setup_error))
         rows = explain_images(self, images, [str(p) for p in batch["location"]])
         output.write_part(self.settings.out, rows)
-        counts = {image: 0 for image in images}
-        errors: dict[str, str | None] = dict.fromkeys(images)
+        counts = dict.fromkeys(images, 0)
+        failed = set()
         for r in rows:
             counts[r["image"]] += 1
             if r["error"] is not None:
-                errors[r["image"]] = r["error"]
-        return {
-            "image": np.array(images, dtype=object),
-            "rows": np.array([counts[i] for i in images], np.int64),
-            "error": np.array([errors[i] for i in images], dtype=object),
-        }
+                failed.add(r["image"])
+        return _summary(images, counts, failed)
+
+
+def _summary(images: list[str], counts: dict[str, int], failed: set[str], setup_error: bytes = b"") -> dict[str, Any]:
+    """What a call sends back per image: rows written, failed or not, and the pickled error
+    that kept the actor from starting (empty bytes when it started)."""
+    return {
+        "image": np.array(images, dtype=object),
+        "rows": np.array([counts[i] for i in images], np.int64),
+        "failed": np.array([i in failed for i in images], bool),
+        "setup_error": np.array([setup_error] * len(images), dtype=object),
+    }
 
 
 def explain_images(

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -127,15 +128,10 @@ def _check_settings(settings: BulkSettings) -> None:
         raise InvalidArgument(f"--batch-size must be ≥ 1, got {settings.batch_size}")
 
 
-def _user_error(e: BaseException) -> CamserveError | None:
-    """The camserve error inside a Ray error (an actor that could not start, a failed batch)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, CamserveError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__  # type: ignore[assignment]
-    return None
+def _setup_error(blob: bytes) -> CamserveError:
+    """The error an actor could not start with, sent back pickled (by our own workers)."""
+    error = pickle.loads(blob)
+    return error if isinstance(error, CamserveError) else Unavailable(f"the actors could not start: {error!r}")
 
 
 def run_bulk(
@@ -183,8 +179,10 @@ def run_bulk(
             bar = tqdm(total=len(todo), unit="img", desc="bulk", disable=not progress)
             try:
                 for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if len(result["image"]) and result["setup_error"][0]:  # the model, a method, a layer...
+                        raise _setup_error(result["setup_error"][0])
                     n = len(result["image"])
-                    failed = sum(e is not None for e in result["error"])
+                    failed = int(result["failed"].sum())
                     n_failed += failed
                     n_done += n - failed
                     if first_back is None:
@@ -193,11 +191,6 @@ def run_bulk(
                         steady += n
                     bar.set_postfix(failed=n_failed, refresh=False)
                     bar.update(n)
-            except Exception as e:  # a Ray error: show the camserve error inside, if any
-                found = _user_error(e)
-                if found is None:
-                    raise
-                raise found from None
             finally:
                 bar.close()
     removed = output.remove_duplicates(settings.out) if todo else 0
