@@ -36,6 +36,7 @@ from camserve.http.app import (
 )
 from camserve.oip import inference, tensors
 from camserve.oip.tensors import Tensor
+from camserve.serving.budget import ResponseTooLarge
 
 __all__ = ["HEADER_LENGTH", "add_routes", "oip_error_body"]
 
@@ -178,12 +179,18 @@ def infer_request(body: bytes, header_length: str | None, name: str, version: st
 # ---------------------------------------------------------------------------- answers
 
 
-def infer_response(result: inference.InferResult, binary_default: bool) -> web.Response:
-    """The answer: JSON, or JSON header + binary data for outputs that asked for it."""
+def _binary(t: Tensor, binary_default: bool) -> bool:
+    return t.parameters.get("binary_data", binary_default) is True
+
+
+def infer_response(result: inference.InferResult, binary_default: bool, limit: int) -> web.Response:
+    """The answer: JSON, or JSON header + binary data for outputs that asked for it;
+    RESOURCE_EXHAUSTED when it is over ``limit`` bytes (JSON numbers take about five times the
+    bytes of binary float32, which the data plane's estimate counted before compute)."""
     outputs, blobs = [], []
     for t in result.outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
-        if t.parameters.get("binary_data", binary_default) is True:
+        if _binary(t, binary_default):
             raw = tensors.to_raw(t)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
@@ -194,6 +201,12 @@ def infer_response(result: inference.InferResult, binary_default: bool) -> web.R
     if result.id:
         doc["id"] = result.id
     head = json.dumps(doc, separators=(",", ":")).encode()
+    size = len(head) + sum(len(b) for b in blobs)
+    if size > limit:
+        raise ResponseTooLarge(
+            f"the answer is {size} bytes, more than the largest the server sends (max_message_mb={limit / 2**20:g}); "
+            "ask for the outputs as binary data (parameters binary_data: true), fewer outputs or fewer images"
+        )
     if not blobs:
         return web.Response(body=head, content_type="application/json")
     response = web.Response(body=b"".join([head, *blobs]), content_type="application/octet-stream")
@@ -257,7 +270,10 @@ def add_routes(app: web.Application, ctx: HttpContext) -> None:
         )
         del body
         result = await inference.infer(plane, req, deadline=deadline)
-        return infer_response(result, binary_default=req.parameters.get("binary_data_output") is True)
+        binary = req.parameters.get("binary_data_output") is True
+        as_json = sum(t.array.size for t in result.outputs if not _binary(t, binary))
+        # Large JSON answers are encoded in the I/O pool, off the event loop.
+        return await plane.in_pool(infer_response, result, binary, cfg.max_message_bytes, inline=as_json <= 1 << 16)
 
     @oip
     async def unimplemented(request: web.Request) -> web.Response:

@@ -15,8 +15,8 @@ Input: one tensor named :data:`INPUT_NAME` (``images``), one of
 - ``BYTES [N]`` encoded images (PNG, JPEG, BMP, WebP; header checked before decoding).
 
 Outputs (:data:`OUTPUTS`): ``scores`` ``FP32 [N, classes]`` (with the classification
-extension's ``class_count`` parameter: ``BYTES [N, class_count]`` ``"score:index:label"``,
-best first); the explanation outputs ``heatmap`` ``FP32 [N, T, M, H, W]`` (in [0, 1], the
+extension's output parameter, ``classification`` as Triton's clients send their
+``class_count``: ``BYTES [N, class_count]`` ``"score:index:label"``, best first); the explanation outputs ``heatmap`` ``FP32 [N, T, M, H, W]`` (in [0, 1], the
 model's input size), ``raw`` ``FP32 [N, T, M, h, w]`` (the layer's resolution), ``targets``
 ``INT32 [N, T]`` (the class of each target row) and ``boxes`` ``INT32 [N, T, M, 4]`` (x0, y0,
 x1, y1; -1 where a map is all zero), for T targets and M methods. Request parameters

@@ -234,11 +234,9 @@ def from_values(name: str, datatype: str, shape: Iterable[Any], values: Sequence
         with np.errstate(over="raise", invalid="raise"):
             a = np.array(values, dtype=object).astype(dtype.newbyteorder("="))
     except (OverflowError, FloatingPointError, ValueError):
-        raise InvalidArgument(f"{what}: an element is out of the range of {datatype}") from None
-    if dtype.kind in "iu" and values and (min(values) < np.iinfo(dtype).min or max(values) > np.iinfo(dtype).max):
-        raise InvalidArgument(
-            f"{what}: elements must be between {np.iinfo(dtype).min} and {np.iinfo(dtype).max} for {datatype}"
-        )
+        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype) if dtype.kind == "f" else None
+        limits = f": allowed {info.min} to {info.max}" if info is not None else ""
+        raise InvalidArgument(f"{what}: an element is out of the range of {datatype}{limits}") from None
     return Tensor(name, datatype, a.reshape(dims))
 
 

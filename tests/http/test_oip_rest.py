@@ -238,3 +238,20 @@ def test_unsupported_triton_routes_answer_501(base: str) -> None:
         status, _, data = _call(f"{base}{path}", body)
         assert status == 501 and "not implemented" in json.loads(data)["error"], path
     assert _json(f"{base}/v2/models/gap")[0] == 200
+
+
+def test_json_answer_over_the_size_limit_asks_for_binary(base: str) -> None:
+    """98304 heatmap values: 384 KiB as binary float32 (the data plane's estimate lets it through),
+    about 1.5 MB as JSON numbers, over the server's max_message_mb of 1 MiB."""
+    pixels = np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+    body = {
+        "inputs": [_tensor(pixels)],
+        "parameters": {"method": "gradcam,layercam,gradcam++", "top_k": 4},
+        "outputs": [{"name": "heatmap"}],
+    }
+    status, doc = _json(f"{base}/v2/models/gap/infer", body)
+    assert status == 429 and "binary_data" in doc["error"] and "max_message_mb=1" in doc["error"]
+    body["parameters"]["binary_data_output"] = True
+    status, headers, data = _call(f"{base}/v2/models/gap/infer", body)
+    n = int(headers["Inference-Header-Content-Length"])
+    assert status == 200 and len(data) - n == 8 * 4 * 3 * SIZE * SIZE * 4
