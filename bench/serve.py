@@ -26,6 +26,13 @@ Figures:
   message and answers with a canned copy of camserve's real answer (same size on the wire).
   Target: beyond-model ≤ 1.5× the floor.
 
+``--rest`` measures, on one batching server, the same single-image requests over gRPC and
+over every HTTP path (camserve.v1 as protobuf and JSON, v1 ``:predict``/``:explain``, Open
+Inference Protocol v2 infer as JSON and binary): throughput and server CPU per request beside
+gRPC's, into the section ``rest``.
+
+    python bench/serve.py --rest --models shapes_gap,gap224 --count 300
+
 ``--code DIR`` runs the server and the in-process measurement with ``PYTHONPATH=DIR`` from a
 neutral working directory, so that ``camserve`` is imported from ``DIR`` (the editable install
 comes later on ``sys.path``); the server process prints where it imported camserve from, and
@@ -151,6 +158,84 @@ def request_bytes(name: str, size: tuple[int, int], op: str) -> bytes:
     ).SerializeToString()
 
 
+#: An HTTP twin of a gRPC request: (label, path, content type, body, extra headers).
+RestRequest = tuple[str, str, str, bytes, tuple[str, ...]]
+
+
+def rest_requests(name: str, size: tuple[int, int], op: str) -> list[RestRequest]:
+    """The request of :func:`request_bytes` (the same pixels) over each HTTP path: camserve.v1
+    over HTTP as protobuf and as JSON; v1 REST with the pixels as nested lists (and, for
+    Predict, as a base64 PNG); for Predict the Open Inference Protocol v2 infer with a JSON
+    UINT8 tensor and with the binary tensor data extension."""
+    import base64
+
+    from google.protobuf import json_format
+
+    from camserve.imaging import encode_png
+    from camserve.proto import pb
+
+    h, w = size
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    method = OPS[op]
+    proto = request_bytes(name, size, op)
+    message = (pb.PredictRequest if op == "predict" else pb.ExplainRequest).FromString(proto)
+    as_json = lambda value: json.dumps(value).encode()
+    out: list[RestRequest] = [
+        ("HTTP camserve.v1, protobuf", f"/{SERVICE}/{method}", "application/proto", proto, ()),
+        (
+            "HTTP camserve.v1, JSON",
+            f"/{SERVICE}/{method}",
+            "application/json",
+            as_json(json_format.MessageToDict(message)),
+            (),
+        ),
+    ]
+    if op == "explain":
+        body = {
+            "instances": [pixels.tolist()],
+            "method": "gradcam",
+            "heatmap": "float",
+            "raw": True,
+            "predictions": False,
+        }
+        out.append(("v1 :explain, pixel lists", f"/v1/models/{name}:explain", "application/json", as_json(body), ()))
+        return out
+    png = base64.b64encode(encode_png(pixels)).decode()
+    tensor = {"name": "images", "datatype": "UINT8", "shape": [1, h, w, 3]}
+    header = as_json({"inputs": [{**tensor, "parameters": {"binary_data_size": pixels.nbytes}}]})
+    out += [
+        (
+            "v1 :predict, pixel lists",
+            f"/v1/models/{name}:predict",
+            "application/json",
+            as_json({"instances": [pixels.tolist()]}),
+            (),
+        ),
+        (
+            "v1 :predict, base64 PNG",
+            f"/v1/models/{name}:predict",
+            "application/json",
+            as_json({"instances": [{"b64": png}]}),
+            (),
+        ),
+        (
+            "v2 infer, JSON UINT8",
+            f"/v2/models/{name}/infer",
+            "application/json",
+            as_json({"inputs": [{**tensor, "data": pixels.ravel().tolist()}]}),
+            (),
+        ),
+        (
+            "v2 infer, binary UINT8",
+            f"/v2/models/{name}/infer",
+            "application/octet-stream",
+            header + pixels.tobytes(),
+            (f"Inference-Header-Content-Length: {len(header)}",),
+        ),
+    ]
+    return out  # fmt: skip
+
+
 # ------------------------------------------------------------------ in-process cost (subprocess)
 
 
@@ -205,60 +290,100 @@ def inproc_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------ load generator (subprocess)
 
 
+class CallFailed(Exception):
+    """A failed call of the load generator: its status code name and details."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
 async def _load_async(args) -> None:
+    """gRPC (raw bytes to ``--method``) or, with ``--url``, HTTP POSTs of the same body."""
+    request = args.request.read_bytes()
+    if args.url:
+        import aiohttp
+
+        headers = {"Content-Type": args.content_type}
+        headers.update(h.split(":", 1) for h in args.header)
+        connector = aiohttp.TCPConnector(limit=args.clients)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def post() -> bytes:
+                async with session.post(args.url, data=request, headers=headers) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        raise CallFailed(f"HTTP_{r.status}", body[:300].decode("utf-8", "replace"))
+                    return body
+
+            await _measure(args, post)
+        return
     import grpc
 
-    request = args.request.read_bytes()
-    loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(f"/{SERVICE}/{args.method}")  # no (de)serializers: bytes in and out
 
-        async def phase(n: int) -> dict:
-            remaining = n
-            latencies: list[float] = []
-            errors: dict[str, int] = {}
-            first_error = ""
-            last = b""
+        async def unary() -> bytes:
+            try:
+                return await call(request, timeout=120)
+            except grpc.aio.AioRpcError as e:
+                raise CallFailed(e.code().name, e.details() or "") from None
 
-            async def worker() -> None:
-                nonlocal remaining, first_error, last
-                while remaining > 0:
-                    remaining -= 1
-                    t = time.perf_counter()
-                    try:
-                        last = await call(request, timeout=120)
-                    except grpc.aio.AioRpcError as e:
-                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                        first_error = first_error or f"{e.code().name}: {e.details()}"
-                        continue
-                    latencies.append(time.perf_counter() - t)
+        await _measure(args, unary)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(min(args.clients, n))))
-            wall = time.perf_counter() - t0
-            q = sorted(latencies) or [float("nan")]
-            pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
-            return {
-                "count": len(latencies),
-                "errors": errors,
-                "first_error": first_error,
-                "wall_s": wall,
-                "rps": len(latencies) / wall,
-                "p50_ms": statistics.median(q) * 1000,
-                "p90_ms": pick(0.90),
-                "p99_ms": pick(0.99),
-                "response_bytes": len(last),
-                "_last": last,
-            }
 
-        warm = await phase(args.warmup) if args.warmup else {"count": 0, "errors": {}}
-        print(json.dumps({"ready": True, "warmup_errors": warm["errors"]}), flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)  # the go: the caller has read the CPU clock
-        res = await phase(args.count)
-        last = res.pop("_last")
-        print(json.dumps(res), flush=True)
-        if args.save and last:
-            args.save.write_bytes(last)
+async def _measure(args, send) -> None:
+    """Warm up, print ready, wait for the go on stdin, run ``args.count`` calls of ``send`` at
+    ``args.clients`` in flight, print the figures as JSON."""
+    loop = asyncio.get_running_loop()
+
+    async def phase(n: int) -> dict:
+        remaining = n
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        first_error = ""
+        last = b""
+
+        async def worker() -> None:
+            nonlocal remaining, first_error, last
+            while remaining > 0:
+                remaining -= 1
+                t = time.perf_counter()
+                try:
+                    last = await send()
+                except CallFailed as e:
+                    errors[e.code] = errors.get(e.code, 0) + 1
+                    first_error = first_error or f"{e.code}: {e.details}"
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(args.clients, n))))
+        wall = time.perf_counter() - t0
+        q = sorted(latencies) or [float("nan")]
+        pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
+        return {
+            "count": len(latencies),
+            "errors": errors,
+            "first_error": first_error,
+            "wall_s": wall,
+            "rps": len(latencies) / wall,
+            "p50_ms": statistics.median(q) * 1000,
+            "p90_ms": pick(0.90),
+            "p99_ms": pick(0.99),
+            "response_bytes": len(last),
+            "_last": last,
+        }
+
+    warm = await phase(args.warmup) if args.warmup else {"count": 0, "errors": {}}
+    print(json.dumps({"ready": True, "warmup_errors": warm["errors"]}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # the go: the caller has read the CPU clock
+    res = await phase(args.count)
+    last = res.pop("_last")
+    print(json.dumps(res), flush=True)
+    if args.save and last:
+        args.save.write_bytes(last)
 
 
 def load_main(argv: list[str]) -> int:
@@ -271,17 +396,34 @@ def load_main(argv: list[str]) -> int:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=64)
     p.add_argument("--save", type=Path, help="write the last response's bytes here")
+    p.add_argument("--url", help="POST the request to this HTTP URL instead of calling --method over gRPC")
+    p.add_argument("--content-type", default="application/json", help="of the HTTP request body")
+    p.add_argument("--header", action="append", default=[], help="extra HTTP header 'Name: value' (repeatable)")
     asyncio.run(_load_async(p.parse_args(argv)))
     return 0
 
 
-def run_load(pid: int, target: str, method: str, request: Path, clients: int, count: int, warmup: int, save=None):
+def run_load(
+    pid: int,
+    target: str,
+    method: str,
+    request: Path,
+    clients: int,
+    count: int,
+    warmup: int,
+    save=None,
+    http: tuple[str, str, tuple[str, ...]] | None = None,
+):
     """One load-generator process against server ``pid``; the server's CPU seconds across the
-    counted requests go in ``cpu_s``."""
+    counted requests go in ``cpu_s``. ``http``: (URL, content type, extra headers) to POST the
+    request over HTTP instead of calling ``method`` over gRPC."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_load", "--target", target, "--method", method]
     cmd += ["--request", str(request), "--clients", str(clients), "--count", str(count), "--warmup", str(warmup)]
     if save:
         cmd += ["--save", str(save)]
+    if http:
+        url, content_type, headers = http
+        cmd += ["--url", url, "--content-type", content_type, *(f"--header={h}" for h in headers)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = json.loads(proc.stdout.readline() or "{}")  # type: ignore[union-attr]
@@ -353,6 +495,7 @@ class BenchServer:
 
     def __init__(self, kind: str, workdir: Path, env: dict[str, str], args: list[str], profile: Path | None = None):
         self.port = free_port()
+        self.http_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.logfile = workdir / f"{kind}-{self.port}.log"
         env = dict(env)
@@ -360,7 +503,8 @@ class BenchServer:
             env["BENCH_PROFILE"] = str(profile)
         if kind == "camserve":
             cmd = [sys.executable, "-c", _SERVER_MAIN, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-            cmd += ["--metrics-port", "-1", "--max-queued", "4096", "--log-level", "WARNING", *args]
+            cmd += ["--metrics-port", "-1", "--http-port", str(self.http_port), "--max-queued", "4096"]
+            cmd += ["--log-level", "WARNING", *args]
         else:
             cmd = [sys.executable, str(BENCH / "bare_grpc.py"), "--port", str(self.port), *args]
         with open(self.logfile, "w") as log:
@@ -427,6 +571,8 @@ class Server:
                 "--port",
                 "0",
                 "--metrics-port",
+                "0",
+                "--http-port",
                 "0",
                 "--max-batch-size",
                 str(max_batch_size),
@@ -581,8 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bare", action="store_true", help="skip the bare grpc.aio server")
     p.add_argument("--profile", type=Path, help="also profile the batching server (cProfile) into this .md")
     p.add_argument("--profile-only", action="store_true", help="only the --profile run (no results file)")
+    p.add_argument("--rest", action="store_true", help="only REST vs gRPC on the batching server (label 'rest')")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.md")
     args = p.parse_args(argv)
+    if args.rest and args.label == "latest":
+        args.label = "rest"
     if args.quick:
         args.count, args.latency_count, args.repeats = 200, 50, 3
     models = [m for m in args.models.split(",") if m] + (["resnet50"] if args.resnet else [])
@@ -607,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
                 work.append((name, op, f))
         calls = [(OPS[op], f.read_bytes()) for _, op, f in work]
 
+        if args.rest:
+            body = rest_report(args, argv, notes, measure_rest(args, models, ops, calls, root, work_dir, env, code))
+            write_section(args.out, args.label, body)
+            print(f"## {args.label}{body}")
+            return 0
         if not args.profile_only:
             inproc, results, imported = measure_all(
                 args, models, ops, work, calls, root, responses, work_dir, env, code
@@ -663,6 +817,95 @@ def measure_all(args, models, ops, work, calls, root, responses, work_dir, env, 
         finally:
             server.stop()
     return inproc, results, imported
+
+
+def measure_rest(args, models, ops, calls, root, work_dir, env, code) -> list[dict]:
+    """The batching server under the same load over gRPC and over every HTTP path of
+    :func:`rest_requests`: one row per (model, op, path)."""
+    extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms)]
+    print("batching server (gRPC and HTTP) ...", flush=True)
+    server = BenchServer("camserve", work_dir, env, [*extra, "--max-batch-size", str(args.max_batch_size)])
+    rows = []
+    try:
+        checked_import(server, code)
+        server.wait_answering(calls)
+        for name in models:
+            for op in ops:
+                grpc_request = work_dir / f"{op}__{name}.req"
+                paths: list[RestRequest] = [("gRPC", "", "", grpc_request.read_bytes(), ())]
+                paths += rest_requests(name, input_size(root, name), op)
+                for label, path, content_type, body, headers in paths:
+                    f = work_dir / f"rest__{op}__{name}__{len(rows)}.body"
+                    f.write_bytes(body)
+                    http = (f"http://127.0.0.1:{server.http_port}{path}", content_type, headers) if path else None
+                    warm = args.warmup or 2 * args.clients
+                    r = run_load(server.pid, server.target, OPS[op], f, args.clients, args.count, warm, http=http)
+                    r.update(model=name, op=op, path=label, request_bytes=len(body))
+                    rows.append(r)
+                    err = f" errors {r['errors']} ({r['first_error'][:200]})" if r["errors"] else ""
+                    print(
+                        f"  {name} {op} {label}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                        f"server CPU {r['cpu_ms_per_request']:.3f} ms/request{err}",
+                        flush=True,
+                    )
+    finally:
+        server.stop()
+    return rows
+
+
+def rest_report(args, argv, notes, rows: list[dict]) -> str:
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    table_rows = []
+    for r in rows:
+        base = next(g for g in rows if (g["model"], g["op"], g["path"]) == (r["model"], r["op"], "gRPC"))
+        errs = sum(r["errors"].values()) + sum(r["warmup_errors"].values())
+        table_rows.append(
+            [
+                r["model"],
+                r["op"],
+                r["path"],
+                r["request_bytes"],
+                r["response_bytes"],
+                f"{r['rps']:.0f}",
+                f"**{r['rps'] / base['rps']:.2f}×**",
+                f"{r['cpu_ms_per_request']:.3f}",
+                f"**{r['cpu_ms_per_request'] / base['cpu_ms_per_request']:.2f}×**",
+                f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
+                errs,
+            ]
+        )
+    lines = [
+        f" — REST vs gRPC, code {git_describe(REPO)}, run {started}",
+        f"Command: `{shlex.join(['python', 'bench/serve.py', *argv])}`.",
+        f"Machine: {machine()}; shared 2-core CPU, no GPU. The cores are shared with the load generator and "
+        "other jobs: the ratios of one run, side by side, are the figures to read; absolute req/s move "
+        "with the machine's load. " + (args.note + " " if args.note else ""),
+        "One `camserve serve` process (max_batch_size="
+        f"{args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g}) answers gRPC and HTTP; each row "
+        f"is a separate load-generator process with {args.clients} requests in flight for {args.count} "
+        "counted requests after a warm-up (gRPC: raw bytes through grpc.aio; HTTP: aiohttp client, "
+        "keep-alive). Every path carries the same single image (a uint8 tensor of the model's input size, "
+        "or its PNG); Predict top_k=1, Explain gradcam with the raw map and the heatmap as floats. "
+        "Server CPU per request as in the sections above (the server's threads, over the counted requests). "
+        "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
+        table(
+            [
+                "model",
+                "op",
+                "path",
+                "request bytes",
+                "response bytes",
+                "req/s",
+                "req/s vs gRPC",
+                "server CPU ms / request",
+                "CPU vs gRPC",
+                "p50 / p99 ms",
+                "errors",
+            ],
+            table_rows,
+        ),
+    ]
+    return lines[0] + "\n\n" + "\n\n".join(lines[1:])
 
 
 def profile_server(args, argv, work, calls, root, work_dir, env, code, started):
