@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from camserve.errors import CamserveError
 
 #: Sub-command modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("explain", "bulk", "dense", "serve", "models", "train_bundled")
+SUBCOMMANDS = ("explain", "evaluate", "bulk", "dense", "serve", "models", "train_bundled")
 
 #: Values of ``--log-level``.
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -23,8 +23,10 @@ import numpy as np
 from camserve.errors import InvalidArgument
 from camserve.evaluation.localization import ScoreFn, check_heatmap
 
+Scores = Sequence[float] | np.ndarray
 
-def _pair(original: Sequence[float], masked: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+
+def _pair(original: Scores, masked: Scores) -> tuple[np.ndarray, np.ndarray]:
     y, o = np.asarray(original, np.float64), np.asarray(masked, np.float64)
     if y.ndim != 1 or y.shape != o.shape or y.size == 0:
         raise InvalidArgument(
@@ -37,7 +39,7 @@ def _pair(original: Sequence[float], masked: Sequence[float]) -> tuple[np.ndarra
     return y, o
 
 
-def average_drop(original: Sequence[float], masked: Sequence[float]) -> float:
+def average_drop(original: Scores, masked: Scores) -> float:
     """100 / N · Σ max(0, Y − O) / Y, in percent; lower is better.
 
     >>> average_drop([0.5], [0.25])
@@ -47,7 +49,7 @@ def average_drop(original: Sequence[float], masked: Sequence[float]) -> float:
     return float(100.0 * np.mean(np.maximum(0.0, y - o) / y))
 
 
-def increase_in_confidence(original: Sequence[float], masked: Sequence[float]) -> float:
+def increase_in_confidence(original: Scores, masked: Scores) -> float:
     """100 / N · #{O > Y}, in percent; higher is better.
 
     >>> increase_in_confidence([0.5, 0.5], [0.6, 0.5])
@@ -83,7 +85,7 @@ class ConfidenceResult:
 
 
 def confidence_change(
-    score_fn: ScoreFn, images: np.ndarray, heatmaps: Sequence[np.ndarray], original: Sequence[float] | None = None
+    score_fn: ScoreFn, images: np.ndarray, heatmaps: Sequence[np.ndarray], original: Scores | None = None
 ) -> ConfidenceResult:
     """Average drop and increase in confidence of ``heatmaps`` (one per image) with
     ``score_fn(batch (N, H, W, C)) -> (N,)`` the target class's probability; ``original``: the

@@ -236,4 +236,6 @@ def ablationcam(p: LayerPass) -> tf.Tensor:
 
 
 # The other families register into the same table (after the built-ins, in this order).
-from camserve.explain import methods_activation, methods_gradient, methods_pixel  # noqa: E402, F401
+import camserve.explain.methods_activation  # noqa: E402
+import camserve.explain.methods_gradient  # noqa: E402
+import camserve.explain.methods_pixel  # noqa: E402, F401

@@ -50,7 +50,7 @@ def _camserve(*args: str) -> subprocess.CompletedProcess[str]:
 def test_subcommands_are_the_modules_that_exist() -> None:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"explain", "bulk", "dense", "serve", "models", "train-bundled"}
+    assert set(sub.choices) == {"explain", "evaluate", "bulk", "dense", "serve", "models", "train-bundled"}
 
 
 def test_a_missing_subcommand_module_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
