@@ -240,20 +240,30 @@ def _dense_rows(actor: ExplainActor, image: str, rgb: np.ndarray, classes: list[
     return rows
 
 
-def actor_resources(cluster: dict[str, float], cpus_per_actor: int, max_actors: int | None = None) -> dict[str, Any]:
+def actor_resources(
+    cluster: dict[str, float],
+    cpus_per_actor: int,
+    max_actors: int | None = None,
+    gpus_per_actor: float | None = None,
+) -> dict[str, Any]:
     """Ray resources and pool size of the actors for a cluster's resources
     (``ray.cluster_resources()``): one GPU each where the cluster has GPUs (as many actors as
-    GPUs), else ``cpus_per_actor`` CPUs each (as many as fit); ``max_actors`` caps the pool.
+    GPUs), else ``cpus_per_actor`` CPUs each (as many as fit). ``gpus_per_actor`` (> 0: GPU
+    actors even before the cluster shows a GPU, as on a cluster that autoscales from zero;
+    0: CPU actors) and ``max_actors`` (the largest pool) override the choice.
 
     >>> actor_resources({"CPU": 8.0, "GPU": 2.0}, 2)
     {'num_cpus': 1, 'num_gpus': 1, 'min_size': 1, 'max_size': 2}
     >>> actor_resources({"CPU": 2.0}, 2)
     {'num_cpus': 2, 'num_gpus': 0, 'min_size': 1, 'max_size': 1}
+    >>> actor_resources({"CPU": 2.0}, 2, max_actors=8, gpus_per_actor=1)
+    {'num_cpus': 1, 'num_gpus': 1, 'min_size': 1, 'max_size': 8}
     """
-    gpus = int(cluster.get("GPU", 0))
-    if gpus:
-        size = gpus
-        resources = {"num_cpus": 1, "num_gpus": 1}
+    gpus = float(cluster.get("GPU", 0))
+    per_gpu = float(gpus_per_actor) if gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if per_gpu > 0:
+        size = max(1, int(gpus / per_gpu))
+        resources: dict[str, Any] = {"num_cpus": 1, "num_gpus": int(per_gpu) if per_gpu.is_integer() else per_gpu}
     else:
         cpus = max(1, int(cluster.get("CPU", os.cpu_count() or 1)))
         per = max(1, min(cpus_per_actor, cpus))

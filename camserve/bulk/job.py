@@ -142,9 +142,11 @@ def run_bulk(
     cpus_per_actor: int = 2,
     max_actors: int | None = None,
     progress: bool = True,
+    gpus_per_actor: float | None = None,
 ) -> Summary:
     """Explain every image of ``inputs`` (see :func:`~camserve.bulk.inputs.resolve_inputs`) not yet
-    in ``settings.out``, on Ray (:func:`ray_session`); returns the :class:`Summary`."""
+    in ``settings.out``, on Ray (:func:`ray_session`); returns the :class:`Summary`. Actor
+    resources and pool size: :func:`~camserve.bulk.actors.actor_resources`."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -152,6 +154,10 @@ def run_bulk(
         settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
     settings = dataclasses.replace(settings, model_dir=os.path.abspath(settings.model_dir))
     _check_settings(settings)
+    if cpus_per_actor < 1 or (max_actors is not None and max_actors < 1):
+        raise InvalidArgument(f"--cpus-per-actor and --max-actors must be ≥ 1, got {cpus_per_actor} and {max_actors}")
+    if gpus_per_actor is not None and not 0 <= gpus_per_actor:
+        raise InvalidArgument(f"--gpus-per-actor must be ≥ 0 (0: CPU actors), got {gpus_per_actor}")
     images = resolve_inputs(inputs, path_column)
     done = output.done_images(settings.out)
     todo = [i for i in images if i not in done]
@@ -161,7 +167,7 @@ def run_bulk(
     if todo:
         with ray_session(address) as ray:
             _quiet_ray_data(ray)
-            pool = actor_resources(ray.cluster_resources(), cpus_per_actor, max_actors)
+            pool = actor_resources(ray.cluster_resources(), cpus_per_actor, max_actors, gpus_per_actor)
             if not pool["num_gpus"]:
                 settings = dataclasses.replace(settings, threads=settings.threads or pool["num_cpus"])
             batch = model_batch_size(settings)

@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-actors", type=int, default=None, help="largest actor pool (default: one per GPU, else as CPUs allow)"
     )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs of each actor (default: 1 when Ray sees GPUs, else 0); set it on clusters that add GPU nodes on demand",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             cpus_per_actor=args.cpus_per_actor,
             max_actors=args.max_actors,
             progress=not args.no_progress,
+            gpus_per_actor=args.gpus_per_actor,
         )
     except KeyboardInterrupt:
         print(f"camserve bulk: interrupted; run it again with --out {args.out} to resume", file=sys.stderr)
