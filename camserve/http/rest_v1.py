@@ -54,6 +54,8 @@ NAME = r"{name:[^/:]+}"
 VERSION = r"/versions/{version:[^/:]+}"
 VERBS = ("predict", "explain")
 HEATMAP_CHOICES = ("png", "float", "both", "none")
+#: What the repository says of a model still on its way (any other reason: it failed).
+LOADING_REASONS = ("", "loading", "warming up")
 PREDICT_KEYS = {"instances", "inputs", "signature_name"}
 EXPLAIN_KEYS = PREDICT_KEYS | {
     "method",
@@ -290,7 +292,7 @@ def version_status(ctx: HttpContext, name: str, version: int = 0) -> dict[str, A
     for v in versions:
         if v in ready:
             state, code, message = "AVAILABLE", "OK", ""
-        elif "warming up" in info.reason or not info.reason:
+        elif info.reason in LOADING_REASONS:
             state, code, message = "LOADING", "UNAVAILABLE", info.reason or "loading"
         else:
             state, code, message = "END", "UNAVAILABLE", info.reason

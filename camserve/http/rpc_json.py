@@ -92,7 +92,12 @@ def media_type(request: web.Request) -> str:
     """The body's media type: JSON (also when none is given), protobuf or NDJSON; 415 otherwise."""
     kind = request.content_type if request.headers.get("Content-Type") else JSON
     if kind not in (JSON, PROTO, NDJSON):
-        raise UnsupportedMediaType(f"Content-Type {kind!r} is not read here; send {JSON} or {PROTO}")
+        hint = (
+            " (curl -d sends a form: add -H 'Content-Type: application/json')"
+            if kind.startswith("application/x-www")
+            else ""
+        )
+        raise UnsupportedMediaType(f"Content-Type {kind!r} is not read here; send {JSON} or {PROTO}{hint}")
     return kind
 
 
