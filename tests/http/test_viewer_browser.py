@@ -168,13 +168,12 @@ def upload(d, *paths: Path) -> None:
 
 
 def wait_cells(d, images: int, methods: int) -> None:
-    wait(
-        d,
-        lambda d: (
-            d.execute_script("return document.querySelectorAll('.image-row canvas.overlay').length") == images * methods
-            and not d.execute_script("return document.querySelector('.busy') !== null")
-        ),
+    """Wait until the grid holds images x methods canvases and nothing is in flight or scheduled."""
+    settled = (
+        "return document.querySelectorAll('.image-row canvas.overlay').length === arguments[0]"
+        " && !document.querySelector('.busy') && !document.body.dataset.pending"
     )
+    wait(d, lambda d: d.execute_script(settled, images * methods))
 
 
 def set_display(d, opacity: float, show_box: bool = False) -> None:
@@ -460,3 +459,17 @@ def test_choosing_a_layer_explains_at_that_layer(page, server):
         server.heatmap((SAMPLES / "cross.png").read_bytes(), target, "gradcam"), *pixels.shape[:2]
     )
     assert np.abs(pixels[..., :3].astype(int) - default).mean() > 5, "the layer made no difference"
+
+
+def test_dropping_a_file_explains_it(page):
+    d = page
+    set_methods(d, ["cam"])
+    d.execute_script(
+        "const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));"
+        "const dt = new DataTransfer(); dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));"
+        "document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        base64.b64encode((SAMPLES / "triangle.png").read_bytes()).decode(),
+    )
+    wait_cells(d, 1, 1)
+    chips = d.find_elements("css selector", f"{row_selector('dropped.png')} .chip")
+    assert chips and chips[0].text.startswith("triangle")

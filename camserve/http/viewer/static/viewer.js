@@ -167,7 +167,9 @@
   let rerunTimer = null;
   function scheduleRerun() {
     clearTimeout(rerunTimer);
+    document.body.dataset.pending = "true"; // a re-run is coming (tests wait for it)
     rerunTimer = setTimeout(function () {
+      delete document.body.dataset.pending;
       rerunAll(true);
     }, 100);
   }
@@ -287,6 +289,12 @@
       ev.preventDefault();
       drop.classList.remove("over");
       addFiles(ev.dataTransfer.files);
+    });
+    // a file dropped beside the zone must not navigate away from the page
+    ["dragover", "drop"].forEach(function (type) {
+      document.addEventListener(type, function (ev) {
+        ev.preventDefault();
+      });
     });
     $("add-sample").addEventListener("click", function () {
       const s = state.samples.find((x) => x.name === $("sample").value);
