@@ -17,7 +17,7 @@ normalised to unit length), so that one pass handles any mix of them. TensorFlow
 >>> enc = encode([[1, RegressionTarget(0, sign=-1)]], output_shape=(3,))
 >>> enc.classes.tolist(), enc.space.tolist(), enc.weights[0, 1].tolist()
 ([[1, 0]], [[0, 2]], [-1.0, 0.0, 0.0])
->>> encode([[SimilarityTarget([3.0, 4.0])]], output_shape=(2,)).weights[0, 0].tolist()
+>>> [round(float(w), 3) for w in encode([[SimilarityTarget([3.0, 4.0])]], output_shape=(2,)).weights[0, 0]]
 [0.6, 0.8]
 """
 

@@ -81,7 +81,8 @@ def method_map(method: Any, view: Any, eigen: bool) -> tf.Tensor:
     with tf.GradientTape() as tape:
         tape.watch(activations)
         plain = method.fn(view.with_activations(activations))
-    weights = tape.gradient(tf.reduce_sum(plain), activations)
+        total = tf.reduce_sum(plain)
+    weights = tape.gradient(total, activations)
     if weights is None:  # a map that does not read the activations
         return plain
     return first_component(activations * weights, plain)
