@@ -58,6 +58,7 @@ def parse_targets(raw: list[str] | None) -> list[int | str] | None:
 def run(args: argparse.Namespace) -> int:
     methods = tuple(args.methods or ("gradcam",))
     targets = parse_targets(args.targets)
+    explained_layer = args.layer or ""
     if args.html:
         from camserve.http.viewer.report import image_entry, write_report
     if args.server:
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         from camserve.explain.folder import FolderExplainer
 
         folder = FolderExplainer.load(args.model, args.version, layer=args.layer, max_channels=args.max_channels)
+        explained_layer = folder.explainer.layer_name
 
         def explain_batch(rgbs):
             return folder.explain_rgbs(rgbs, methods=methods, targets=targets, top_k=args.top_k)
@@ -119,6 +121,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {sum(len(r['explanations']) for r in report)} overlays and explanations.json to {args.out}")
     if args.html:
         model_name = args.model_name or (args.model.name if args.model else "")
-        page = write_report(args.out, html_images, model=model_name, layer=args.layer or "", methods=methods)
+        page = write_report(args.out, html_images, model=model_name, layer=explained_layer, methods=methods)
         print(f"wrote the viewer report {page} (open it in a browser)")
     return 0

@@ -176,6 +176,7 @@ def test_explain_html_embeds_what_explanations_json_reports(tmp_path):
     block = re.search(r'<script type="application/json" id="camserve-report">(.*?)</script>', text, re.S)
     data = json.loads(block.group(1))
     assert data["model"] == "shapes_gap" and data["methods"] == ["gradcam", "cam"]
+    assert data["layer"] == "last_conv"  # the folder's default_layer (config.toml)
     assert [i["name"] for i in data["images"]] == names
     for entry, image in zip(report, data["images"]):
         assert (image["height"], image["width"]) == (entry["height"], entry["width"])
