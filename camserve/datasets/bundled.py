@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,19 @@ FC_LAST_CONV = "conv4"
 #: Seeds of the data sets, offset from the training seed so that tests, the held-out
 #: localization check and training never share scenes.
 TRAIN_SEED, VAL_SEED, TEST_SEED, LOC_SEED, MULTI_SEED = 0, 1, 2, 3, 4
+#: shapes_fc's shape sizes in training: objects of 15 to 60 px fall in range at scales 1.2 and 0.8
+FC_SHAPE_SIZE = (16.0, 48.0)
+#: shapes_fc's [dense] settings in config.toml (see camserve.dense.detect.DetectionSettings)
+FC_DENSE: dict[str, Any] = {
+    "threshold": 0.5,
+    "iou": 0.3,
+    "nms": "agnostic",
+    "scales": [1.2, 0.8],
+    "margin": 32,
+    "tight_box_model": "shapes_gap",  # its box-supervised CAM (shapes_fc's own CAMs do not localize)
+    "tight_box_method": "cam",
+    "tight_box_layer": "last_conv",
+}
 
 
 def build_gap_model(input_size: Sequence[int] = INPUT_SIZE, n_classes: int = 5) -> Any:
@@ -177,8 +191,19 @@ class Recipe:
     #: measure CAM localization after training (GAP models)
     evaluate_cam: bool = False
     #: share of extra windows cut from large scenes (shapes.make_windows) in each split;
-    #: background windows (label -1) are trained towards the uniform distribution
+    #: background windows (label -1) are trained towards ``background`` when named, else the
+    #: uniform distribution
     window_fraction: float = 0.0
+    windows: dict[str, Any] = dataclasses.field(default_factory=dict)  # keywords of make_windows
+    #: a class of its own for windows with no centred shape (appended to the shape classes)
+    background: str | None = None
+    #: the model's ``[dense]`` settings (camserve.dense.detect.DetectionSettings), written to config.toml
+    dense: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The shape classes, then the background class if any."""
+        return shapes.CLASS_NAMES + ((self.background,) if self.background else ())
 
 
 RECIPES: dict[str, Recipe] = {
@@ -195,12 +220,16 @@ RECIPES: dict[str, Recipe] = {
     ),
     "shapes_fc": Recipe(
         name="shapes_fc",
-        build=build_fc_model,
+        build=functools.partial(build_fc_model, n_classes=len(shapes.CLASS_NAMES) + 1, hidden=128),
         default_layer=FC_LAST_CONV,
-        data={"centre_jitter": 4.0},  # roughly centred, as in a sliding window at stride 8
-        window_fraction=0.5,
+        # roughly centred, as in a sliding window at stride 8; sizes for a two-scale pyramid
+        data={"centre_jitter": 4.0, "shape_size": FC_SHAPE_SIZE},
+        window_fraction=0.6,
+        windows={"margin": 32, "near_fraction": 0.5, "positive_fraction": 0.4, "shape_size": FC_SHAPE_SIZE},
+        background="background",
+        dense=FC_DENSE,
         n_train=20000,
-        epochs=8,
+        epochs=12,
         learning_rate=2e-3,
     ),
 }
@@ -283,7 +312,7 @@ def _split(recipe: Recipe, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     x, y, b = shapes.make_dataset(n - n_win, seed, INPUT_SIZE, **recipe.data)
     if not n_win:
         return x, y, b
-    xw, yw = shapes.make_windows(n_win, seed + 500, INPUT_SIZE)
+    xw, yw = shapes.make_windows(n_win, seed + 500, INPUT_SIZE, **recipe.windows)
     return np.concatenate([x, xw]), np.concatenate([y, yw]), np.concatenate([b, np.zeros((n_win, 4), b.dtype)])
 
 
@@ -318,7 +347,10 @@ def train_model(
 
         @tf.autograph.experimental.do_not_convert
         def prep(a: Any, label: Any, lb: Any) -> Any:
-            # one-hot for a shape, uniform for a background window (label -1)
+            # one-hot for a shape; for a background window (label -1) one-hot of the
+            # background class (the last) when there is one, else uniform
+            if recipe.background:
+                label = tf.where(label >= 0, label, n_classes - 1)
             soft = tf.where(label[:, None] >= 0, tf.one_hot(label, n_classes), 1.0 / n_classes)
             wanted = {"label": soft, "label_box": lb}
             return tf.cast(a, tf.float32) / 255.0, tuple(wanted[t] for t in targets)
@@ -348,11 +380,15 @@ def train_model(
         "train_seconds": round(train_s, 1),
     }
     if recipe.window_fraction:
-        x_w, y_w = shapes.make_windows(recipe.n_test, _seed_for(seed, TEST_SEED) + 500, INPUT_SIZE)
+        x_w, y_w = shapes.make_windows(recipe.n_test, _seed_for(seed, TEST_SEED) + 500, INPUT_SIZE, **recipe.windows)
         probs = model.predict(to_input(x_w), batch_size=256, verbose=0)
         pos = y_w >= 0
         scores["window_accuracy"] = round(float(np.mean(probs[pos].argmax(axis=1) == y_w[pos])), 4)
-        scores["background_rejection"] = round(float(np.mean(probs[~pos].max(axis=1) < 0.5)), 4)
+        if recipe.background:  # the background class wins
+            rejected = probs[~pos].argmax(axis=1) == len(recipe.class_names) - 1
+        else:  # no shape class reaches 0.5
+            rejected = probs[~pos].max(axis=1) < 0.5
+        scores["background_rejection"] = round(float(np.mean(rejected)), 4)
         scores["test_windows"] = len(x_w)
     if recipe.evaluate_cam:
         x_lo, _, b_lo = shapes.make_dataset(recipe.n_loc, _seed_for(seed, LOC_SEED), INPUT_SIZE)
@@ -374,9 +410,10 @@ def describe_objective(recipe: Recipe) -> str:
     """
     data = "single-shape scenes"
     if recipe.window_fraction:
+        target = f"the class '{recipe.background}'" if recipe.background else "the uniform distribution"
         data += (
             f" ({1 - recipe.window_fraction:.0%}) and windows cut from 192 px scenes with one to three"
-            f" shapes ({recipe.window_fraction:.0%}; background windows target the uniform distribution)"
+            f" shapes ({recipe.window_fraction:.0%}; background windows target {target})"
         )
     parts = [f"softmax cross-entropy on {data}"]
     if recipe.box_penalty:
@@ -414,11 +451,13 @@ def write_config(path: Path, recipe: Recipe, metrics: dict[str, Any], seed: int,
 
     lines = [
         f'name = "{recipe.name}"',
-        "class_names = [" + ", ".join(f'"{c}"' for c in shapes.CLASS_NAMES) + "]",
+        "class_names = [" + ", ".join(f'"{c}"' for c in recipe.class_names) + "]",
+        *([f'background_class = "{recipe.background}"'] if recipe.background else []),
         f"input_size = [{INPUT_SIZE[0]}, {INPUT_SIZE[1]}]  # height, width",
         "channels = 3",
         f'preprocessing = "{PREPROCESSING}"',
         f'default_layer = "{recipe.default_layer}"',
+        *(["", "[dense]", *(f"{k} = {value(v)}" for k, v in recipe.dense.items())] if recipe.dense else []),
         "",
         "[training]",
         f"seed = {seed}",
@@ -459,5 +498,10 @@ def train_bundled(
         (folder / "1").mkdir(parents=True, exist_ok=True)
         model.save(folder / "1" / "model.keras")
         write_config(folder / "config.toml", recipe, metrics, seed, command)
+        if recipe.dense:  # measured as `camserve dense` runs: with the config just written
+            from camserve.datasets.detection_figures import detection_metrics
+
+            metrics.update(detection_metrics(folder))
+            write_config(folder / "config.toml", recipe, metrics, seed, command)
         results[name] = metrics
     return results

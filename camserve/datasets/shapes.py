@@ -350,6 +350,8 @@ def make_windows(
     per_scene: int = 8,
     jitter: float = 4.0,
     min_offset: float = 12.0,
+    margin: int = 0,
+    near_fraction: float = 0.0,
     **kwargs,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Windows of ``size`` cut from larger multi-shape scenes, as a sliding-window
@@ -357,8 +359,11 @@ def make_windows(
     and labels int64 (N,): the class of the shape whose box centre lies within ``jitter``
     pixels (each axis) of the window centre, or -1 (background) for windows whose centre is
     at least ``min_offset`` pixels (on some axis) from every shape's box centre; those may
-    hold parts of shapes or whole shapes off-centre. Up to ``per_scene`` windows come from
-    each scene. Other keyword arguments go to
+    hold parts of shapes or whole shapes off-centre. Windows may reach ``margin`` pixels past
+    the scene's border, filled with zeros (as a detector pads the image it scans); a share
+    ``near_fraction`` of the background windows is centred ``min_offset`` to half a window
+    from a shape (hard negatives: the shape off-centre or partly inside). Up to
+    ``per_scene`` windows come from each scene. Other keyword arguments go to
     :func:`make_scene` (``n_shapes`` defaults to one to three).
 
     >>> x, y = make_windows(4, seed=0)
@@ -371,19 +376,24 @@ def make_windows(
         raise InvalidArgument(f"scene_size {tuple(scene_size)} must be at least the window size {(h, w)}")
     if per_scene < 1:
         raise InvalidArgument(f"per_scene must be >= 1, got {per_scene}")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise InvalidArgument(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+    for name, v in (("positive_fraction", positive_fraction), ("near_fraction", near_fraction)):
+        if not 0.0 <= v <= 1.0:
+            raise InvalidArgument(f"{name} must be in [0, 1], got {v}")
+    if not 0 <= margin <= min(h, w) // 2:
+        raise InvalidArgument(f"margin must be in [0, {min(h, w) // 2}] (half the window), got {margin}")
     kwargs.setdefault("n_shapes", (1, 3))
     rng = np.random.default_rng(seed)
     images = np.zeros((n, h, w, 3), np.uint8)
     labels = np.zeros(n, np.int64)
+    m = int(margin)
+    lo, hi = np.array([w / 2 - m, h / 2 - m]), np.array([sw - w / 2 + m, sh - h / 2 + m])  # window centres
     i = 0
     while i < n:
         scene = make_scene(rng, size=(sh, sw), **kwargs)
+        padded = np.pad(scene.image, ((m, m), (m, m), (0, 0))) if m else scene.image
         centres = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in scene.boxes])
-        # shapes far enough from the border for a whole window around them
-        margin = np.array([w / 2 + jitter + 1, h / 2 + jitter + 1])
-        eligible = np.flatnonzero(np.all((centres >= margin) & (centres <= (sw, sh) - margin), axis=1))
+        # shapes far enough from the (padded) border for a whole window around them
+        eligible = np.flatnonzero(np.all((centres >= lo + jitter + 1) & (centres <= hi - jitter - 1), axis=1))
         for _ in range(per_scene * 5):
             if i == n:
                 break
@@ -393,11 +403,15 @@ def make_windows(
                     continue
                 k = int(eligible[rng.integers(len(eligible))])
                 cx, cy = centres[k] + rng.uniform(-jitter, jitter, 2)
+            elif near_fraction and rng.random() < near_fraction:
+                angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(min_offset, max(h, w) / 2)
+                near = centres[rng.integers(len(centres))]
+                cx, cy = near[0] + dist * np.cos(angle), near[1] + dist * np.sin(angle)
             else:
-                cx, cy = rng.uniform(w / 2, sw - w / 2), rng.uniform(h / 2, sh - h / 2)
+                cx, cy = rng.uniform(lo[0], hi[0]), rng.uniform(lo[1], hi[1])
             x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
-            if not (0 <= x0 <= sw - w and 0 <= y0 <= sh - h):
-                continue  # the window would leave the scene
+            if not (-m <= x0 <= sw - w + m and -m <= y0 <= sh - h + m):
+                continue  # the window would leave the padded scene
             off = np.abs(centres - (x0 + w / 2, y0 + h / 2))
             if positive and np.all(off[k] <= jitter + 0.5):
                 labels[i] = scene.labels[k]
@@ -405,7 +419,7 @@ def make_windows(
                 labels[i] = -1
             else:
                 continue
-            images[i] = scene.image[y0 : y0 + h, x0 : x0 + w]
+            images[i] = padded[y0 + m : y0 + m + h, x0 + m : x0 + m + w]
             i += 1
             if i % per_scene == 0:
                 break

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from camserve import keras_graph
 from camserve.accelerator import check_precision, resolve_device
+from camserve.dense.detections import Detection, detections, nms, score_map
 from camserve.dense.fcn import FullyConvolutional, to_fully_convolutional
 from camserve.dense.receptive_field import analyze
 from camserve.errors import InvalidArgument
@@ -66,7 +67,8 @@ class DenseScores:
 
     ``scores`` (gh, gw, classes) float32; ``boxes`` (gh, gw, 4) float32 (x0, y0, x1, y1), x1/y1
     exclusive, in pixels of the original image; ``strides`` (sy, sx) and ``window`` (h, w) in
-    pixels of the image resized by ``scale`` (``image_size``).
+    pixels of the image resized by ``scale`` (``image_size``), which had ``margin`` zeros
+    added on every side (cell (i, j) starts at (j·sx − margin, i·sy − margin) there).
     """
 
     scale: float
@@ -75,6 +77,7 @@ class DenseScores:
     strides: tuple[int, int]
     window: tuple[int, int]
     image_size: tuple[int, int]
+    margin: int = 0
 
     @property
     def stride(self) -> int:
@@ -108,17 +111,6 @@ class DenseResult:
 
     def __getitem__(self, i: int) -> DenseScores:
         return self.scales[i]
-
-
-@dataclasses.dataclass(frozen=True)
-class Detection:
-    """A window whose class score passed the threshold and survived per-class NMS."""
-
-    class_index: int
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
-    scale: float
 
 
 def _as_fcn(model: Any, logits: bool, precision: str = "float32") -> FullyConvolutional:
@@ -170,10 +162,14 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _grid_boxes(
-    grid: tuple[int, int], stride: tuple[int, int], window: tuple[int, int], to_original: tuple[float, float]
+    grid: tuple[int, int],
+    stride: tuple[int, int],
+    window: tuple[int, int],
+    to_original: tuple[float, float],
+    margin: int = 0,
 ) -> np.ndarray:
-    ys = np.arange(grid[0], dtype=np.float64) * stride[0]
-    xs = np.arange(grid[1], dtype=np.float64) * stride[1]
+    ys = np.arange(grid[0], dtype=np.float64) * stride[0] - margin
+    xs = np.arange(grid[1], dtype=np.float64) * stride[1] - margin
     y0, x0 = np.meshgrid(ys, xs, indexing="ij")
     fy, fx = to_original
     boxes = np.stack([x0 * fx, y0 * fy, (x0 + window[1]) * fx, (y0 + window[0]) * fy], axis=-1)
@@ -285,6 +281,7 @@ def dense_scores(
     max_batch_pixels: int = MAX_BATCH_PIXELS,
     precision: str | None = None,
     device: str | None = None,
+    margin: int = 0,
 ) -> DenseResult:
     """Class scores of every window of the classifier's input size, one level per scale.
 
@@ -301,6 +298,9 @@ def dense_scores(
     raises stops the computation and propagates (a server's deadline). ``precision``
     (``"mixed_float16"``) runs a mixed-precision clone of a Keras classifier (its output layer
     and the scores stay float32); ``device`` (``"/GPU:0"``, ``"auto"``) is where passes run.
+    ``margin``: zeros added on every side of each resized image first, so that windows reach
+    that far past the border (objects at the border can be centred in a window); boxes are
+    still in pixels of ``image`` (negative or past its size there).
 
     >>> [level.scores.shape for level in dense_scores(model, np.zeros((96, 96, 3), np.float32))]  # doctest: +SKIP
     [(9, 9, 5)]
@@ -319,11 +319,13 @@ def dense_scores(
         raise InvalidArgument(f"batch_size must be ≥ 1; got {batch_size}")
     if max_batch_pixels < 1:
         raise InvalidArgument(f"max_batch_pixels must be ≥ 1; got {max_batch_pixels}")
+    if int(margin) != margin or margin < 0:
+        raise InvalidArgument(f"margin must be a non-negative integer; got {margin!r}")
     check = checkpoint or _no_checkpoint
     precision = check_precision(precision)
     with tf.device(placed) if (placed := resolve_device(device)) else contextlib.nullcontext():
         return _dense_scores(
-            model, image, stride, scales, mode, batch_size, logits, pad, check, max_batch_pixels, precision
+            model, image, stride, scales, mode, batch_size, logits, pad, check, max_batch_pixels, precision, int(margin)
         )
 
 
@@ -339,6 +341,7 @@ def _dense_scores(
     check: Callable[[], None],
     max_batch_pixels: int,
     precision: str,
+    margin: int = 0,
 ) -> DenseResult:
     if mode == "crops" and logits:
         raise InvalidArgument("logits=True needs mode='fcn' (crops run the classifier as it is)")
@@ -362,124 +365,21 @@ def _dense_scores(
     for scale in scales:
         scaled = _resize(image, float(scale))
         sh, sw = scaled.shape[:2]
-        if sh < window[0] or sw < window[1]:
+        if margin:
+            scaled = np.pad(scaled, ((margin, margin), (margin, margin), (0, 0)))
+        ph, pw = scaled.shape[:2]
+        if ph < window[0] or pw < window[1]:
             if not pad:
                 raise InvalidArgument(
-                    f"image {h0}x{w0} at scale {scale} is {sh}x{sw}, smaller than the "
-                    f"{window[0]}x{window[1]} window; use larger scales or pad=True"
+                    f"image {h0}x{w0} at scale {scale} is {sh}x{sw}"
+                    + (f" ({ph}x{pw} with the margin)" if margin else "")
+                    + f", smaller than the {window[0]}x{window[1]} window; use larger scales or pad=True"
                 )
-            scaled = np.pad(scaled, ((0, max(0, window[0] - sh)), (0, max(0, window[1] - sw)), (0, 0)))
+            scaled = np.pad(scaled, ((0, max(0, window[0] - ph)), (0, max(0, window[1] - pw)), (0, 0)))
         if fcn is not None:
             scores = _fcn_scores(fcn, scaled, step, batch_size, max_batch_pixels, check)
         else:
             scores = _crop_scores(classifier, scaled, step, window, batch_size, max_batch_pixels, check)
-        boxes = _grid_boxes(scores.shape[:2], step, window, (h0 / sh, w0 / sw))
-        levels.append(DenseScores(float(scale), scores, boxes, step, window, (sh, sw)))
+        boxes = _grid_boxes(scores.shape[:2], step, window, (h0 / sh, w0 / sw), margin)
+        levels.append(DenseScores(float(scale), scores, boxes, step, window, (sh, sw), margin))
     return DenseResult(scales=levels, strides=step, exact=exact, mode=mode, window=window)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
-    """Greedy non-maximum suppression; indices kept, best first.
-
-    >>> nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]), np.array([0.9, 0.8, 0.7]), 0.5)
-    [0, 2]
-    """
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        ix0 = np.maximum(boxes[i, 0], boxes[rest, 0])
-        iy0 = np.maximum(boxes[i, 1], boxes[rest, 1])
-        ix1 = np.minimum(boxes[i, 2], boxes[rest, 2])
-        iy1 = np.minimum(boxes[i, 3], boxes[rest, 3])
-        inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-        union = area[i] + area[rest] - inter
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-        order = rest[iou <= iou_threshold]
-    return keep
-
-
-def detections(
-    results: DenseResult | Sequence[DenseScores],
-    threshold: float = 0.5,
-    iou_threshold: float = 0.3,
-    class_names: Sequence[str] | None = None,
-    classes: Sequence[int] | None = None,
-    max_detections: int = 100,
-) -> list[Detection]:
-    """Windows whose class score is ≥ ``threshold``, after per-class NMS over all scales;
-    best first. ``classes`` restricts the classes considered (e.g. to drop a background).
-
-    >>> [d.label for d in detections(dense_scores(model, image), 0.9, class_names=names)]  # doctest: +SKIP
-    ['star', 'circle']
-    """
-    if not len(results):
-        return []
-    n_classes = results[0].scores.shape[-1]
-    if class_names is not None and len(class_names) != n_classes:
-        raise InvalidArgument(f"{len(class_names)} class names for {n_classes} classes")
-    found: list[Detection] = []
-    for c in range(n_classes) if classes is None else classes:
-        if not 0 <= c < n_classes:
-            raise InvalidArgument(f"class index {c} out of range; allowed: 0..{n_classes - 1}")
-        boxes, scores, scale_of = [], [], []
-        for r in results:
-            s = r.scores[..., c].reshape(-1)
-            mask = s >= threshold
-            boxes.append(r.boxes.reshape(-1, 4)[mask])
-            scores.append(s[mask])
-            scale_of.append(np.full(int(mask.sum()), r.scale))
-        b, s, sc = np.concatenate(boxes), np.concatenate(scores), np.concatenate(scale_of)
-        label = class_names[c] if class_names is not None else str(c)
-        for i in nms(b, s, iou_threshold):
-            x0, y0, x1, y1 = (float(v) for v in b[i])
-            found.append(Detection(c, label, float(s[i]), (x0, y0, x1, y1), float(sc[i])))
-    found.sort(key=lambda d: -d.score)
-    return found[:max_detections]
-
-
-def score_map(
-    results: DenseResult | Sequence[DenseScores], image_shape: Sequence[int], class_index: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image-sized maps: each pixel takes the score of the window whose centre is nearest,
-    the maximum over scales. Returns (score, class) maps of shape (H, W): for ``class_index``
-    that class's score, else the best class's score and index (the arg-max class map).
-
-    >>> score, cls = score_map(dense_scores(model, image), image.shape)   # doctest: +SKIP
-    """
-    h, w = int(image_shape[0]), int(image_shape[1])
-    if class_index is not None and len(results):
-        n_classes = results[0].scores.shape[-1]
-        if not 0 <= class_index < n_classes:
-            raise InvalidArgument(f"class index {class_index} out of range; allowed: 0..{n_classes - 1}")
-    best = np.full((h, w), -np.inf, np.float32)
-    best_cls = np.zeros((h, w), np.int64)
-    for r in results:
-        cy = (r.boxes[:, 0, 1] + r.boxes[:, 0, 3]) / 2.0
-        cx = (r.boxes[0, :, 0] + r.boxes[0, :, 2]) / 2.0
-        rows = _nearest(cy, np.arange(h) + 0.5)
-        cols = _nearest(cx, np.arange(w) + 0.5)
-        if class_index is None:
-            cell_cls = np.argmax(r.scores, axis=-1)
-            cell_score = np.take_along_axis(r.scores, cell_cls[..., None], -1)[..., 0]
-        else:
-            cell_cls = np.full(r.scores.shape[:2], class_index)
-            cell_score = r.scores[..., class_index]
-        s = cell_score[rows][:, cols]
-        better = s > best
-        best = np.where(better, s, best)
-        best_cls = np.where(better, cell_cls[rows][:, cols], best_cls)
-    return best, best_cls
-
-
-def _nearest(centres: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Index of the nearest of the sorted ``centres`` for each of ``points``."""
-    if len(centres) == 1:
-        return np.zeros(len(points), np.int64)
-    mids = (centres[1:] + centres[:-1]) / 2.0
-    return np.searchsorted(mids, points, side="right")

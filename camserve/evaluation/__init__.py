@@ -24,6 +24,14 @@ from camserve.evaluation.confidence import (
     explanation_masked,
     increase_in_confidence,
 )
+from camserve.evaluation.detection import (
+    DetectionMetrics,
+    average_precision,
+    box_containment,
+    detection_metrics,
+    match_detections,
+    window_and_tight_report,
+)
 from camserve.evaluation.localization import (
     Box,
     ExplainFn,
@@ -57,16 +65,21 @@ __all__ = [
     "road_curve",
     "Box",
     "CurveOptions",
+    "DetectionMetrics",
     "ExplainFn",
     "GroundTruth",
     "SanityResult",
     "ScoreFn",
+    "average_precision",
     "blurred_baseline",
+    "box_containment",
     "box_iou",
     "deletion_auc",
+    "detection_metrics",
     "insertion_auc",
     "localization_accuracy",
     "localization_hits",
+    "match_detections",
     "perturbation_curve",
     "pointing_game",
     "pointing_hits",
@@ -74,4 +87,5 @@ __all__ = [
     "rankdata",
     "sanity_check",
     "spearman",
+    "window_and_tight_report",
 ]

@@ -25,14 +25,17 @@ def entry(request):
 def test_config_matches_model(entry) -> None:
     cfg, model = entry.config, entry.model
     assert cfg.name == entry.name
-    assert list(cfg.class_names) == list(shapes.CLASS_NAMES)
+    recipe = bundled.RECIPES[entry.name]
+    assert list(cfg.class_names) == list(shapes.CLASS_NAMES) + ([recipe.background] if recipe.background else [])
+    assert cfg.extra.get("background_class") == recipe.background
     assert tuple(model.input_shape[1:]) == (*cfg.input_size, cfg.channels)
     assert model.output_shape[-1] == len(cfg.class_names)
     assert cfg.preprocessing == "scale_0_1"
     assert not any(isinstance(layer, keras.layers.Rescaling) for layer in model.layers)
     model.get_layer(cfg.default_layer)  # raises if the configured layer is missing
     metrics = cfg.extra["metrics"]
-    assert metrics["test_accuracy"] >= 0.95
+    # shapes_fc: single centred shapes of 16-48 px, where a small one called background counts as wrong
+    assert metrics["test_accuracy"] >= (0.93 if recipe.background else 0.95)
     assert cfg.extra["training"]["command"].startswith("camserve train-bundled")
 
 
@@ -43,12 +46,17 @@ def test_accuracy_on_fresh_scenes(entry) -> None:
 
 
 def test_shapes_fc_rejects_background_windows() -> None:
-    model = load_model_dir(MODELS / "shapes_fc").model
-    x, y = shapes.make_windows(300, seed=FRESH_SEED + 3)
-    probs = model.predict(bundled.to_input(x), verbose=0)
+    """Windows from fresh scenes (generator labels): centred shapes get their class, windows
+    with no centred shape (empty, partly inside, off-centre, reaching past the border) the
+    background class, as trained."""
+    entry = load_model_dir(MODELS / "shapes_fc")
+    background = list(entry.config.class_names).index(entry.config.extra["background_class"])
+    x, y = shapes.make_windows(300, seed=FRESH_SEED + 3, **bundled.RECIPES["shapes_fc"].windows)
+    probs = entry.model.predict(bundled.to_input(x), verbose=0)
     pos = y >= 0
+    assert pos.sum() >= 60 and (~pos).sum() >= 60
     assert np.mean(probs[pos].argmax(axis=1) == y[pos]) >= 0.9
-    assert np.mean(probs[~pos].max(axis=1) < 0.5) >= 0.9  # near-uniform off the shapes
+    assert np.mean(probs[~pos].argmax(axis=1) == background) >= 0.9
 
 
 def test_shapes_fc_is_all_valid_padding() -> None:

@@ -241,7 +241,7 @@ def test_shapes_fc_top_windows_cover_the_shapes_in_a_large_scene() -> None:
         result = dense_scores(entry.model, preprocess(scene.image, entry.config.preprocessing), stride=8)
         assert result.exact and result.stride == 8
         level = result[0]
-        assert level.scores.shape == (17, 17, 5)
+        assert level.scores.shape == (17, 17, len(entry.config.class_names))
         centres = (level.boxes[..., :2] + level.boxes[..., 2:]) / 2  # (x, y) of every window
         # The top-scoring window of every class in the scene lies on a shape of that class.
         for c in set(scene.labels):
