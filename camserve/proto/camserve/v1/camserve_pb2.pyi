@@ -93,12 +93,52 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., scores: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("index", "name")
+    __slots__ = ("index", "name", "regression", "segmentation", "similarity", "multi_label", "probability")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    MULTI_LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    regression: RegressionTarget
+    segmentation: SegmentationTarget
+    similarity: SimilarityTarget
+    multi_label: MultiLabelTarget
+    probability: bool
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., regression: _Optional[_Union[RegressionTarget, _Mapping]] = ..., segmentation: _Optional[_Union[SegmentationTarget, _Mapping]] = ..., similarity: _Optional[_Union[SimilarityTarget, _Mapping]] = ..., multi_label: _Optional[_Union[MultiLabelTarget, _Mapping]] = ..., probability: _Optional[bool] = ...) -> None: ...
+
+class RegressionTarget(_message.Message):
+    __slots__ = ("index", "negative")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    negative: bool
+    def __init__(self, index: _Optional[int] = ..., negative: _Optional[bool] = ...) -> None: ...
+
+class SegmentationTarget(_message.Message):
+    __slots__ = ("class_index", "class_name", "mask")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    class_name: str
+    mask: FloatMap
+    def __init__(self, class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., mask: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
+
+class SimilarityTarget(_message.Message):
+    __slots__ = ("reference",)
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    reference: FloatMap
+    def __init__(self, reference: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
+
+class MultiLabelTarget(_message.Message):
+    __slots__ = ("threshold",)
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    def __init__(self, threshold: _Optional[float] = ...) -> None: ...
 
 class TargetList(_message.Message):
     __slots__ = ("targets",)
@@ -107,7 +147,7 @@ class TargetList(_message.Message):
     def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "methods", "targets", "top_k", "layer", "return_raw", "return_heatmap", "return_overlay", "request_id", "return_heatmap_png")
+    __slots__ = ("model", "images", "methods", "targets", "top_k", "layer", "return_raw", "return_heatmap", "return_overlay", "request_id", "return_heatmap_png", "layers", "aug_smooth", "eigen_smooth")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +159,9 @@ class ExplainRequest(_message.Message):
     RETURN_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RETURN_HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
+    EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     images: _containers.RepeatedCompositeFieldContainer[Image]
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -130,7 +173,10 @@ class ExplainRequest(_message.Message):
     return_overlay: bool
     request_id: str
     return_heatmap_png: bool
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[TargetList, _Mapping]]] = ..., top_k: _Optional[int] = ..., layer: _Optional[str] = ..., return_raw: _Optional[bool] = ..., return_heatmap: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., request_id: _Optional[str] = ..., return_heatmap_png: _Optional[bool] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    aug_smooth: bool
+    eigen_smooth: bool
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[TargetList, _Mapping]]] = ..., top_k: _Optional[int] = ..., layer: _Optional[str] = ..., return_raw: _Optional[bool] = ..., return_heatmap: _Optional[bool] = ..., return_overlay: _Optional[bool] = ..., request_id: _Optional[str] = ..., return_heatmap_png: _Optional[bool] = ..., layers: _Optional[_Iterable[str]] = ..., aug_smooth: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("method", "class_index", "label", "score", "raw", "heatmap", "box", "overlay_png", "image_box", "heatmap_png")
