@@ -381,3 +381,15 @@ def test_tls_with_the_grpc_certificate(repo: Path, tmp_path: Path) -> None:
         except (ConnectionError, http.client.HTTPException):
             plain = None
         assert plain is None
+
+
+def test_a_draining_server_answers_503_over_http(repo: Path, workload) -> None:
+    with RunningServer(_config(repo), ready_timeout=120) as rs:
+        port = rs.server.http.port
+        body = {"instances": [workload.pictures[0].tolist()]}
+        assert call(port, "POST", "/v1/models/gap:predict", body, token=TOKEN).status == 200
+        assert rs.server.inflight == 0  # a finished HTTP request leaves nothing for a drain to wait for
+        rs.server.dataplane.drain()
+        answer = call(port, "POST", "/v1/models/gap:predict", body, token=TOKEN)
+        assert answer.status == 503 and answer.error["code"] == "UNAVAILABLE"
+        assert "draining" in answer.error["message"] and "retry on another replica" in answer.error["message"]
