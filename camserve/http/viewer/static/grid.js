@@ -128,16 +128,28 @@
     });
     container.appendChild(header);
     state.images.forEach(function (image) {
-      const row = el("div", "row image-row");
-      row.dataset.image = image.name;
-      row.dataset.target = image.target === null ? "" : String(image.target);
-      row.dataset.layer = image.layer || "";
-      row.appendChild(rowHead(image, onChip));
-      state.methods.forEach(function (m) {
-        row.appendChild(cell(image, m, state.display));
-      });
-      container.appendChild(row);
+      container.appendChild(row(image, state, onChip));
     });
+  }
+
+  function row(image, state, onChip) {
+    const node = el("div", "row image-row");
+    node.dataset.id = String(image.id);
+    node.dataset.image = image.name;
+    node.dataset.target = image.target === null ? "" : String(image.target);
+    node.dataset.layer = image.layer || "";
+    node.appendChild(rowHead(image, onChip));
+    state.methods.forEach(function (m) {
+      node.appendChild(cell(image, m, state.display));
+    });
+    return node;
+  }
+
+  /** Redraw one image's row only (an answer arrived); the whole grid when it has no row yet. */
+  function update(container, state, image, onChip) {
+    const old = container.querySelector('.image-row[data-id="' + image.id + '"]');
+    if (!old) render(container, state, onChip);
+    else container.replaceChild(row(image, state, onChip), old);
   }
 
   /** Redraw every canvas after a display change (no new requests). */
@@ -154,6 +166,7 @@
     formatScore: formatScore,
     explanation: explanation,
     render: render,
+    update: update,
     redraw: redraw,
   };
 })((window.CS = window.CS || {}));

@@ -35,8 +35,10 @@
   }
   CS.showError = showError;
 
-  function render() {
-    CS.grid.render($("grid"), state, retarget);
+  /** Redraw the grid (image = null) or one image's row, and the summary. */
+  function render(image) {
+    if (image) CS.grid.update($("grid"), state, image, retarget);
+    else CS.grid.render($("grid"), state, retarget);
     const done = state.images.filter((i) => !i.busy).length;
     $("summary").textContent = state.images.length
       ? done + " of " + state.images.length + " images explained"
@@ -114,7 +116,7 @@
     const methods = state.methods.slice();
     image.busy = true;
     image.error = null;
-    render();
+    render(image);
     try {
       if (!image.top) {
         const p = await CS.api.call("Predict", { model: modelSpec(), images: [{ encoded: image.b64 }], topK: topK() });
@@ -150,7 +152,7 @@
     } finally {
       if (generation === image.generation) image.busy = false;
     }
-    render();
+    render(image);
   }
 
   function rerunAll(resetTop) {
@@ -178,7 +180,7 @@
     image.pinned = classIndex;
     if (state.static || image.byTarget[classIndex]) {
       image.target = classIndex;
-      render();
+      render(image);
       return;
     }
     explainImage(image);
