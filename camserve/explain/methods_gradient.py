@@ -15,6 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from camserve.explain import layer_pass as lp
+from camserve.explain import passes
 from camserve.explain.methods import LayerPass, first_component, register, weighted_sum
 
 #: Finer-CAM: how many of the most similar classes are compared, and how strongly.
@@ -35,9 +36,11 @@ def eigengradcam(p: LayerPass) -> tf.Tensor:
     return first_component(p.gradients * p.activations)
 
 
-def head_rerun(shared: lp.SharedPass, a: tf.Tensor) -> tf.Tensor:
-    """The logits with the layer's output replaced by ``a`` (only the head after it runs)."""
-    return shared.ex._forward(shared.images, replace_activations=lambda: a)[1]
+def head_rerun(shared: lp.SharedPass, a: tf.Tensor, outputs: bool = False):
+    """The logits (and with ``outputs`` the outputs too) with the layer's output replaced by
+    ``a`` (only the head after it runs)."""
+    _, logits, out = passes.forward(shared.ex, shared.images, replace={shared.site: lambda raw: a})
+    return (logits, out) if outputs else logits
 
 
 def finer_score(logits: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
@@ -82,8 +85,12 @@ def _hessian_products(shared: lp.SharedPass) -> tf.Tensor:
         outer.watch(a)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as inner:
             inner.watch(a)
-            logits = head_rerun(shared, a)
-            ys = [tf.reduce_sum(tf.gather(logits, shared.classes_all[:, t], batch_dims=1)) for t in range(width)]
+            logits, outputs = head_rerun(shared, a, outputs=True)
+            if shared.scorer is None:  # class targets: the logit
+                ys = [tf.reduce_sum(tf.gather(logits, shared.classes_all[:, t], batch_dims=1)) for t in range(width)]
+            else:  # any other target: its value (camserve.targets)
+                values = shared.scorer(shared.classes_all, logits, outputs, None, False)
+                ys = [tf.reduce_sum(values[:, t]) for t in range(width)]
         grads = [inner.gradient(y, a) for y in ys]
     zero = tf.UnconnectedGradients.ZERO
     return tf.stack([outer.gradient(g, a, output_gradients=a, unconnected_gradients=zero) for g in grads], axis=1)

@@ -85,19 +85,26 @@ def target_scores(logits: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
     return tf.gather(logits, classes, batch_dims=1)
 
 
-def input_gradients(ex: Explainer, inputs, classes, weight=None, hooks=None) -> list[tf.Tensor]:
-    """Per target column t of ``classes`` (S, T): d Σ_s weight_s · score_s / d inputs, (S, H, W, C)."""
+def input_gradients(ex: Explainer, inputs, classes, weight=None, hooks=None, scorer=None, rows=None) -> list[tf.Tensor]:
+    """Per target column t of ``classes`` (S, T): d Σ_s weight_s · score_s / d inputs, (S, H, W, C).
+    The score is the class's logit, or ``scorer``'s value for targets that are not classes (the
+    pass's :class:`~camserve.explain.layer_pass.SharedPass` ``scorer``; ``rows``: each input's row)."""
     with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
         tape.watch(inputs)
-        _, logits, _ = ex._forward(inputs, need_activations=False, hooks=hooks)
-        scores = [target_scores(logits, classes[:, t]) for t in range(classes.shape[1])]
+        _, logits, outputs = ex._forward(inputs, need_activations=False, hooks=hooks)
+        if scorer is None:
+            scores = [target_scores(logits, classes[:, t]) for t in range(classes.shape[1])]
+        else:
+            values = scorer(classes, logits, outputs, rows, False)
+            scores = [values[:, t] for t in range(classes.shape[1])]
         ys = [tf.reduce_sum(s if weight is None else s * weight) for s in scores]
     return [tape.gradient(y, inputs) for y in ys]
 
 
 def guided_gradients(shared: lp.SharedPass) -> tf.Tensor:
     """(B, T, H, W, C) guided-backprop gradients of every target (one gated pass)."""
-    grads = input_gradients(shared.ex, shared.images, shared.classes_all, hooks=guided_hooks(shared.ex))
+    ex, scorer = shared.ex, getattr(shared, "scorer", None)
+    grads = input_gradients(ex, shared.images, shared.classes_all, hooks=guided_hooks(ex), scorer=scorer)
     return tf.stack(grads, axis=1)
 
 
@@ -136,12 +143,12 @@ SAMPLING: dict[str, Sampling] = {
 }
 
 
-def sampled_chunk(ex: Explainer, read: str, images, classes, image_index, sample, weight) -> tf.Tensor:
+def sampled_chunk(ex: Explainer, read: str, images, classes, image_index, sample, weight, scorer=None) -> tf.Tensor:
     """One chunk of (image, copy) pairs: the sum over its copies of each image's input
     gradients, (B, T, H, W, C); ``weight`` 0 marks padding pairs."""
     ex.trace_count += 1
     inputs = SAMPLING[read].copies(tf.gather(images, image_index), sample)
-    grads = input_gradients(ex, inputs, tf.gather(classes, image_index), weight)
+    grads = input_gradients(ex, inputs, tf.gather(classes, image_index), weight, scorer=scorer, rows=image_index)
     b = tf.shape(images)[0]
     return tf.stack([tf.math.unsorted_segment_sum(g, image_index, b) for g in grads], axis=1)
 
@@ -153,7 +160,8 @@ def all_samples(read: str) -> Callable[[lp.SharedPass], tf.Tensor]:
         spec, b = SAMPLING[read], tf.shape(shared.images)[0]
         image_index = tf.repeat(tf.range(b), spec.samples)
         sample = tf.tile(tf.range(spec.samples), [b])
-        total = sampled_chunk(shared.ex, read, shared.images, shared.classes_all, image_index, sample, None)
+        scorer = getattr(shared, "scorer", None)
+        total = sampled_chunk(shared.ex, read, shared.images, shared.classes_all, image_index, sample, None, scorer)
         return spec.finish(shared.images, total / spec.samples)
 
     return compute

@@ -177,3 +177,26 @@ def test_shapleycam(setup):
     weights = (g - 0.5 * hvp).mean(axis=(2, 3), keepdims=True)
     ref = relu((weights * a64[:, None]).sum(axis=-1))
     assert_close(ours(model, x, "shapleycam"), ref, 1e-4, "shapleycam")
+
+
+def test_shapleycam_of_a_target_that_is_not_a_class(setup):
+    """RegressionTarget(2): the Hessian is that of the softmax output 2, not of a logit."""
+    from camserve.targets import RegressionTarget
+
+    model, x, _, a = setup
+    head = keras.Model(model.get_layer(LAYER).output, model.output)
+    got = Explainer(model, layer=LAYER).explain(x, methods=("shapleycam",), targets=RegressionTarget(2))
+    a64, n = a.numpy().astype(np.float64), int(np.prod(a.shape[1:]))
+    refs = []
+    for i in range(3):
+        ai = a[i : i + 1]
+        with tf.GradientTape() as outer:
+            outer.watch(ai)
+            with tf.GradientTape() as inner:
+                inner.watch(ai)
+                yi = head(ai)[0, 2]
+            gi = inner.gradient(yi, ai)
+        hvp = (outer.jacobian(gi, ai).numpy().reshape(n, n).astype(np.float64) @ a64[i].ravel()).reshape(a64.shape[1:])
+        weights = (gi.numpy()[0].astype(np.float64) - 0.5 * hvp).mean(axis=(0, 1))
+        refs.append(relu((a64[i] * weights).sum(axis=-1)))
+    assert_close(np.stack([r[0].raw for r in got]).astype(np.float64), np.stack(refs), 1e-4, "shapleycam, regression")

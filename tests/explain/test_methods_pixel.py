@@ -205,3 +205,26 @@ def test_pixel_and_layer_methods_in_one_call_keep_the_callers_order(setup):
         "smoothgrad",
         "integrated_gradients",
     }
+
+
+def test_pixel_methods_follow_targets_that_are_not_classes(setup):
+    """A RegressionTarget(1, sign=-1) explains −output[1] (the softmax output, not a logit)."""
+    from camserve.targets import RegressionTarget
+
+    model, x = setup
+    ex = Explainer(model, layer=LAYER)
+    got = ex.explain(x, methods=("guidedbackprop", "integrated_gradients"), targets=RegressionTarget(1, sign=-1))
+    probs = keras.Model(model.inputs[0], model.output)
+
+    def gradient(m, inputs):
+        xs = tf.constant(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            y = -tf.reduce_sum(m(xs)[:, 1])
+        return tape.gradient(y, xs).numpy().astype(np.float64)
+
+    clone = guided_clone(model)
+    guided_probs = keras.Model(clone.inputs[0], keras.layers.Activation("softmax")(clone.output))
+    assert_close(np.stack([r[0].raw for r in got]), saliency(gradient(guided_probs, x)), 1e-4, "guided, regression")
+    mean = sum(gradient(probs, ((s + 0.5) / 16 * x).astype(np.float32)) for s in range(16)) / 16
+    assert_close(np.stack([r[1].raw for r in got]), np.maximum((mean * x).sum(-1), 0), 1e-4, "IG, regression")
