@@ -190,7 +190,7 @@ def _flatten(data: Any, what: str) -> list[Any]:
     """A JSON ``data`` value (flat or nested lists) as one flat list."""
     if not isinstance(data, list):
         return [data]
-    if not any(isinstance(d, list) for d in data):
+    if not data or not isinstance(data[0], list):  # flat (a list further on is refused as an element)
         return data
     out: list[Any] = []
     stack = [iter(data)]
@@ -226,17 +226,23 @@ def from_values(name: str, datatype: str, shape: Iterable[Any], values: Sequence
                 raise InvalidArgument(f"{what}: BYTES elements must be strings, got {type(v).__name__}")
         return Tensor(name, datatype, _object_array(elements, dims))
     dtype = DATATYPES[datatype]
-    kind_ok = (bool,) if datatype == "BOOL" else (int, float) if dtype.kind == "f" else (int,)
-    if not all(isinstance(v, kind_ok) and (datatype == "BOOL" or not isinstance(v, bool)) for v in values):
-        expected = "true/false" if datatype == "BOOL" else "numbers" if dtype.kind == "f" else "integers"
-        raise InvalidArgument(f"{what}: {datatype} elements must be {expected}")
+    info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype) if dtype.kind == "f" else None
+    limits = f" from {info.min} to {info.max}" if info is not None else ""
+    expected = "true/false" if datatype == "BOOL" else "numbers" if dtype.kind == "f" else "integers"
+    # numpy infers the elements' type in C: bool, int64 or float64 for clean lists, else str / object.
     try:
-        with np.errstate(over="raise", invalid="raise"):
-            a = np.array(values, dtype=object).astype(dtype.newbyteorder("="))
-    except (OverflowError, FloatingPointError, ValueError):
-        info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype) if dtype.kind == "f" else None
-        limits = f": allowed {info.min} to {info.max}" if info is not None else ""
-        raise InvalidArgument(f"{what}: an element is out of the range of {datatype}{limits}") from None
+        a = np.asarray(values if isinstance(values, list) else list(values))
+    except ValueError:  # e.g. a list among numbers
+        raise InvalidArgument(f"{what}: {datatype} elements must be {expected}{limits}") from None
+    if a.size and a.dtype.kind not in ("b" if datatype == "BOOL" else "iuf" if dtype.kind == "f" else "iu"):
+        raise InvalidArgument(f"{what}: {datatype} elements must be {expected}{limits}")
+    if a.size and dtype.kind in "iu" and (a.min() < info.min or a.max() > info.max):  # type: ignore[union-attr]
+        raise InvalidArgument(f"{what}: an element is out of the range of {datatype}: allowed{limits}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = a.astype(dtype.newbyteorder("="))
+    if dtype.kind == "f" and a.size and not np.array_equal(np.isfinite(cast), np.isfinite(a)):
+        raise InvalidArgument(f"{what}: an element is out of the range of {datatype}: allowed{limits}")
+    a = cast
     return Tensor(name, datatype, a.reshape(dims))
 
 
