@@ -473,3 +473,22 @@ def test_dropping_a_file_explains_it(page):
     wait_cells(d, 1, 1)
     chips = d.find_elements("css selector", f"{row_selector('dropped.png')} .chip")
     assert chips and chips[0].text.startswith("triangle")
+
+
+def test_a_dense_scores_error_shows_the_servers_message(page, server):
+    d = page
+    upload(d, SAMPLES / "star.png")
+    wait_cells(d, 1, 1)
+    d.find_element("id", "tab-dense").click()
+    d.find_element("id", "dense-stride").clear()
+    d.find_element("id", "dense-stride").send_keys("3")  # must divide the network's stride (4)
+    d.find_element("id", "dense-run").click()
+    image = base64.b64encode((SAMPLES / "star.png").read_bytes()).decode()
+    status, body = server.error(
+        "DenseScores", {"model": {"name": "shapes_gap"}, "image": {"encoded": image}, "stride": 3, "mode": "fcn"}
+    )
+    assert status == 400
+    error = d.find_element("id", "error")
+    wait(d, lambda d: error.is_displayed())
+    assert body["error"]["message"] in error.text and "star.png" in error.text
+    assert not d.find_elements("css selector", "canvas.dense-class")
