@@ -29,14 +29,14 @@ from common import machine, table
 
 from camserve.datasets import shapes
 from camserve.datasets.bundled import to_input
-from camserve.dense import detect, detections
+from camserve.datasets.detection_figures import DETECTION_SEED, load_detector, scene_detections
+from camserve.dense import detections
 from camserve.dense.detect import DetectionSettings
 from camserve.dense.scores import dense_scores
 from camserve.evaluation.detection import window_and_tight_report
-from camserve.explain import Explainer
 from camserve.serving.repository import load_model_dir
 
-SEED = 130_013  # train-bundled uses 1000 * seed + 0..4 and + 500..504
+SEED = DETECTION_SEED  # train-bundled uses 1000 * seed + 0..4 and + 500..504
 SETS = {"20-44 px (default sizes)": (20, 44), "15-60 px": (15, 60)}
 
 
@@ -45,21 +45,19 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_set(entry, scenes, before: bool = False) -> tuple[dict, float]:
+def run_set(model_dir: Path, scenes, before: bool = False) -> tuple[dict, float]:
+    entry, settings, explainer = load_detector(model_dir)
     names = list(entry.config.class_names)
-    settings = DetectionSettings.from_config(entry.config)
-    explainer = None if before or not settings.tight_boxes else Explainer(entry.model, layer=settings.tight_box_layer)
-    found, truth = [], []
     t0 = _cpu()
-    for s in scenes:
-        x = to_input(s.image[None])[0]
-        if before:
-            dets = detections(dense_scores(entry.model, x), 0.5, 0.3, class_names=names)
-        else:
-            dets = detect(entry.model, x, settings, names, explainer=explainer).detections
-        found.append(dets)
-        truth.append([(shapes.CLASS_NAMES[label], box) for label, box in zip(s.labels, s.boxes)])
+    if before:
+        found = [
+            detections(dense_scores(entry.model, to_input(s.image[None])[0]), 0.5, 0.3, class_names=names)
+            for s in scenes
+        ]
+    else:
+        found = scene_detections(entry, settings, explainer, scenes)
     cpu = (_cpu() - t0) / len(scenes)
+    truth = [[(shapes.CLASS_NAMES[label], box) for label, box in zip(s.labels, s.boxes)] for s in scenes]
     return window_and_tight_report(found, truth), cpu
 
 
@@ -71,12 +69,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     entry = load_model_dir(args.model)
-    runs = [("after", entry, False)]
+    runs = [("after", args.model, False)]
     if args.before_model:
-        runs.insert(0, ("before", load_model_dir(args.before_model), True))
+        runs.insert(0, ("before", args.before_model, True))
     rows, raw = [], {}
-    for k, (label, (lo, hi)) in enumerate(SETS.items()):
-        scenes = shapes.make_scenes(args.scenes, SEED + k, (256, 256), n_shapes=4, shape_size=(lo, hi))
+    for label, (lo, hi) in SETS.items():
+        scenes = shapes.make_scenes(args.scenes, SEED, (256, 256), n_shapes=4, shape_size=(lo, hi))
         for name, e, before in runs:
             report, cpu = run_set(e, scenes, before)
             raw[f"{name} / {label}"] = report
@@ -122,7 +120,7 @@ def main() -> int:
             + (f" --before-model {args.before_model}" if args.before_model else "")
             + "`",
             f"Model: {args.model} ({', '.join(entry.config.class_names)}); settings: {settings}",
-            f"{args.scenes} scenes of 256 px with 4 shapes per set ({4 * args.scenes} objects), seeds {SEED}+k.",
+            f"{args.scenes} scenes of 256 px with 4 shapes per set ({4 * args.scenes} objects), seed {SEED} (as config.toml's [metrics]).",
             "win: windows by containment (≥ 80 % of the object inside, class equal); tight: tight boxes by",
             "IoU ≥ 0.5; tight IoU≥0.5: share of the true window detections whose tight box has IoU ≥ 0.5.",
             "",

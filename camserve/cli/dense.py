@@ -4,14 +4,20 @@ convolutional form of the model (or batched crops).
     camserve dense scene.png --model models/shapes_fc --stride 8 --scales 1,0.5 --out out/
 
 Writes, per image, ``<stem>.<class>.dense.png`` (each class's score map blended on the image),
-``<stem>.argmax.png`` (the best class at every pixel, in the palette listed in the JSON, with
-the detections drawn), and one ``dense.json`` with the grids, the arg-max class map per scale
-and the detections (per-class NMS).
+``<stem>.argmax.png`` (the best class at every pixel, in the palette listed in the JSON; the
+background class left uncoloured; each detection's window drawn thin and its tight box thick),
+and one ``dense.json`` with the grids, the arg-max class map per scale and the detections
+(window and tight box each). Detection settings come from the model's ``config.toml``
+(``[dense]``, ``background_class``; see :mod:`camserve.dense.detect`); the flags override them.
+``--boxes labels.json`` (``{"<image file name>": {"labels": [...], "boxes": [[x0, y0, x1, y1],
+...]}}``, as ``samples/ground_truth.json``) prints precision, recall and AP of the windows
+(containment ≥ 0.8) and of the tight boxes (IoU ≥ 0.5).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -53,10 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
     p.add_argument(
-        "--stride", type=int, default=None, help="window stride in pixels (default: the network's total stride)"
+        "--stride", type=int, default=None, help="window stride in pixels (default: config, else the total stride)"
     )
     p.add_argument(
-        "--scales", type=_scales, default=(1.0,), help="comma-separated pyramid scales, e.g. 1,0.5 (default 1)"
+        "--scales",
+        type=_scales,
+        default=None,
+        help="comma-separated pyramid scales, e.g. 1,0.5 (default: config, else 1)",
     )
     p.add_argument(
         "--mode",
@@ -66,8 +75,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--logits", action="store_true", help="scores before the final activation (fcn mode)")
     p.add_argument("--pad", action="store_true", help="zero-pad images smaller than the window instead of failing")
-    p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold (default 0.5)")
-    p.add_argument("--iou", type=float, default=0.3, help="NMS IoU threshold (default 0.3)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="detection score threshold (default: config, else 0.5)"
+    )
+    p.add_argument("--iou", type=float, default=None, help="NMS IoU threshold (default: config, else 0.3)")
+    p.add_argument(
+        "--nms",
+        choices=("auto", "agnostic", "per_class"),
+        default=None,
+        help="NMS across classes and scales, or per class (default: config, else auto: agnostic for softmax heads)",
+    )
+    p.add_argument(
+        "--margin", type=int, default=None, help="zero margin around each scaled image (default: config, else 0)"
+    )
+    p.add_argument(
+        "--tight-boxes",
+        choices=("on", "off"),
+        default=None,
+        help="tight boxes from the class's CAM inside each window (default: config, else on)",
+    )
+    p.add_argument("--boxes", type=Path, default=None, help="ground-truth labels.json: print detection metrics")
     p.add_argument(
         "--classes",
         default=None,
@@ -112,14 +139,21 @@ def _heat(score: np.ndarray, probabilities: bool) -> np.ndarray:
     return (score - lo) / (hi - lo) if hi > lo else np.zeros_like(score)
 
 
-def _argmax_picture(rgb: np.ndarray, cls: np.ndarray, dets: list[Any], names: tuple[str, ...]) -> np.ndarray:
+def _argmax_picture(
+    rgb: np.ndarray, cls: np.ndarray, dets: list[Any], names: tuple[str, ...], background: int | None = None
+) -> np.ndarray:
     colours = PALETTE[cls % len(PALETTE)]
     out = cv2.addWeighted(np.ascontiguousarray(rgb), 0.55, colours, 0.45, 0)
+    if background is not None:  # background stays the image itself
+        out[cls == background] = rgb[cls == background]
     for d in dets:
         colour = tuple(int(v) for v in PALETTE[d.class_index % len(PALETTE)])
         x0, y0, x1, y1 = (int(round(v)) for v in d.box)
-        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), 2)
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, 1)
+        if d.tight_box is not None:
+            tx0, ty0, tx1, ty1 = (int(round(v)) for v in d.tight_box)
+            cv2.rectangle(out, (tx0, ty0), (tx1 - 1, ty1 - 1), (255, 255, 255), 3)
+            cv2.rectangle(out, (tx0, ty0), (tx1 - 1, ty1 - 1), colour, 2)
         cv2.putText(
             out,
             f"{names[d.class_index]} {d.score:.2f}",
@@ -133,6 +167,50 @@ def _argmax_picture(rgb: np.ndarray, cls: np.ndarray, dets: list[Any], names: tu
     return out
 
 
+def _ground_truth(path: Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
+    try:
+        data = json.loads(path.read_text())
+        out = {}
+        for name, e in data.items():
+            objects = []
+            for label, b in zip(e["labels"], e["boxes"], strict=True):
+                x0, y0, x1, y1 = (float(v) for v in b)
+                objects.append((str(label), (x0, y0, x1, y1)))
+            out[str(name)] = objects
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidArgument(
+            f'{path}: expected {{"<image file name>": {{"labels": [...], "boxes": [[x0, y0, x1, y1], ...]}}}} ({e})'
+        ) from None
+
+
+def _settings(args: argparse.Namespace, config: Any) -> Any:
+    from camserve.dense.detect import DetectionSettings
+
+    tight = None if args.tight_boxes is None else args.tight_boxes == "on"
+    return DetectionSettings.from_config(config).with_overrides(
+        threshold=args.threshold,
+        iou=args.iou,
+        nms=args.nms,
+        scales=args.scales,
+        stride=args.stride,
+        margin=args.margin,
+        tight_boxes=tight,
+    )
+
+
+def _tight_box_explainer(args: argparse.Namespace, entry: Any, settings: Any) -> Any:
+    """The Explainer whose CAM gives the tight boxes: of the model itself, or of the config's
+    ``tight_box_model`` from the same repository folder."""
+    if not settings.tight_boxes:
+        return None
+    from camserve.explain import Explainer
+    from camserve.serving.repository import load_model_dir
+
+    source = load_model_dir(args.model.parent / settings.tight_box_model) if settings.tight_box_model else entry
+    return Explainer(source.model, layer=settings.tight_box_layer, class_names=source.config.class_names)
+
+
 def _unique_stem(path: Path, used: set[str]) -> str:
     stem, k = path.stem, 1
     while stem in used:
@@ -144,7 +222,8 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     load_tensorflow(log_level(args))
-    from camserve.dense import dense_scores, detections, score_map
+    from camserve.dense import detect, score_map
+    from camserve.evaluation.detection import window_and_tight_report
     from camserve.serving.repository import load_model_dir
 
     if args.batch_size < 1:
@@ -152,18 +231,24 @@ def run(args: argparse.Namespace) -> int:
     entry = load_model_dir(args.model, args.version)
     cfg = entry.config
     names = tuple(cfg.class_names)
+    settings = _settings(args, cfg)
+    background = settings.background_index(names)
+    truth = _ground_truth(args.boxes) if args.boxes else None
+    explainer = _tight_box_explainer(args, entry, settings)
     args.out.mkdir(parents=True, exist_ok=True)
     report: list[dict[str, Any]] = []
+    found, expected = [], []
     used: set[str] = set()
     for path in tqdm(args.images, unit="img", desc="dense", disable=len(args.images) < 2):
         rgb = imaging.read_image(path)
         x = imaging.model_input(rgb, cfg, resize_to_input=False)
         try:
-            result = dense_scores(
+            detected = detect(
                 entry.model,
                 x,
-                stride=args.stride,
-                scales=args.scales,
+                settings,
+                names,
+                explainer=explainer,
                 mode=args.mode,
                 batch_size=args.batch_size,
                 logits=args.logits,
@@ -171,24 +256,29 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise InvalidArgument(f"{path}: {e}") from None
+        result, dets = detected.scores, detected.detections
         n_classes = result[0].scores.shape[-1]
-        if n_classes != len(names):
-            raise InvalidArgument(
-                f"{args.model}: config.toml names {len(names)} classes but the model outputs {n_classes}"
-            )
-        dets = detections(result, threshold=args.threshold, iou_threshold=args.iou, class_names=names)
+        if truth is not None:
+            if path.name not in truth:
+                raise InvalidArgument(f"{args.boxes} has no entry for {path.name}; it names {sorted(truth)[:5]}")
+            found.append(dets)
+            expected.append(truth[path.name])
         stem = _unique_stem(path, used)
         peaks = np.array([max(float(level.scores[..., c].max()) for level in result) for c in range(n_classes)])
+        if background is not None:
+            peaks[background] = -np.inf  # a heatmap of "nothing here" only on request
         probabilities = all(0.0 <= float(level.scores.min()) and float(level.scores.max()) <= 1.0 for level in result)
         heatmaps = {}
         for c in _class_list(args.classes, names, peaks):
+            if args.classes is None and c == background:
+                continue
             score, _ = score_map(result, rgb.shape, class_index=c)
             png = args.out / f"{stem}.{names[c]}.dense.png"
             png.write_bytes(imaging.encode_png(imaging.overlay(rgb, _heat(score, probabilities))))
             heatmaps[names[c]] = png.name
         _, cls = score_map(result, rgb.shape)
         argmax_png = args.out / f"{stem}.argmax.png"
-        argmax_png.write_bytes(imaging.encode_png(_argmax_picture(rgb, cls, dets, names)))
+        argmax_png.write_bytes(imaging.encode_png(_argmax_picture(rgb, cls, dets, names, background)))
         report.append(
             {
                 "image": str(path),
@@ -198,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
                 "exact": result.exact,
                 "stride": list(result.strides),
                 "window": list(result.window),
+                "margin": settings.margin,
                 "scales": [
                     {
                         "scale": level.scale,
@@ -214,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
                         "label": d.label,
                         "score": round(d.score, 6),
                         "box": [round(v, 2) for v in d.box],
+                        "tight_box": None if d.tight_box is None else [round(v, 2) for v in d.tight_box],
                         "scale": d.scale,
                     }
                     for d in dets
@@ -222,19 +314,29 @@ def run(args: argparse.Namespace) -> int:
                 "argmax_map": argmax_png.name,
             }
         )
-    palette = {name: PALETTE[i % len(PALETTE)].tolist() for i, name in enumerate(names)}
-    (args.out / "dense.json").write_text(
-        json.dumps(
-            {
-                "model": entry.name,
-                "version": entry.version,
-                "class_names": list(names),
-                "palette": palette,
-                "images": report,
-            },
-            indent=1,
-        )
-    )
+    palette = {name: PALETTE[i % len(PALETTE)].tolist() for i, name in enumerate(names) if i != background}
+    summary: dict[str, Any] = {
+        "model": entry.name,
+        "version": entry.version,
+        "class_names": list(names),
+        "background_class": settings.background_class,
+        "palette": palette,
+        "settings": dataclasses.asdict(detected.settings) if report else dataclasses.asdict(settings),
+        "images": report,
+    }
+    if truth is not None:
+        summary["metrics"] = window_and_tight_report(found, expected)
+    (args.out / "dense.json").write_text(json.dumps(summary, indent=1))
     n_det = sum(len(r["detections"]) for r in report)
     print(f"wrote dense maps of {len(report)} image(s), {n_det} detection(s) and dense.json to {args.out}")
+    if truth is not None:
+        m = summary["metrics"]
+        w, t = m["windows"], m["tight_boxes"]
+        print(
+            f"windows (containment >= 0.8): precision {w['precision']:.3f} recall {w['recall']:.3f} AP {w['ap']:.3f}; "
+            f"tight boxes (IoU >= 0.5): precision {t['precision']:.3f} recall {t['recall']:.3f} AP@0.5 {t['ap50']:.3f}; "
+            f"true windows whose tight box has IoU >= 0.5: {m['tight_iou_share']:.3f} "
+            f"(mean IoU tight {m['mean_tight_iou']:.3f}, window {m['mean_window_iou']:.3f}) "
+            f"over {w['objects']} objects"
+        )
     return 0

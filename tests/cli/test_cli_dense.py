@@ -10,7 +10,8 @@ from fcn_nets import crops_reference, flatten_net
 
 from camserve import imaging
 from camserve.cli import main
-from camserve.dense import dense_scores, detections
+from camserve.dense import DetectionSettings, detect
+from camserve.explain import Explainer
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -76,11 +77,10 @@ def test_dense_writes_heatmaps_argmax_and_json(tmp_path, model_dir, model):
         np.testing.assert_allclose(level["max_score"], want.max(-1), atol=2e-6)
         assert [s["scale"] for s in entry["scales"]] == [1.0, 0.8]
         # Detections are the library's, over both scales.
-        lib = detections(
-            dense_scores(model, x, stride=2, scales=(1.0, 0.8)), threshold=0.3, iou_threshold=0.3, class_names=NAMES
-        )
-        assert [(d["label"], d["box"]) for d in entry["detections"]] == [
-            (d.label, [round(v, 2) for v in d.box]) for d in lib
+        settings = DetectionSettings(threshold=0.3, iou=0.3, scales=(1.0, 0.8), stride=2)
+        lib = detect(model, x, settings, NAMES, explainer=Explainer(model, class_names=NAMES)).detections
+        assert [(d["label"], d["box"], d["tight_box"]) for d in entry["detections"]] == [
+            (d.label, [round(v, 2) for v in d.box], d.tight_box and [round(v, 2) for v in d.tight_box]) for d in lib
         ]
         assert sorted(entry["heatmaps"]) == NAMES
         for png in [*entry["heatmaps"].values(), entry["argmax_map"]]:
@@ -126,3 +126,53 @@ def test_dense_errors_name_the_problem(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["dense", str(ok), "--model", str(model_dir), "--scales", "1,-2", "--out", str(tmp_path / "o")])
     assert "scales must be comma-separated positive numbers" in capsys.readouterr().err
+
+
+def test_dense_boxes_prints_metrics_of_the_bundled_model(tmp_path, capsys):
+    """`--boxes` on generated 256 px four-shape scenes (a seed not used in training) with the
+    bundled shapes_fc and its config's defaults: the printed and written figures are
+    camserve.evaluation's on the detections in dense.json."""
+    from pathlib import Path
+
+    from camserve.datasets import shapes
+    from camserve.evaluation.detection import window_and_tight_report
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    truth, paths = {}, []
+    for i, scene in enumerate(shapes.make_scenes(3, 777_001, (256, 256), n_shapes=4)):
+        path = tmp_path / f"scene{i}.png"
+        path.write_bytes(imaging.encode_png(scene.image))
+        truth[path.name] = {"labels": scene.names, "boxes": [list(b) for b in scene.boxes]}
+        paths.append(path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(truth))
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["dense", *map(str, paths), "--model", str(models / "shapes_fc"), "--boxes", str(labels), "--out", str(out)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    report = json.loads((out / "dense.json").read_text())
+    assert report["background_class"] == "background"
+    assert all(d["label"] != "background" for e in report["images"] for d in e["detections"])
+    from types import SimpleNamespace
+
+    found = [
+        [
+            SimpleNamespace(
+                label=d["label"],
+                score=d["score"],
+                box=tuple(d["box"]),
+                tight_box=tuple(d["tight_box"]) if d["tight_box"] else None,
+            )
+            for d in e["detections"]
+        ]
+        for e in report["images"]
+    ]
+    expected = [[(l, tuple(b)) for l, b in zip(truth[p.name]["labels"], truth[p.name]["boxes"])] for p in paths]
+    want = window_and_tight_report(found, expected)
+    assert report["metrics"]["windows"]["precision"] == pytest.approx(want["windows"]["precision"], abs=1e-3)
+    assert f"recall {want['windows']['recall']:.3f}" in printed and "AP@0.5" in printed
+    assert want["windows"]["recall"] >= 0.8 and want["windows"]["precision"] >= 0.7  # 12 objects: loose floors
