@@ -167,3 +167,22 @@ def test_errors(report: dict) -> None:
     assert "INT32" in grpc_errors["bad_datatype"][1] and "INT32" in http_errors["bad_datatype"][1]
     assert grpc_errors["no_token"][0] == "StatusCode.UNAUTHENTICATED" and http_errors["no_token"][0] == "401"
     assert grpc_errors["model_config"][0] == "StatusCode.UNIMPLEMENTED" and http_errors["model_config"][0] == "501"
+
+
+def test_health_is_public_and_the_rest_needs_the_token(served: RunningServer) -> None:
+    """Probes reach /v2/health/* without the token; metadata and inference do not (401, with
+    the protocol's error body)."""
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{served.server.http.port}"
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        with urllib.request.urlopen(base + path, timeout=30) as r:
+            assert r.status == 200
+    for path in ("/v2", "/v2/models/gap", "/v2/models/gap/ready"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + path, timeout=30)
+        assert e.value.code == 401 and "bearer token" in json.loads(e.value.read())["error"]
+    authorized = urllib.request.Request(base + "/v2/models/gap", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(authorized, timeout=30) as r:
+        assert json.loads(r.read())["name"] == "gap"
