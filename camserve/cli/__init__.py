@@ -101,6 +101,12 @@ def _native_stderr_hidden() -> Iterator[None]:
         os.dup2(saved, 2)
         for fd in (saved, devnull):
             os.close(fd)
+        # Log handlers made in the block (TensorFlow's, when no root handler exists) took
+        # ``real`` as their stream: move them to Python's stderr before it closes.
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", ()):
+                if isinstance(handler, logging.StreamHandler) and handler.stream is real:
+                    handler.setStream(python_stderr)
         real.close()
 
 

@@ -98,6 +98,18 @@ def test_native_stderr_hidden_keeps_python_stderr(capfd: pytest.CaptureFixture[s
     assert "from Python" in err and "after" in err
 
 
+def test_log_handlers_made_while_hidden_keep_working(capfd: pytest.CaptureFixture[str]) -> None:
+    # As TensorFlow's logger is made during its import when no root handler exists (Ray actors).
+    import logging
+
+    made = logging.getLogger("camserve-test-made-while-hidden")
+    with cli._native_stderr_hidden():
+        made.addHandler(logging.StreamHandler())  # takes the sys.stderr of the block
+    made.warning("logged afterwards")
+    err = capfd.readouterr().err
+    assert "logged afterwards" in err and "Logging error" not in err
+
+
 def test_explain_prints_no_tensorflow_chatter(tmp_path: Path) -> None:
     # Without camserve, this TensorFlow does chatter at import in this environment (else the
     # check below would prove nothing).
