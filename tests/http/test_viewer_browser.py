@@ -406,7 +406,10 @@ def test_screenshot_for_the_readme(page):
     assert not errors, errors  # no CSP violation, no script error
     if os.environ.get("CAMSERVE_UPDATE_SCREENSHOT"):
         (REPO / "docs").mkdir(exist_ok=True)
+        size = d.get_window_size()
+        d.set_window_size(1500, 1200)  # the three rows in full
         d.save_screenshot(str(REPO / "docs" / "viewer.png"))
+        d.set_window_size(size["width"], size["height"])
 
 
 def test_the_token_field_unlocks_a_server_with_a_token(driver, server):
