@@ -495,3 +495,28 @@ def test_a_dense_scores_error_shows_the_servers_message(page, server):
     wait(d, lambda d: error.is_displayed())
     assert body["error"]["message"] in error.text and "star.png" in error.text
     assert not d.find_elements("css selector", "canvas.dense-class")
+
+
+def test_choosing_a_target_class_explains_it_for_every_image(page, server):
+    from selenium.webdriver.support.ui import Select
+
+    d = page
+    set_methods(d, ["gradcam"])
+    upload(d, SAMPLES / "circle.png", SAMPLES / "star.png")
+    wait_cells(d, 2, 1)
+    Select(d.find_element("id", "target")).select_by_visible_text("square")
+    wait(
+        d,
+        lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('.image-row')).every(r => r.dataset.target === '1')"
+        ),
+    )
+    wait_cells(d, 2, 1)
+    set_display(d, 1.0)
+    for name in ("circle.png", "star.png"):
+        sel = f"{row_selector(name)} canvas.overlay"
+        assert d.find_element("css selector", sel).get_attribute("data-class-index") == "1"
+        pixels = canvas_pixels(d, sel)
+        assert_colors_match(
+            pixels, expected_colors(server.heatmap((SAMPLES / name).read_bytes(), 1, "gradcam"), *pixels.shape[:2])
+        )
