@@ -453,35 +453,7 @@ def _box(b: pb.Box) -> tuple[int, int, int, int]:
     return (int(b.x0), int(b.y0), int(b.x1), int(b.y1))
 
 
-def target_from_proto(t: pb.Target) -> int | str:
-    """A wire Target as an int index or a class name."""
-    kind = t.WhichOneof("target")
-    if kind is None:
-        raise InvalidArgument("empty target: set `index` or `name`")
-    return int(t.index) if kind == "index" else str(t.name)
-
-
-def target_to_proto(t: int | np.integer | str) -> pb.Target:
-    """A class index or class name as a wire Target."""
-    if isinstance(t, (int, np.integer)):
-        return pb.Target(index=int(t))
-    if isinstance(t, str):
-        return pb.Target(name=t)
-    raise InvalidArgument(f"target {t!r}: use a class index (int) or a class name (str)")
-
-
-def targets_to_proto(targets: Any, n_images: int) -> list[pb.TargetList]:
-    """Targets as the library takes them (None; one int / name for all images; or per image an
-    int, a name or a list of them) as wire TargetLists (one per image)."""
-    if targets is None:
-        return []
-    if isinstance(targets, (int, np.integer, str)):
-        return [pb.TargetList(targets=[target_to_proto(targets)])]
-    targets = list(targets)
-    if len(targets) != n_images:
-        raise InvalidArgument(f"{len(targets)} target entries for {n_images} images: give one per image")
-    out = []
-    for t in targets:
-        ts = t if isinstance(t, (list, tuple)) else [t]
-        out.append(pb.TargetList(targets=[target_to_proto(x) for x in ts]))
-    return out
+# Targets: camserve/wire_targets.py (re-exported here; it reads this module's float maps).
+from camserve.wire_targets import target_from_proto as target_from_proto  # noqa: E402
+from camserve.wire_targets import target_to_proto as target_to_proto  # noqa: E402
+from camserve.wire_targets import targets_to_proto as targets_to_proto  # noqa: E402

@@ -46,10 +46,15 @@ class ExplainOptions(TypedDict, total=False):
 
     - ``methods``: method names (cam, gradcam, gradcam++, hirescam, xgradcam, layercam,
       scorecam, eigencam, ablationcam) or one name [``("gradcam",)``].
-    - ``targets``: None (the ``top_k`` best classes of each image), one class (index or
-      name) for all images, or per image a class or a list of classes [None].
+    - ``targets``: None (the ``top_k`` best classes of each image), one target for all
+      images, or per image a target or a list of them; a target is a class (index or name)
+      or a :mod:`camserve.targets` object (``ClassTarget(c, probability=True)``,
+      ``RegressionTarget``, ``MultiLabelTarget``, ``SegmentationTarget``, ``SimilarityTarget``) [None].
     - ``top_k``: how many best classes to explain when ``targets`` is None [1].
-    - ``layer``: the layer to explain; None: the model's default [None].
+    - ``layer``: the layer to explain, or a list of layers whose maps are fused; None: the
+      model's default [None].
+    - ``aug_smooth``: average the maps of 6 augmented views (flips × brightness) [False].
+    - ``eigen_smooth``: the first principal component of the weighted activations [False].
     - ``version``: the model version; 0: the newest [0].
     - ``raw``: send the map at the layer's resolution (else ``Explanation.raw`` is None) [True].
     - ``heatmap``: True: the [0, 1] heatmap as float32; ``"png"``: sent as an 8-bit grayscale
@@ -64,7 +69,9 @@ class ExplainOptions(TypedDict, total=False):
     methods: Sequence[str] | str
     targets: Any
     top_k: int
-    layer: str | None
+    layer: str | Sequence[str] | None
+    aug_smooth: bool
+    eigen_smooth: bool
     version: int
     raw: bool
     heatmap: bool | Literal["png"]
@@ -175,7 +182,10 @@ def explain_request(
         methods=[methods] if isinstance(methods, str) else list(methods),
         targets=wire.targets_to_proto(options.get("targets"), len(msgs)),
         top_k=options.get("top_k", 1),
-        layer=options.get("layer") or "",
+        layer=layer if isinstance(layer := options.get("layer") or "", str) else "",
+        layers=[] if isinstance(layer, str) else list(layer),
+        aug_smooth=bool(options.get("aug_smooth", False)),
+        eigen_smooth=bool(options.get("eigen_smooth", False)),
         return_raw=options.get("raw", True),
         return_heatmap=heatmap is True,
         return_heatmap_png=heatmap == "png",

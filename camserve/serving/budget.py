@@ -102,19 +102,25 @@ def predict_units(images: int) -> int:
     return images
 
 
-def explain_units(images: int, targets: Sequence[int], methods: Sequence[str], channels: int) -> int:
+#: Views per image that ``aug_smooth`` explains (:data:`camserve.explain.smoothing.VIEWS`).
+AUG_SMOOTH_VIEWS = 6
+
+
+def explain_units(images: int, targets: Sequence[int], methods: Sequence[str], channels: int, views: int = 1) -> int:
     """``targets``: targets per image (one entry per image, or one for all). Per image:
     targets × Σ (1 + :func:`samples`) over the methods that are not per channel + channels ×
-    (per-channel methods).
+    (per-channel methods); all of it × ``views`` (aug_smooth explains 6 views of each image).
 
     >>> explain_units(images=1, targets=[2], methods=("gradcam", "smoothgrad"), channels=64)
     36
+    >>> explain_units(images=1, targets=[1], methods=("gradcam",), channels=64, views=6)
+    6
     """
     channel_methods = sum(1 for m in methods if per_channel(m))
     cheap = sum(1 + samples(m) for m in methods if not per_channel(m))
     if len(targets) == 1 and images != 1:
         targets = list(targets) * images
-    return sum(t * cheap + channels * channel_methods for t in targets)
+    return views * sum(t * cheap + channels * channel_methods for t in targets)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -168,6 +168,8 @@ def _run_explain(key: ExplainKey, jobs: list[ExplainJob], checkpoint: Checkpoint
         targets=targets,
         top_k=key.top_k or 1,
         checkpoint=checkpoint,
+        aug_smooth=key.aug_smooth,
+        eigen_smooth=key.eigen_smooth,
     )
     out = split(results, jobs)
     for i, job in enumerate(jobs):

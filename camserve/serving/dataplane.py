@@ -34,7 +34,7 @@ from camserve import wire
 from camserve.errors import InvalidArgument, Unavailable
 from camserve.serving import budget, compute, inputs
 from camserve.serving.batching import Batcher, BatcherMetrics
-from camserve.serving.budget import Cost, Outputs, WorkBudget
+from camserve.serving.budget import AUG_SMOOTH_VIEWS, Cost, Outputs, WorkBudget
 from camserve.serving.config import ServerConfig
 from camserve.serving.inputs import ImageInput, declared_size, decode_image, inline_ok
 from camserve.serving.jobs import BatchKey, DenseJob, DenseKey, ExplainJob, ExplainKey, Job, PredictJob, PredictKey
@@ -47,7 +47,7 @@ from camserve.serving.results import (
     Prepared,
     display_pixels,
 )
-from camserve.serving.runtime import ModelRuntime, ModelRuntimes
+from camserve.serving.runtime import ModelRuntime, ModelRuntimes, layer_key
 
 if TYPE_CHECKING:
     from camserve.explain import Explainer
@@ -210,18 +210,24 @@ class DataPlane:
         *,
         layer: str = "",
         methods: Sequence[str] = (),
-        targets: Sequence[Sequence[int | str]] | None = None,
+        targets: Sequence[Sequence[Any]] | None = None,
         top_k: int = 0,
         outputs: Outputs = NO_MAPS,
         deadline: float | None = None,
+        layers: Sequence[str] = (),
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
     ) -> ExplainResult:
-        """Explanations per image. ``layer`` "" is the model's default; no ``methods`` means
-        gradcam; ``targets``: None (the ``top_k`` predicted classes, 0 meaning 1), one list
-        of classes (indices or names) for all images, or one per image; ``outputs``: what the
-        caller will send back (for the answer's size, checked before any compute)."""
+        """Explanations per image. ``layer`` "" is the model's default, ``layers`` several
+        fused; no ``methods`` means gradcam; ``targets``: None (the ``top_k`` predicted
+        classes, 0 meaning 1), one list of targets (class indices or names, or
+        :mod:`camserve.targets` objects) for all images, or one per image; ``outputs``: what
+        the caller will send back (for the answer's size, checked before any compute);
+        ``aug_smooth`` counts six views per image in the work budget."""
         rt = self.runtime(model, version)
         n = len(images)
         self.check_count(n)
+        layer = layer_key(layer, layers)
         ex = rt.cached_explainer(layer)
         if ex is None:  # a look-up may search the layers for close names, and building is work
             ex = await self.in_pool(rt.explainer, layer)
@@ -233,12 +239,20 @@ class DataPlane:
                 f"{len(targets)} target lists for {n} images: give none (top_k), one for all images, or one per image"
             )
         per_image = ex.resolve_targets(n, None if targets is None else [list(t) for t in targets], top_k)
-        cost, answer_bytes = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs)
+        views = AUG_SMOOTH_VIEWS if aug_smooth else 1
+        cost, answer_bytes = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs, views)
         with self.budget.reserve(cost):
             prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
             ordered = tuple(sorted(methods))
             key = ExplainKey(
-                rt.name, rt.version, ex.layer_name, ordered, rt.input_shape, top_k if per_image is None else None
+                rt.name,
+                rt.version,
+                ex.layer_name,
+                ordered,
+                rt.input_shape,
+                top_k if per_image is None else None,
+                bool(aug_smooth),
+                bool(eigen_smooth),
             )
             job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline, methods=methods)
             results = await self._submit(key, job, n)
@@ -250,9 +264,10 @@ class DataPlane:
         ex: Explainer,
         images: Sequence[ImageInput],
         methods: tuple[str, ...],
-        per_image: list[list[int]] | None,
+        per_image: list[list[Any]] | None,
         top_k: int,
         outputs: Outputs,
+        views: int = 1,
     ) -> tuple[Cost, int]:
         """The work of an Explain request (checked against the budget) and its answer's
         estimated size (checked against max_message_mb)."""
@@ -263,12 +278,14 @@ class DataPlane:
 
         def counted() -> str:
             words = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"
+            if views > 1:
+                words += f" × {views} augmented views"
             if channel_methods:
                 words += f", {', '.join(channel_methods)} by {geo.channels} channels per image"
             return words
 
         cost = Cost(
-            budget.explain_units(n, counts, methods, geo.channels),
+            budget.explain_units(n, counts, methods, geo.channels * len(ex.sites), views=views),
             counted,
             "send fewer images, targets or methods"
             + (" (or a server with a smaller max_channels)" if channel_methods else ""),

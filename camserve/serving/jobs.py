@@ -48,10 +48,12 @@ class ExplainKey:
     operation: ClassVar[str] = "explain"
     model: str
     version: int
-    layer: str  # the resolved layer name
+    layer: str  # the resolved layer name (several: joined by ",")
     methods: tuple[str, ...]
     shape: tuple[int, ...]
     top_k: int | None
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class ExplainJob(_Lifetime):
     runtime: ModelRuntime
     explainer: Explainer
     images: np.ndarray
-    targets: list[list[int]] | None
+    targets: list[list[Any]] | None  # class indices or camserve.targets objects
     deadline: float | None = None
     abandoned: bool = False
     methods: tuple[str, ...] | None = None

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from camserve.errors import InvalidArgument
@@ -152,9 +152,10 @@ class ModelRuntime:
         if ex is not None:
             return ex
         if layer not in self.layers:
-            from camserve.keras_graph import resolve_layer
+            from camserve.explain.tokens import resolve_sites
 
-            resolve_layer(self.entry.model, layer)  # raises UnknownLayer listing the choices
+            names = layer.split(",") if "," in layer else layer
+            resolve_sites(self.entry.model, names)  # raises UnknownLayer listing the choices
         with self._lock:
             ex = self.explainers.get(layer)
             if ex is None:
@@ -171,6 +172,8 @@ class ModelRuntime:
         if found is None:
             shape = _output_shape(ex)
             h, w, k = (int(v) if v else 1 for v in shape[1:4])
+            if ex.sites[0].grid is not None:  # a token layer (N, T, C) laid on its grid
+                (h, w), k = ex.sites[0].grid, int(shape[2] or 1)
             cap = self.settings.max_channels
             found = self._geometry[ex] = LayerGeometry((h, w), min(k, cap) if cap else k)
         return found
@@ -181,7 +184,7 @@ class ModelRuntime:
         s = self.settings
         return Explainer(
             self.entry.model,
-            layer=layer or None,
+            layer=(layer.split(",") if "," in layer else layer) if layer else None,
             class_names=self.entry.config.class_names,
             chunk_size=s.chunk_size,
             max_channels=s.max_channels,
@@ -236,6 +239,24 @@ class ModelRuntime:
         return DenseGeometry(
             (int(result.window[0]), int(result.window[1])), (int(result.strides[0]), int(result.strides[1]))
         )
+
+
+def layer_key(layer: str, layers: Sequence[str]) -> str:
+    """The explainer key of a request's ``layer`` or ``layers`` (several: joined by ",").
+
+    >>> layer_key("", ["block3", "block4"]), layer_key("conv", [])
+    ('block3,block4', 'conv')
+    """
+    if not layers:
+        return layer
+    if layer:
+        raise InvalidArgument(f"set layer ({layer!r}) or layers ({list(layers)}), not both")
+    bad = [name for name in layers if not name or "," in name]
+    if bad:
+        raise InvalidArgument(f"layer names in layers must be non-empty and without commas, got {bad}")
+    if len(set(layers)) != len(layers):
+        raise InvalidArgument(f"layer names repeat in {list(layers)}; give each layer once")
+    return ",".join(layers)
 
 
 def _output_shape(ex: Explainer) -> tuple:

@@ -42,8 +42,9 @@ def outputs_of(request: Any) -> Outputs:
     )
 
 
-def targets_of(request: Any) -> list[list[int | str]] | None:
-    """An ExplainRequest's TargetLists as classes (indices or names); None when it has none."""
+def targets_of(request: Any) -> list[list[Any]] | None:
+    """An ExplainRequest's TargetLists as targets (class indices or names, or
+    :mod:`camserve.targets` objects); None when it has none."""
     if not request.targets:
         return None
     return [[wire.target_from_proto(t) for t in tl.targets] for tl in request.targets]
@@ -174,6 +175,9 @@ class CamServicer(pb_grpc.CamServiceServicer):
             top_k=request.top_k,
             outputs=outputs,
             deadline=deadline_of(context),
+            layers=request.layers,
+            aug_smooth=request.aug_smooth,
+            eigen_smooth=request.eigen_smooth,
         )
         build = functools.partial(
             convert.explain_response,
