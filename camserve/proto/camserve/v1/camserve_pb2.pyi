@@ -225,18 +225,46 @@ class ExplainResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layer: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageExplanations, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DenseScoresRequest(_message.Message):
-    __slots__ = ("model", "image", "stride", "scales", "mode")
+    __slots__ = ("model", "image", "stride", "scales", "mode", "detect", "threshold", "iou", "nms", "tight_boxes", "margin")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    DETECT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    NMS_FIELD_NUMBER: _ClassVar[int]
+    TIGHT_BOXES_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     image: Image
     stride: int
     scales: _containers.RepeatedScalarFieldContainer[float]
     mode: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., mode: _Optional[str] = ...) -> None: ...
+    detect: bool
+    threshold: float
+    iou: float
+    nms: str
+    tight_boxes: bool
+    margin: int
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., stride: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., mode: _Optional[str] = ..., detect: _Optional[bool] = ..., threshold: _Optional[float] = ..., iou: _Optional[float] = ..., nms: _Optional[str] = ..., tight_boxes: _Optional[bool] = ..., margin: _Optional[int] = ...) -> None: ...
+
+class DenseDetection(_message.Message):
+    __slots__ = ("class_index", "label", "score", "box", "tight_box", "scale")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    TIGHT_BOX_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    label: str
+    score: float
+    box: _containers.RepeatedScalarFieldContainer[float]
+    tight_box: _containers.RepeatedScalarFieldContainer[float]
+    scale: float
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Iterable[float]] = ..., tight_box: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class ScaleScores(_message.Message):
     __slots__ = ("scale", "scores", "boxes")
@@ -249,7 +277,7 @@ class ScaleScores(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., scores: _Optional[_Union[FloatMap, _Mapping]] = ..., boxes: _Optional[_Union[FloatMap, _Mapping]] = ...) -> None: ...
 
 class DenseScoresResponse(_message.Message):
-    __slots__ = ("model", "scales", "stride", "exact", "class_names", "strides", "window", "mode")
+    __slots__ = ("model", "scales", "stride", "exact", "class_names", "strides", "window", "mode", "detections", "background_class", "margin")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +286,9 @@ class DenseScoresResponse(_message.Message):
     STRIDES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     scales: _containers.RepeatedCompositeFieldContainer[ScaleScores]
     stride: int
@@ -266,7 +297,10 @@ class DenseScoresResponse(_message.Message):
     strides: _containers.RepeatedScalarFieldContainer[int]
     window: _containers.RepeatedScalarFieldContainer[int]
     mode: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., scales: _Optional[_Iterable[_Union[ScaleScores, _Mapping]]] = ..., stride: _Optional[int] = ..., exact: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ..., strides: _Optional[_Iterable[int]] = ..., window: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[DenseDetection]
+    background_class: str
+    margin: int
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., scales: _Optional[_Iterable[_Union[ScaleScores, _Mapping]]] = ..., stride: _Optional[int] = ..., exact: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ..., strides: _Optional[_Iterable[int]] = ..., window: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[DenseDetection, _Mapping]]] = ..., background_class: _Optional[str] = ..., margin: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
