@@ -1,6 +1,12 @@
 """``camserve explain``: overlay PNGs and a JSON of scores, labels and boxes for images.
 
 camserve explain samples/*.png --model models/shapes_gap --method gradcam --method cam --out out/
+camserve explain a.png --model vit/ --layer block10_norm1,block11_norm1 --aug-smooth --target prob:cat --out out/
+
+``--target`` values (see :func:`parse_targets`): a class index or name; ``prob:CLASS`` (its
+probability); ``regression:INDEX`` or ``regression:INDEX:-1``; ``multilabel[:THRESHOLD]``;
+``segmentation:CLASS:MASK.png`` (non-zero pixels of the mask image, resized to the model's
+output); ``similarity:REFERENCE.npy`` (an embedding to compare with).
 """
 
 from __future__ import annotations
@@ -8,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
@@ -33,11 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target",
         dest="targets",
         action="append",
-        help="class name or index to explain (repeatable; replaces --top-k)",
+        help="class name or index to explain, or prob:CLASS, regression:INDEX[:-1], multilabel[:THRESHOLD], "
+        "segmentation:CLASS:MASK.png, similarity:REFERENCE.npy (repeatable; replaces --top-k)",
     )
     p.add_argument(
-        "--layer", default=None, help="layer to explain at (outer/inner for nested models); default automatic"
+        "--layer",
+        dest="layers",
+        action="append",
+        help="layer to explain at (outer/inner for nested models; token layers of transformers too); several "
+        "(repeated or comma-separated) are fused; default automatic",
     )
+    p.add_argument("--aug-smooth", action="store_true", help="average 6 augmented views (flips x brightness)")
+    p.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations")
     p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
@@ -48,17 +64,79 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_targets(raw: list[str] | None) -> list[int | str] | None:
-    """``--target`` values: class indices as int, class names as given; None when there are none."""
+def _class(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def parse_target(text: str) -> Any:
+    """One ``--target`` value: a class index (int) or name (str), or a :mod:`camserve.targets`
+    object for the ``kind:`` forms (see the module's docstring).
+
+    >>> parse_target("3"), parse_target("star"), parse_target("regression:1:-1")
+    (3, 'star', RegressionTarget(index=1, sign=-1))
+    >>> parse_target("prob:star"), parse_target("multilabel")
+    (ClassTarget(index_or_name='star', probability=True), MultiLabelTarget(threshold=0.5))
+    """
+    from camserve import targets as tg
+
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "prob" and rest:
+            return tg.ClassTarget(_class(rest), probability=True)
+        if kind == "regression" and rest:
+            index, _, sign = rest.partition(":")
+            return tg.RegressionTarget(int(index), int(sign or 1))
+        if kind == "multilabel":
+            return tg.MultiLabelTarget(float(rest or 0.5))
+        if kind == "segmentation" and rest.count(":") >= 1:
+            c, _, path = rest.partition(":")
+            mask = imaging.read_image(Path(path)).max(axis=-1) > 0
+            return tg.SegmentationTarget(_class(c), mask.astype(np.float32))
+        if kind == "similarity" and rest:
+            return tg.SimilarityTarget(np.load(rest))
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument(f"--target {text!r}: {exc}") from None
+    return _class(text)
+
+
+def parse_targets(raw: list[str] | None) -> list[Any] | None:
+    """``--target`` values (:func:`parse_target`); None when there are none."""
     if not raw:
         return None
-    return [int(t) if t.lstrip("-").isdigit() else t for t in raw]
+    return [parse_target(t) for t in raw]
+
+
+def parse_layers(raw: list[str] | None) -> str | list[str] | None:
+    """``--layer`` values: None (automatic), one name, or several (repeated or comma-separated).
+
+    >>> parse_layers(None), parse_layers(["conv"]), parse_layers(["a,b", "c"])
+    (None, 'conv', ['a', 'b', 'c'])
+    """
+    names = [n.strip() for r in raw or () for n in r.split(",") if n.strip()]
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def fit_masks(targets: list[Any] | None, output_shape: tuple[int, ...]) -> list[Any] | None:
+    """Segmentation masks resized (nearest) to a dense model output's (H, W)."""
+    from camserve.targets import SegmentationTarget
+
+    if not targets or len(output_shape) != 3:
+        return targets
+    size = (int(output_shape[1]), int(output_shape[0]))
+    return [
+        SegmentationTarget(t.class_index, cv2.resize(t.mask, size, interpolation=cv2.INTER_NEAREST))
+        if isinstance(t, SegmentationTarget)
+        else t
+        for t in targets
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
     methods = tuple(args.methods or ("gradcam",))
     targets = parse_targets(args.targets)
-    explained_layer = args.layer or ""
+    layer = parse_layers(args.layers)
+    smoothing = {"aug_smooth": args.aug_smooth, "eigen_smooth": args.eigen_smooth}
+    explained_layer = layer if isinstance(layer, str) else ",".join(layer or ())
     if args.html:
         from camserve.http.viewer.report import image_entry, write_report
     if args.server:
@@ -77,17 +155,19 @@ def run(args: argparse.Namespace) -> int:
                 methods=methods,
                 targets=[targets] * len(rgbs) if targets else None,
                 top_k=args.top_k,
-                layer=args.layer,
+                layer=layer,
+                **smoothing,
             )
     else:
         load_tensorflow(log_level(args))
         from camserve.explain.folder import FolderExplainer
 
-        folder = FolderExplainer.load(args.model, args.version, layer=args.layer, max_channels=args.max_channels)
+        folder = FolderExplainer.load(args.model, args.version, layer=layer, max_channels=args.max_channels)
         explained_layer = folder.explainer.layer_name
+        targets = fit_masks(targets, folder.explainer.output_shape)
 
         def explain_batch(rgbs):
-            return folder.explain_rgbs(rgbs, methods=methods, targets=targets, top_k=args.top_k)
+            return folder.explain_rgbs(rgbs, methods=methods, targets=targets, top_k=args.top_k, **smoothing)
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = []

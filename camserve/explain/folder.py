@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class FolderExplainer:
         cls,
         model_dir: str | Path,
         version: int | None = None,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         max_channels: int | None = None,
         max_batch_size: int = 64,
     ) -> FolderExplainer:
@@ -53,13 +54,21 @@ class FolderExplainer:
         self,
         rgbs: Sequence[np.ndarray],
         methods: Sequence[str] = ("gradcam",),
-        targets: Sequence[int | str] | None = None,
+        targets: Sequence[Any] | None = None,
         top_k: int = 1,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
     ) -> list[list[Explanation]]:
         """Explain RGB uint8 images of any size (each resized and preprocessed as the folder's
-        ``config.toml`` says); ``targets``: the same classes for every image, or None for the
-        ``top_k`` predicted ones. Per image, targets outer, methods inner (as :meth:`Explainer.explain`)."""
+        ``config.toml`` says); ``targets``: the same targets (classes or :mod:`camserve.targets`
+        objects) for every image, or None for the ``top_k`` predicted ones; ``aug_smooth`` /
+        ``eigen_smooth`` as for :meth:`Explainer.explain`. Per image, targets outer, methods inner (as :meth:`Explainer.explain`)."""
         batch = np.stack([imaging.model_input(rgb, self.entry.config) for rgb in rgbs])
         return self.explainer.explain(
-            batch, methods=methods, targets=[list(targets)] * len(rgbs) if targets else None, top_k=top_k
+            batch,
+            methods=methods,
+            targets=[list(targets)] * len(rgbs) if targets else None,
+            top_k=top_k,
+            aug_smooth=aug_smooth,
+            eigen_smooth=eigen_smooth,
         )
