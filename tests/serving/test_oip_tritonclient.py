@@ -186,3 +186,28 @@ def test_health_is_public_and_the_rest_needs_the_token(served: RunningServer) ->
     authorized = urllib.request.Request(base + "/v2/models/gap", headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(authorized, timeout=30) as r:
         assert json.loads(r.read())["name"] == "gap"
+
+
+def test_proto_matches_tritonclients_own(tritonclient_python: Path) -> None:
+    """Wire compatibility: every message camserve's inference/grpc_service.proto declares exists
+    in tritonclient's generated code with the same fields (names, numbers, types, repetition),
+    and every RPC with the same request and response types and streaming."""
+    import importlib.util
+
+    from camserve.proto.inference import grpc_service_pb2
+
+    spec = importlib.util.spec_from_file_location("tritonclient_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # imports tritonclient only when run as a script
+    ours = script.descriptors(grpc_service_pb2.DESCRIPTOR)
+    done = subprocess.run(
+        [str(tritonclient_python), str(SCRIPT), "--descriptors"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout)
+    assert len(ours["messages"]) >= 25
+    for name, fields in ours["messages"].items():
+        assert theirs["messages"].get(name) == fields, name
+    for name, method in ours["methods"].items():
+        assert theirs["methods"].get(name) == method, name
