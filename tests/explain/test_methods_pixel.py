@@ -173,6 +173,7 @@ def test_sampled_methods_check_between_chunks(setup):
     calls = []
     ex.explain(x, methods=("integrated_gradients",), targets=TARGETS, checkpoint=lambda: calls.append(1))
     assert len(calls) == 1 + 6
+    assert ("sampled", "integrated_gradients", 8) in ex._graphs.keys()  # graph calls of chunk_size copies each
 
     class Stop(Exception):
         pass
