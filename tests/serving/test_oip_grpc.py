@@ -318,3 +318,20 @@ def test_reflection_describes_the_service(served: RunningServer) -> None:
         listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
     assert SERVICE_NAME in {s.name for s in listed.list_services_response.service}
     assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_calls_are_counted_like_camserve_v1(served: RunningServer, stub, pixels) -> None:
+    """The status interceptor wraps the protocol's methods too: calls and errors by method and code."""
+    from helpers_serving import metric_value
+    from prometheus_client import generate_latest
+
+    def count(name: str, code: str) -> float:
+        text = generate_latest(served.server.metrics.registry).decode()
+        return metric_value(text, name, method="ModelInfer", code=code)
+
+    ok, bad = count("camserve_requests_total", "OK"), count("camserve_errors_total", "NOT_FOUND")
+    stub.ModelInfer(_request(pixels))
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(_request(pixels, model="nope"))
+    assert count("camserve_requests_total", "OK") == ok + 1
+    assert count("camserve_errors_total", "NOT_FOUND") == bad + 1
