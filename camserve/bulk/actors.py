@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,11 +117,12 @@ class ExplainActor:
             # Sent back by every call instead (nothing written): Ray reports exceptions raised
             # by actors only as text, and the driver shows the user this error as it is.
             self.setup_error = e
+        self.ready_at = time.time()  # the job's start-up ends when its first actor is ready
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = [str(i) for i in batch["image"]]
         if self.setup_error is not None:
-            return _summary(images, dict.fromkeys(images, 0), set(), pickle.dumps(self.setup_error))
+            return _summary(images, dict.fromkeys(images, 0), set(), self.ready_at, pickle.dumps(self.setup_error))
         rows = explain_images(self, images, [str(p) for p in batch["location"]])
         output.write_part(self.settings.out, rows)
         counts = dict.fromkeys(images, 0)
@@ -129,16 +131,19 @@ class ExplainActor:
             counts[r["image"]] += 1
             if r["error"] is not None:
                 failed.add(r["image"])
-        return _summary(images, counts, failed)
+        return _summary(images, counts, failed, self.ready_at)
 
 
-def _summary(images: list[str], counts: dict[str, int], failed: set[str], setup_error: bytes = b"") -> dict[str, Any]:
-    """What a call sends back per image: rows written, failed or not, and the pickled error
-    that kept the actor from starting (empty bytes when it started)."""
+def _summary(
+    images: list[str], counts: dict[str, int], failed: set[str], ready_at: float, setup_error: bytes = b""
+) -> dict[str, Any]:
+    """What a call sends back per image: rows written, failed or not, when the actor was ready
+    (``time.time()``), and the pickled error that kept it from starting (empty bytes if none)."""
     return {
         "image": np.array(images, dtype=object),
         "rows": np.array([counts[i] for i in images], np.int64),
         "failed": np.array([i in failed for i in images], bool),
+        "ready_at": np.full(len(images), ready_at, np.float64),
         "setup_error": np.array([setup_error] * len(images), dtype=object),
     }
 

@@ -7,8 +7,8 @@ actors; a part holds whole images and appears at once (temporary name, rename), 
 images (a retried batch replaces it), and a last pass removes any image found in two parts. A
 crash or Ctrl-C loses only the batches in flight: run again with the same ``OUT`` to resume.
 
->>> str(Summary(images=10, done=7, skipped=2, failed=1, seconds=2.0, startup_seconds=1.0, steady_images=4))
-'10 images: 7 done, 2 skipped, 1 failed; 4.0 images/s (4.0 images/s after 1.0 s of start-up)'
+>>> str(Summary(images=10, done=7, skipped=2, failed=1, seconds=2.0, startup_seconds=1.0, work_seconds=0.5))
+'10 images: 7 done, 2 skipped, 1 failed; 4.0 images/s (16.0 images/s after 1.0 s of start-up)'
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ INSTALL_HINT = 'camserve bulk needs Ray Data: pip install "camserve[bulk]" (or p
 @dataclasses.dataclass
 class Summary:
     """What a job did. ``done``: images explained now; ``skipped``: already in ``OUT``;
-    ``failed``: images that got an error row now; ``startup_seconds``: until the first batch came
-    back (Ray, actors, models, warm-up); ``steady_images``: images explained after that."""
+    ``failed``: images that got an error row now; ``seconds``: the whole job; ``startup_seconds``:
+    until the first actor was ready (Ray, the actor's TensorFlow, model and warm-up; reading the
+    inputs and ``OUT`` too); ``work_seconds``: from then until the last batch came back (Ray's
+    shutdown and the final checks of ``OUT`` are in neither); ``missing``: inputs not in ``OUT``
+    at the end (0 unless something is wrong)."""
 
     images: int
     done: int
@@ -45,7 +48,7 @@ class Summary:
     failed: int
     seconds: float
     startup_seconds: float
-    steady_images: int
+    work_seconds: float
     missing: int = 0
     duplicates_removed: int = 0
 
@@ -56,9 +59,8 @@ class Summary:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Images per second once the first batch is back (Ray's start-up excluded)."""
-        steady = self.seconds - self.startup_seconds
-        return self.steady_images / steady if steady > 0 else 0.0
+        """Images done or failed now, per second of work once the first actor was ready (start-up excluded)."""
+        return (self.done + self.failed) / self.work_seconds if self.work_seconds > 0 else 0.0
 
     def __str__(self) -> str:
         text = (
@@ -149,7 +151,7 @@ def run_bulk(
     resources and pool size: :func:`~camserve.bulk.actors.actor_resources`."""
     from tqdm import tqdm
 
-    start = time.perf_counter()
+    start, start_epoch = time.perf_counter(), time.time()  # actors say when they were ready in time.time()
     if not is_uri(settings.out):
         settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
     settings = dataclasses.replace(settings, model_dir=os.path.abspath(settings.model_dir))
@@ -162,8 +164,9 @@ def run_bulk(
     done = output.done_images(settings.out)
     todo = [i for i in images if i not in done]
     skipped = len(images) - len(todo)
-    n_done = n_failed = steady = 0
-    first_back: float | None = None
+    n_done = n_failed = 0
+    last_back = start
+    first_ready: float | None = None
     if todo:
         with ray_session(address) as ray:
             _quiet_ray_data(ray)
@@ -191,25 +194,25 @@ def run_bulk(
                     failed = int(result["failed"].sum())
                     n_failed += failed
                     n_done += n - failed
-                    if first_back is None:
-                        first_back = time.perf_counter()
-                    else:
-                        steady += n
+                    ready = float(result["ready_at"].min())
+                    first_ready = ready if first_ready is None else min(first_ready, ready)
                     bar.set_postfix(failed=n_failed, refresh=False)
                     bar.update(n)
             finally:
                 bar.close()
+            last_back = time.perf_counter()
     removed = output.remove_duplicates(settings.out) if todo else 0
     missing = len(set(images) - set(output.done_images(settings.out)))
     end = time.perf_counter()
+    startup = min(last_back - start, max(0.0, first_ready - start_epoch)) if first_ready else last_back - start
     return Summary(
         images=len(images),
         done=n_done,
         skipped=skipped,
         failed=n_failed,
         seconds=end - start,
-        startup_seconds=(first_back or end) - start,
-        steady_images=steady,
+        startup_seconds=startup,
+        work_seconds=last_back - start - startup,
         missing=missing,
         duplicates_removed=removed,
     )
