@@ -1,7 +1,9 @@
 """The serving process's life cycle: bind, load and warm up, serve, drain, stop.
 
 :class:`CamServer` puts the pieces together: ``camserve.v1.CamService``
-(:mod:`~camserve.serving.servicer` over the :mod:`~camserve.serving.dataplane`), the standard
+(:mod:`~camserve.serving.servicer` over the :mod:`~camserve.serving.dataplane`) and, on the
+same port over the same data plane, the Open Inference Protocol's
+``inference.GRPCInferenceService`` (:mod:`camserve.oip`), the standard
 ``grpc.health.v1`` health service (overall ``""``, ``camserve.v1.CamService`` and one entry
 per model name; SERVING only after every (operation, bucket) graph was compiled, and overall
 only when at least one model serves), server
