@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,18 @@ SIZE = 32
 
 
 def _venv_dir() -> Path:
+    """Where the venv lives: the variable, else the user's cache folder, else the temp folder
+    (a home that cannot be written)."""
     if os.environ.get("CAMSERVE_TRITONCLIENT_VENV"):
         return Path(os.environ["CAMSERVE_TRITONCLIENT_VENV"])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "camserve-tritonclient-venv"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache / "camserve-tritonclient-venv"
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "camserve-tritonclient-venv"
 
 
 def _build(venv: Path) -> Path:
