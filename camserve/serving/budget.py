@@ -35,6 +35,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from camserve.errors import InvalidArgument, ResourceExhausted
+from camserve.targets import MultiLabelTarget
 
 
 def per_channel(method: str) -> bool:
@@ -100,6 +101,15 @@ class ResponseTooLarge(ResourceExhausted):
 def predict_units(images: int) -> int:
     """One unit per image."""
     return images
+
+
+def target_count(targets: Sequence[object], classes: int) -> int:
+    """Targets one image may be explained for: a multi-label target counts every class.
+
+    >>> target_count([0, MultiLabelTarget()], classes=5)
+    6
+    """
+    return sum(classes if isinstance(t, MultiLabelTarget) else 1 for t in targets)
 
 
 #: Views per image that ``aug_smooth`` explains (:data:`camserve.explain.smoothing.VIEWS`).

@@ -34,7 +34,7 @@ from camserve import wire
 from camserve.errors import InvalidArgument, Unavailable
 from camserve.serving import budget, compute, inputs
 from camserve.serving.batching import Batcher, BatcherMetrics
-from camserve.serving.budget import AUG_SMOOTH_VIEWS, Cost, Outputs, WorkBudget
+from camserve.serving.budget import AUG_SMOOTH_VIEWS, Cost, Outputs, WorkBudget, target_count
 from camserve.serving.config import ServerConfig
 from camserve.serving.inputs import ImageInput, declared_size, decode_image, inline_ok
 from camserve.serving.jobs import BatchKey, DenseJob, DenseKey, ExplainJob, ExplainKey, Job, PredictJob, PredictKey
@@ -273,7 +273,7 @@ class DataPlane:
         estimated size (checked against max_message_mb)."""
         n = len(images)
         geo = rt.geometry(ex)
-        counts = [len(t) for t in per_image] if per_image is not None else [top_k]
+        counts = [target_count(t, ex.num_classes) for t in per_image] if per_image is not None else [top_k]
         channel_methods = [m for m in methods if budget.per_channel(m)]
 
         def counted() -> str:
@@ -324,12 +324,26 @@ class DataPlane:
         scales: Sequence[float] = (),
         mode: str = "",
         deadline: float | None = None,
+        detection: dict[str, Any] | None = None,
     ) -> DenseScoresResult:
         """Dense sliding-window scores of one image of at least the model's input size.
-        ``stride`` 0: the network's total stride; no ``scales``: (1.0,); ``mode`` "": "fcn"."""
+        ``stride`` 0: the network's total stride; no ``scales``: (1.0,); ``mode`` "": "fcn".
+        ``detection``: also find objects, with these overrides of the model's ``[dense]``
+        settings (then the settings' stride and scales stand in for 0 and none)."""
         rt = self.runtime(model, version)
         if image is None:
             raise InvalidArgument("image is required: one image at least the model's input size")
+        settings, tight_rt, margin = None, None, 0
+        if detection is not None:
+            from camserve.dense.detect import DetectionSettings
+
+            settings = DetectionSettings.from_config(rt.entry.config).with_overrides(**detection)
+            scales = tuple(float(x) for x in scales) or settings.scales
+            stride = stride or settings.stride or 0
+            settings = settings.with_overrides(scales=scales, stride=stride or None)
+            margin = settings.margin
+            if settings.tight_boxes:
+                tight_rt = self.runtime(settings.tight_box_model, 0) if settings.tight_box_model else rt
         if stride < 0:
             raise InvalidArgument(f"stride must be >= 0 (0: the network's total stride), got {stride}")
         scales = tuple(float(x) for x in scales) or (1.0,)
@@ -343,12 +357,19 @@ class DataPlane:
         mode = mode or "fcn"
         if mode not in ("fcn", "crops"):
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
-        cost, answer_bytes = self._dense_cost(rt, (height, width), stride, scales)
+        pad = int(np.ceil(2 * margin / min(scales))) if margin else 0  # the margin's windows, counted
+        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales)
         with self.budget.reserve(cost):
             x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
             key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
-            result = await self._submit(key, DenseJob(rt, x, deadline), 1)
-        return DenseScoresResult(rt.name, rt.version, tuple(rt.entry.config.class_names), result, answer_bytes)
+            job = DenseJob(rt, x, deadline, detection=settings, tight_runtime=tight_rt)
+            result = await self._submit(key, job, 1)
+        names = tuple(rt.entry.config.class_names)
+        if settings is None:
+            return DenseScoresResult(rt.name, rt.version, names, result, answer_bytes)
+        return DenseScoresResult(
+            rt.name, rt.version, names, result.scores, answer_bytes, result.detections, settings.background_class
+        )
 
     def _dense_cost(
         self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...]
