@@ -38,6 +38,12 @@ from camserve.encoded_images import (
 from camserve.errors import InvalidArgument
 from camserve.imaging import ImageError, decode_image
 from camserve.proto import pb
+from camserve.wire_detections import (  # noqa: F401 - re-exported
+    WireDetection,
+    detection_fields,
+    detection_options,
+    detections_from_proto,
+)
 
 if TYPE_CHECKING:
     from camserve.explanation import Explanation

@@ -88,6 +88,11 @@ class DenseOptions(TypedDict, total=False):
       (the classifier on every window) ["fcn"].
     - ``version``: the model version; 0: the newest [0].
     - ``timeout``: the call's deadline in seconds; None: the client's [None].
+    - ``detect``: also find objects (:attr:`DenseReply.detections`: window and tight box
+      each); then ``scales`` and ``stride`` left out take the model's ``[dense]`` settings
+      [False].
+    - ``threshold``, ``iou``, ``nms`` (``"agnostic"``, ``"per_class"``, ``"auto"``),
+      ``tight_boxes``, ``margin``: detection settings; left out: the model's [dense] values.
     """
 
     stride: int | None
@@ -95,6 +100,12 @@ class DenseOptions(TypedDict, total=False):
     mode: str
     version: int
     timeout: float | None
+    detect: bool
+    threshold: float
+    iou: float
+    nms: str
+    tight_boxes: bool
+    margin: int
 
 
 class PredictResult(NamedTuple):
@@ -140,6 +151,11 @@ class DenseReply:
     strides: tuple[int, int] = (0, 0)
     window: tuple[int, int] = (0, 0)
     mode: str = "fcn"
+    #: with ``detect``: the objects found, best first (window ``box`` and ``tight_box``)
+    detections: list[wire.WireDetection] = dataclasses.field(default_factory=list)
+    background_class: str | None = None
+    #: zeros added on every side of each scaled image (windows start at -margin there)
+    margin: int = 0
 
     def __iter__(self) -> Iterator[ScaleScores]:
         return iter(self.scales)
@@ -200,12 +216,17 @@ def dense_request(image: Any, model: str, **options: Unpack[DenseOptions]) -> pb
     msgs = wire.images_to_proto(image)
     if len(msgs) != 1:
         raise InvalidArgument(f"DenseScores takes one image; got {len(msgs)}")
+    detect = bool(options.get("detect", False))
+    given = {k: options[k] for k in ("threshold", "iou", "tight_boxes", "margin") if options.get(k) is not None}
     return pb.DenseScoresRequest(
         model=wire.model_spec(model, options.get("version", 0)),
         image=msgs[0],
         stride=int(options.get("stride") or 0),
-        scales=list(options.get("scales", (1.0,))),
+        scales=list(options.get("scales", () if detect else (1.0,))),
         mode=options.get("mode", "fcn"),
+        detect=detect,
+        nms=options.get("nms") or "",
+        **given,
     )
 
 
@@ -306,6 +327,9 @@ def dense_result(resp: pb.DenseScoresResponse) -> DenseReply:
         strides=(int(resp.strides[0]), int(resp.strides[1])) if len(resp.strides) == 2 else (resp.stride, resp.stride),
         window=(int(resp.window[0]), int(resp.window[1])) if len(resp.window) == 2 else (0, 0),
         mode=resp.mode,
+        detections=wire.detections_from_proto(resp.detections),
+        background_class=resp.background_class or None,
+        margin=int(resp.margin),
     )
 
 

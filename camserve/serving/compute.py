@@ -200,6 +200,9 @@ def _run_dense(key: DenseKey, jobs: list[DenseJob], stop_reason: Callable[[], st
     out: list[Any] = []
     for job in jobs:  # one after the other, each with its own deadline
         try:
+            if job.detection is not None:
+                out.append(call_engine(_detect, key, job, checkpoint=checkpoint_for([job], stop_reason)))
+                continue
             out.append(
                 call_engine(
                     dense_scores,
@@ -217,3 +220,23 @@ def _run_dense(key: DenseKey, jobs: list[DenseJob], stop_reason: Callable[[], st
         except Exception as e:  # noqa: BLE001 - per request
             out.append(e)
     return out
+
+
+def _detect(key: DenseKey, job: DenseJob, checkpoint: Checkpoint) -> Any:
+    """Objects in one image (:func:`camserve.dense.detect`, stride and scales as the key's);
+    tight boxes from the explainer of the tight-box model's runtime."""
+    from camserve.dense import detect
+
+    settings = job.detection
+    tight = job.tight_runtime.explainer(settings.tight_box_layer or "") if job.tight_runtime is not None else None
+    entry = job.runtime.entry
+    return detect(
+        entry.model,
+        job.image,
+        settings,
+        entry.config.class_names,
+        explainer=tight,
+        mode=key.mode,
+        checkpoint=checkpoint,
+        **job.runtime.settings.dense_options(),
+    )

@@ -9,6 +9,7 @@ plain values in one constructor call (protobuf copies a message passed in).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from camserve import wire
@@ -65,11 +66,21 @@ def explain_response(
 
 
 def dense_response(result: DenseScoresResult) -> Any:
-    return dense_to_proto(result.result, result.model, result.version, result.class_names)
+    return dense_to_proto(
+        result.result, result.model, result.version, result.class_names, result.detections, result.background_class
+    )
 
 
-def dense_to_proto(result: DenseResult, model: str, version: int, class_names: tuple[str, ...] | list[str]) -> Any:
-    """A :func:`camserve.dense.dense_scores` result as a DenseScoresResponse."""
+def dense_to_proto(
+    result: DenseResult,
+    model: str,
+    version: int,
+    class_names: tuple[str, ...] | list[str],
+    detections: Sequence[Any] | None = None,
+    background_class: str | None = None,
+) -> Any:
+    """A :func:`camserve.dense.dense_scores` result (and :func:`camserve.dense.detect`'s
+    detections) as a DenseScoresResponse."""
     sy, sx = (int(v) for v in result.strides)
     return pb.DenseScoresResponse(
         model={"name": model, "version": int(version)},
@@ -87,6 +98,9 @@ def dense_to_proto(result: DenseResult, model: str, version: int, class_names: t
             }
             for level in result
         ],
+        detections=[wire.detection_fields(d) for d in detections or ()],
+        background_class=background_class or "",
+        margin=int(result[0].margin) if len(result) else 0,
     )
 
 

@@ -112,12 +112,16 @@ class ExplainJob(_Lifetime):
 
 @dataclasses.dataclass(eq=False)
 class DenseJob(_Lifetime):
-    """One DenseScores request: one preprocessed (H, W, C) image of any size."""
+    """One DenseScores request: one preprocessed (H, W, C) image of any size; with
+    ``detection`` (camserve.dense.DetectionSettings) its objects too, tight boxes from the
+    explainer of ``tight_runtime``."""
 
     runtime: ModelRuntime
     image: np.ndarray
     deadline: float | None = None
     abandoned: bool = False
+    detection: Any = None
+    tight_runtime: ModelRuntime | None = None
 
 
 Job = PredictJob | ExplainJob | DenseJob

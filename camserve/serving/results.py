@@ -5,7 +5,7 @@ convert these (:mod:`camserve.serving.convert` for gRPC)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -79,6 +79,9 @@ class DenseScoresResult:
     class_names: tuple[str, ...]
     result: DenseResult
     answer_bytes: int = 0
+    #: with detect: the objects found (camserve.dense.Detection), best first; else None
+    detections: list[Any] | None = None
+    background_class: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,6 +202,7 @@ class CamServicer(pb_grpc.CamServiceServicer):
             scales=request.scales,
             mode=request.mode,
             deadline=deadline_of(context),
+            detection=wire.detection_options(request),
         )
         cells = sum(level.scores.size + level.boxes.size for level in result.result)
         response = await self.plane.in_pool(convert.dense_response, result, inline=cells <= 1 << 16)
