@@ -335,3 +335,18 @@ def test_calls_are_counted_like_camserve_v1(served: RunningServer, stub, pixels)
         stub.ModelInfer(_request(pixels, model="nope"))
     assert count("camserve_requests_total", "OK") == ok + 1
     assert count("camserve_errors_total", "NOT_FOUND") == bad + 1
+
+
+def test_layer_parameter(stub, reference, pixels) -> None:
+    from camserve.explain import Explainer
+
+    model, _ = reference
+    first_conv = next(layer.name for layer in model.layers if "conv" in type(layer).__name__.lower())
+    expected = Explainer(model, layer=first_conv, class_names=CLASSES).explain(_inputs(pixels), targets=[[2]])
+    got = _outputs(stub.ModelInfer(_request(pixels, layer=first_conv, target=2, outputs=[("raw", {})])))["raw"]
+    assert got.shape[-2:] == (SIZE, SIZE)  # the first conv keeps the input's resolution
+    for i, (e,) in enumerate(expected):
+        np.testing.assert_allclose(got[i, 0, 0], e.raw, rtol=1e-4, atol=1e-6)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(_request(pixels, layer="no_such_layer"))
+    assert _code(err) == grpc.StatusCode.NOT_FOUND and "no_such_layer" in err.value.details()
