@@ -757,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         calls = [(OPS[op], f.read_bytes()) for _, op, f in work]
 
         if args.rest:
-            body = rest_report(args, argv, notes, measure_rest(args, models, ops, calls, root, work_dir, env, code))
+            rows = measure_rest(args, models, ops, calls, root, work_dir, env, code)
+            body = rest_report(args, argv, notes, rows, code)
             write_section(args.out, args.label, body)
             print(f"## {args.label}{body}")
             return 0
@@ -853,7 +854,7 @@ def measure_rest(args, models, ops, calls, root, work_dir, env, code) -> list[di
     return rows
 
 
-def rest_report(args, argv, notes, rows: list[dict]) -> str:
+def rest_report(args, argv, notes, rows: list[dict], code: Path) -> str:
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     table_rows = []
     for r in rows:
@@ -875,7 +876,7 @@ def rest_report(args, argv, notes, rows: list[dict]) -> str:
             ]
         )
     lines = [
-        f" — REST vs gRPC, code {git_describe(REPO)}, run {started}",
+        f" — REST vs gRPC, code {git_describe(code)} (`{code}`), run {started}",
         f"Command: `{shlex.join(['python', 'bench/serve.py', *argv])}`.",
         f"Machine: {machine()}; shared 2-core CPU, no GPU. The cores are shared with the load generator and "
         "other jobs: the ratios of one run, side by side, are the figures to read; absolute req/s move "
