@@ -136,6 +136,7 @@ def page(driver, server):
     if not driver.execute_script("return document.querySelectorAll('#methods input').length"):
         enter_token(driver, TOKEN)  # once per browser session: the page keeps it in sessionStorage
     wait(driver, lambda d: d.execute_script("return document.querySelectorAll('#methods input').length > 0"))
+    wait(driver, lambda d: d.execute_script("return !document.body.dataset.pending"))  # the first (empty) run
     driver.get_log("browser")  # only this test's messages in the next read
     return driver
 
@@ -161,6 +162,7 @@ def set_methods(d, methods: list[str]) -> None:
     for box in d.find_elements("css selector", "#methods input"):
         if box.is_selected() != (box.get_attribute("value") in methods):
             box.click()
+    wait(d, lambda d: d.execute_script("return !document.body.dataset.pending"))
 
 
 def upload(d, *paths: Path) -> None:
