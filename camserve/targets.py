@@ -326,3 +326,34 @@ def expand_multi_label(per_image_targets: list[list[Any]], outputs: Any) -> list
                 expanded.append(t)
         out.append(expanded)
     return out
+
+
+def from_text(text: str) -> Any:
+    """A target written as text (the CLI's ``--target``, OIP's ``target`` parameter): a class
+    index or name, ``prob:CLASS``, ``regression:INDEX`` or ``regression:INDEX:-1``,
+    ``multilabel`` or ``multilabel:THRESHOLD``.
+
+    >>> from_text("3"), from_text("star"), from_text("regression:1:-1")
+    (3, 'star', RegressionTarget(index=1, sign=-1))
+    >>> from_text("prob:star"), from_text("multilabel:0.3")
+    (ClassTarget(index_or_name='star', probability=True), MultiLabelTarget(threshold=0.3))
+    """
+    text = text.strip()
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "prob" and rest:
+            return ClassTarget(_class_text(rest), probability=True)
+        if kind == "regression" and rest:
+            index, _, sign = rest.partition(":")
+            return RegressionTarget(int(index), int(sign or 1))
+        if kind == "multilabel":
+            return MultiLabelTarget(float(rest or 0.5))
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"target {text!r}: {exc}; use CLASS, prob:CLASS, regression:INDEX[:-1] or multilabel[:THRESHOLD]"
+        ) from None
+    return _class_text(text)
+
+
+def _class_text(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text

@@ -122,3 +122,29 @@ def test_the_client_gets_what_the_explainer_computes(served, options):
             np.testing.assert_allclose(g.raw, w.raw, rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(g.heatmap, w.heatmap, atol=1e-5)
             np.testing.assert_allclose(g.score, w.score, rtol=1e-5)
+
+
+def test_open_inference_protocol_parameters_take_the_new_targets(served):
+    """OIP's ``target`` parameter takes the text forms, ``layer`` a comma-separated list, and
+    ``aug_smooth`` / ``eigen_smooth`` booleans: the raw maps equal the Explainer's."""
+    import keras
+
+    from camserve.explain import Explainer
+    from camserve.oip.inference import InferRequest, RequestedOutput, infer
+    from camserve.oip.tensors import Tensor
+
+    rs, path = served
+    images = np.random.default_rng(6).random((2, 32, 32, 3), dtype=np.float32)
+    parameters = {"target": "prob:star,regression:1:-1", "layer": "first_conv,last_conv", "aug_smooth": True}
+    request = InferRequest(
+        "two", parameters=parameters, inputs=[Tensor("images", "FP32", images)], outputs=[RequestedOutput("raw")]
+    )
+    result = rs.run(infer(rs.server.dataplane, request))
+    (raw,) = [t.array for t in result.outputs if t.name == "raw"]
+    targets = [[ClassTarget("star", probability=True), RegressionTarget(1, sign=-1)]] * 2
+    ex = Explainer(keras.models.load_model(path), layer=["first_conv", "last_conv"], class_names=CLASSES)
+    want = ex.explain(images, targets=targets, aug_smooth=True)
+    np.testing.assert_allclose(raw[:, :, 0], [[e.raw for e in per_image] for per_image in want], rtol=1e-4, atol=1e-6)
+    bad = InferRequest("two", parameters={"eigen_smooth": "maybe"}, inputs=[Tensor("images", "FP32", images)])
+    with pytest.raises(InvalidArgument, match="'eigen_smooth' must be a boolean"):
+        rs.run(infer(rs.server.dataplane, bad))

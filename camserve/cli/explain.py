@@ -64,39 +64,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _class(text: str) -> int | str:
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
 def parse_target(text: str) -> Any:
-    """One ``--target`` value: a class index (int) or name (str), or a :mod:`camserve.targets`
-    object for the ``kind:`` forms (see the module's docstring).
+    """One ``--target`` value: :func:`camserve.targets.from_text` (a class index or name,
+    ``prob:``, ``regression:``, ``multilabel``), or the file forms ``segmentation:CLASS:MASK.png``
+    and ``similarity:REFERENCE.npy``.
 
-    >>> parse_target("3"), parse_target("star"), parse_target("regression:1:-1")
-    (3, 'star', RegressionTarget(index=1, sign=-1))
-    >>> parse_target("prob:star"), parse_target("multilabel")
-    (ClassTarget(index_or_name='star', probability=True), MultiLabelTarget(threshold=0.5))
+    >>> parse_target("3"), parse_target("regression:1:-1")
+    (3, RegressionTarget(index=1, sign=-1))
     """
     from camserve import targets as tg
 
     kind, _, rest = text.partition(":")
     try:
-        if kind == "prob" and rest:
-            return tg.ClassTarget(_class(rest), probability=True)
-        if kind == "regression" and rest:
-            index, _, sign = rest.partition(":")
-            return tg.RegressionTarget(int(index), int(sign or 1))
-        if kind == "multilabel":
-            return tg.MultiLabelTarget(float(rest or 0.5))
         if kind == "segmentation" and rest.count(":") >= 1:
             c, _, path = rest.partition(":")
             mask = imaging.read_image(Path(path)).max(axis=-1) > 0
-            return tg.SegmentationTarget(_class(c), mask.astype(np.float32))
+            return tg.SegmentationTarget(int(c) if c.isdigit() else c, mask.astype(np.float32))
         if kind == "similarity" and rest:
             return tg.SimilarityTarget(np.load(rest))
     except (ValueError, OSError) as exc:
         raise InvalidArgument(f"--target {text!r}: {exc}") from None
-    return _class(text)
+    return tg.from_text(text)
 
 
 def parse_targets(raw: list[str] | None) -> list[Any] | None:

@@ -22,7 +22,10 @@ model's input size), ``raw`` ``FP32 [N, T, M, h, w]`` (the layer's resolution), 
 x1, y1; -1 where a map is all zero), for T targets and M methods. Request parameters
 (:data:`EXPLAIN_PARAMETERS`) choose the explanation: ``method`` (e.g. ``"gradcam"`` or
 ``"gradcam,cam"``), ``target`` (a class index or name, or several separated by commas;
-default: the ``top_k`` best classes), ``top_k`` and ``layer``. No outputs requested means
+``prob:CLASS``, ``regression:INDEX[:-1]`` and ``multilabel[:THRESHOLD]`` as in
+:func:`camserve.targets.from_text`; default: the ``top_k`` best classes), ``top_k``,
+``layer`` (several separated by commas are fused), ``aug_smooth`` and ``eigen_smooth``
+(booleans). No outputs requested means
 ``scores``, plus every explanation output when an explanation parameter is given.
 
 >>> parse_version(""), parse_version("2")
@@ -45,6 +48,7 @@ from camserve.errors import InvalidArgument
 from camserve.oip.tensors import Tensor
 from camserve.proto import pb
 from camserve.serving.budget import Outputs
+from camserve.targets import from_text
 
 if TYPE_CHECKING:
     from camserve.serving.dataplane import DataPlane, ExplainResult, ImageInput, ModelDescription
@@ -80,7 +84,7 @@ INPUT_DATATYPES = {
 }
 OUTPUTS = ("scores", "heatmap", "raw", "targets", "boxes")
 EXPLAIN_OUTPUTS = frozenset(OUTPUTS[1:])
-EXPLAIN_PARAMETERS = ("method", "target", "top_k", "layer")
+EXPLAIN_PARAMETERS = ("method", "target", "top_k", "layer", "aug_smooth", "eigen_smooth")
 #: Request parameters of Triton's clients that camserve accepts and ignores.
 IGNORED_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}
@@ -179,16 +183,24 @@ def _int(value: Any, name: str, low: int = 1) -> int:
     return n
 
 
-def _targets(value: Any) -> list[int | str]:
-    """``target``: an index, a name, or several separated by commas (or a JSON list)."""
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise InvalidArgument(f"parameter {name!r} must be a boolean (true or false), got {value!r:.80}")
+
+
+def _targets(value: Any) -> list[Any]:
+    """``target``: an index, a name, or several separated by commas (or a JSON list); the text
+    forms of :func:`camserve.targets.from_text` too."""
     items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
-    out: list[int | str] = []
+    out: list[Any] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | str):
             raise InvalidArgument(f"parameter 'target' takes class indices or names, got {item!r:.80}")
         if isinstance(item, str):
-            item = item.strip()
-            item = int(item) if item.lstrip("-").isdigit() else item
+            item = from_text(item) if item.strip() else ""
         if item == "":
             raise InvalidArgument("parameter 'target' has an empty entry; give class indices or names")
         out.append(item)
@@ -198,9 +210,11 @@ def _targets(value: Any) -> list[int | str]:
 @dataclasses.dataclass(frozen=True)
 class _Explanation:
     methods: tuple[str, ...] = ("gradcam",)
-    targets: list[int | str] | None = None
+    targets: list[Any] | None = None
     top_k: int = 1
     layer: str = ""
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
 
 
 def _explanation(parameters: dict[str, Any]) -> _Explanation | None:
@@ -221,6 +235,8 @@ def _explanation(parameters: dict[str, Any]) -> _Explanation | None:
         targets=_targets(parameters["target"]) if "target" in parameters else None,
         top_k=_int(parameters["top_k"], "top_k") if "top_k" in parameters else 1,
         layer=_text(parameters["layer"], "layer") if "layer" in parameters else "",
+        aug_smooth=_flag(parameters["aug_smooth"], "aug_smooth") if "aug_smooth" in parameters else False,
+        eigen_smooth=_flag(parameters["eigen_smooth"], "eigen_smooth") if "eigen_smooth" in parameters else False,
     )
 
 
@@ -314,7 +330,10 @@ async def infer(plane: DataPlane, request: InferRequest, deadline: float | None 
                 rt.name,
                 rt.version,
                 images,
-                layer=explain.layer,
+                layer="" if "," in explain.layer else explain.layer,
+                layers=[n.strip() for n in explain.layer.split(",")] if "," in explain.layer else (),
+                aug_smooth=explain.aug_smooth,
+                eigen_smooth=explain.eigen_smooth,
                 methods=explain.methods,
                 targets=None if explain.targets is None else [explain.targets],
                 top_k=explain.top_k,

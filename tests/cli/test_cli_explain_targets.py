@@ -68,6 +68,6 @@ def test_target_and_layer_forms(tmp_path):
     np.testing.assert_array_equal(seg.mask, picture.max(axis=-1) > 0)
     assert parse_target("multilabel:0.3") == MultiLabelTarget(0.3)
     assert parse_target("-1") == -1 and parse_target("prob:2") == ClassTarget(2, probability=True)
-    with pytest.raises(InvalidArgument, match="--target 'regression:x'"):
+    with pytest.raises(InvalidArgument, match="target 'regression:x'"):
         parse_target("regression:x")
     assert parse_layers(["a, b"]) == ["a", "b"]
