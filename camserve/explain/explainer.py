@@ -205,14 +205,16 @@ class Explainer:
         return np.concatenate(parts) if parts else np.zeros((0,) + self.output_shape, np.float32)
 
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
-        """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic."""
+        """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic; a
+        model with dense outputs (no predicted classes to explain) compiles prediction only."""
         shape = tuple(image_shape or self.input_shape)
         if None in shape:
             raise InvalidArgument(f"warm_up needs a concrete image shape; the model takes {shape}")
         for size in self.buckets:
             zeros = np.zeros((size,) + shape, np.float32)
             self.predict(zeros)
-            self.explain(zeros, methods=methods, top_k=top_k)
+            if len(self.output_shape) == 1:
+                self.explain(zeros, methods=methods, top_k=top_k)
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> np.ndarray:

@@ -135,7 +135,8 @@ def test_segmentation_target_sums_the_class_logit_over_the_mask():
 
 
 def test_segmentation_needs_masks_of_the_output_size_and_dense_models_need_them():
-    ex = Explainer(segmentation_model(), layer="feat")
+    ex = Explainer(segmentation_model(), layer="feat", max_batch_size=2)
+    ex.warm_up()  # prediction only: a dense model has no predicted classes to explain
     with pytest.raises(InvalidArgument, match=r"output's size \(16, 16\)"):
         ex.explain(IMAGES, targets=SegmentationTarget(0, np.ones((8, 8))))
     with pytest.raises(InvalidArgument, match="SegmentationTarget"):
