@@ -331,6 +331,7 @@ def test_a_corrupt_file_shows_the_servers_error(page, server, tmp_path):
 
 def test_dense_tab_argmax_map_agrees_with_the_api(page, server, tmp_path):
     import cv2
+    from selenium.webdriver.support.ui import Select
 
     d = page
     tiles = [cv2.imread(str(SAMPLES / n)) for n in ("circle.png", "square.png", "star.png", "cross.png")]
@@ -339,28 +340,37 @@ def test_dense_tab_argmax_map_agrees_with_the_api(page, server, tmp_path):
     upload(d, big)
     wait_cells(d, 1, 1)
     d.find_element("id", "tab-dense").click()
+    d.find_element("id", "dense-scales").clear()
+    d.find_element("id", "dense-scales").send_keys("1, 0.75")  # a pyramid: 128 px and 96 px
     d.find_element("id", "dense-run").click()  # stride 0: the network's total stride (4 px)
     error = d.find_element("id", "error")
     wait(d, lambda d: len(d.find_elements("css selector", "canvas.dense-class")) > 0 or error.is_displayed())
     assert not error.is_displayed(), error.text
-    r = server.call(
-        "DenseScores",
-        {"model": {"name": "shapes_gap"}, "image": {"encoded": base64.b64encode(big.read_bytes()).decode()}},
-    )
-    scores = float_map(r["scales"][0]["scores"])
-    gh, gw, classes = scores.shape
-    assert len(d.find_elements("css selector", "canvas.dense-class")) == classes == len(r["classNames"])
+    image = {"encoded": base64.b64encode(big.read_bytes()).decode()}
+    r = server.call("DenseScores", {"model": {"name": "shapes_gap"}, "image": image, "scales": [1, 0.75]})
     palette = d.execute_script(
         "return ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd'].map(h => parseInt(h.slice(1), 16))"
     )
-    expected = np.array([[(p >> 16) & 255, (p >> 8) & 255, p & 255] for p in palette])[scores.argmax(-1)]
-    pixels = canvas_pixels(d, "canvas.dense-argmax")
-    ch, cw = pixels.shape[:2]
-    centres = pixels[((np.arange(gh) + 0.5) * ch / gh).astype(int)][:, ((np.arange(gw) + 0.5) * cw / gw).astype(int)]
-    np.testing.assert_array_equal(centres[..., :3], expected)
+    above = set()
     threshold = float(d.find_element("id", "dense-threshold").get_attribute("value"))
+    assert len(r["scales"]) == 2
+    for level, scale in enumerate(r["scales"]):
+        Select(d.find_element("id", "dense-level")).select_by_index(level)
+        scores = float_map(scale["scores"])
+        gh, gw, classes = scores.shape
+        assert len(d.find_elements("css selector", "canvas.dense-class")) == classes == len(r["classNames"])
+        expected = np.array([[(p >> 16) & 255, (p >> 8) & 255, p & 255] for p in palette])[scores.argmax(-1)]
+        pixels = canvas_pixels(d, "canvas.dense-argmax")
+        ch, cw = pixels.shape[:2]
+        centres = pixels[((np.arange(gh) + 0.5) * ch / gh).astype(int)][
+            :, ((np.arange(gw) + 0.5) * cw / gw).astype(int)
+        ]
+        np.testing.assert_array_equal(centres[..., :3], expected)
+        above |= set(np.unique(scores.argmax(-1)[scores.max(-1) >= threshold]).tolist())
+    assert (gh, gw) == (9, 9)  # (96 - 64) / 4 + 1 at scale 0.75
+    # detections pool both scales; per-class NMS keeps at least one window of every class above
     shown = {int(e.get_attribute("data-class-index")) for e in d.find_elements("css selector", "#detections li")}
-    assert shown == set(np.unique(scores.argmax(-1)[scores.max(-1) >= threshold]).tolist())
+    assert shown == above
 
 
 def test_static_report_renders_from_file_url(driver, tmp_path):

@@ -1,9 +1,10 @@
 /* camserve viewer: the dense tab (DenseScores).
  *
- * For one image: the score map of every class (colormap of the score, one cell per window
- * position), the arg-max class map (one color per class) and the detections: windows whose
- * best score reaches the threshold, greedy non-maximum suppression per class (IoU > 0.3),
- * drawn on the image with their boxes from the response (input pixels).
+ * For one image, at one or several scales (a pyramid): the score map of every class
+ * (colormap of the score, one cell per window position) and the arg-max class map (one color
+ * per class) of the scale shown, and the detections over every scale: windows whose best score
+ * reaches the threshold, greedy non-maximum suppression per class (IoU > 0.3), drawn on the
+ * image with their boxes from the response (pixels of the image as sent).
  */
 (function (CS) {
   "use strict";
@@ -25,25 +26,30 @@
     return [(n >> 16) & 255, (n >> 8) & 255, n & 255];
   }
 
-  /** DenseScoresResponse JSON -> {gh, gw, classes, scores (gh*gw*C), boxes (gh*gw*4), ...}. */
+  /** DenseScoresResponse JSON -> one grid per scale: {scale, gh, gw, classes, scores
+   * (gh*gw*C), boxes (gh*gw*4, in pixels of the image as sent), stride, window, ...}. */
   function parse(r) {
     const f = CS.heatmap.field;
-    const scale = (r.scales || [])[0];
-    if (!scale) throw new Error("the response has no scales");
-    const scores = CS.heatmap.decodeFloatMap(scale.scores);
-    const boxes = CS.heatmap.decodeFloatMap(scale.boxes);
-    return {
-      gh: scores.shape[0],
-      gw: scores.shape[1],
-      classes: f(r, "classNames", "class_names", []),
-      scores: scores.data,
-      boxes: boxes.data,
-      stride: r.stride || 0,
-      strides: r.strides || [],
-      window: r.window || [],
-      exact: Boolean(r.exact),
-      mode: r.mode || "",
-    };
+    const scales = r.scales || [];
+    if (!scales.length) throw new Error("the response has no scales");
+    const strides = r.strides || [];
+    return scales.map(function (level) {
+      const scores = CS.heatmap.decodeFloatMap(level.scores);
+      const boxes = CS.heatmap.decodeFloatMap(level.boxes);
+      return {
+        scale: level.scale || 0,
+        gh: scores.shape[0],
+        gw: scores.shape[1],
+        classes: f(r, "classNames", "class_names", []),
+        scores: scores.data,
+        boxes: boxes.data,
+        stride: r.stride || 0,
+        strides: strides,
+        window: r.window || [],
+        exact: Boolean(r.exact),
+        mode: r.mode || "",
+      };
+    });
   }
 
   function iou(a, b) {
@@ -54,7 +60,7 @@
     return union > 0 ? inter / union : 0;
   }
 
-  /** Arg-max class and score of every cell, and the detections at `threshold`. */
+  /** Arg-max class and score of every cell of one grid, and its windows scoring >= threshold. */
   function analyse(grid, threshold) {
     const C = grid.classes.length || grid.scores.length / (grid.gh * grid.gw);
     const cells = grid.gh * grid.gw;
@@ -66,15 +72,22 @@
       argmax[i] = k;
       best[i] = grid.scores[i * C + k];
       if (best[i] >= threshold) {
-        candidates.push({ cls: k, score: best[i], box: Array.from(grid.boxes.subarray(4 * i, 4 * i + 4)) });
+        candidates.push({ cls: k, score: best[i], scale: grid.scale, box: Array.from(grid.boxes.subarray(4 * i, 4 * i + 4)) });
       }
     }
+    return { C: C, argmax: argmax, best: best, candidates: candidates };
+  }
+
+  /** Detections over every scale: candidates best first, greedy NMS per class (IoU > 0.3). */
+  function detect(grids, threshold) {
+    const candidates = [];
+    grids.forEach((g) => analyse(g, threshold).candidates.forEach((c) => candidates.push(c)));
     candidates.sort((a, b) => b.score - a.score);
     const kept = [];
     candidates.forEach(function (d) {
       if (!kept.some((k) => k.cls === d.cls && iou(k.box, d.box) > 0.3)) kept.push(d);
     });
-    return { C: C, argmax: argmax, best: best, detections: kept };
+    return kept;
   }
 
   function canvasFor(h, w, longer) {
@@ -114,9 +127,11 @@
     const view = $("dense-view");
     view.textContent = "";
     if (!last) return;
-    const grid = last.grid, image = last.image, el = CS.grid.el, fmt = CS.grid.formatScore;
+    const level = Math.min(last.grids.length - 1, Math.max(0, Number($("dense-level").value) || 0));
+    const grid = last.grids[level], image = last.image, el = CS.grid.el, fmt = CS.grid.formatScore;
     const threshold = Number($("dense-threshold").value);
     const a = analyse(grid, threshold);
+    a.detections = detect(last.grids, threshold);
     let lo = Infinity, hi = -Infinity;
     grid.scores.forEach(function (v) {
       lo = Math.min(lo, v);
@@ -124,7 +139,7 @@
     });
     const unit = lo >= 0 && hi <= 1;
     const norm = unit ? (v) => v : (v) => (hi > lo ? (v - lo) / (hi - lo) : 0);
-    $("dense-summary").textContent = "grid " + grid.gh + " x " + grid.gw + ", stride " +
+    $("dense-summary").textContent = "scale " + grid.scale + ": grid " + grid.gh + " x " + grid.gw + ", stride " +
       (grid.stride || grid.strides.join(" x ")) + " px, window " + grid.window.join(" x ") + " px, mode " +
       grid.mode + (grid.exact ? " (exact: equals the classifier on every crop)" : " (not exact: padding before the head)") +
       (unit ? "" : "; class maps scaled from [" + fmt(lo) + ", " + fmt(hi) + "] to the colormap");
@@ -146,13 +161,15 @@
       g.strokeRect(d.box[0] * sx, d.box[1] * sy, (d.box[2] - d.box[0]) * sx, (d.box[3] - d.box[1]) * sy);
       g.fillStyle = color(d.cls);
       g.fillText(name + " " + fmt(d.score), d.box[0] * sx + 3, d.box[1] * sy + 13);
-      const item = el("li", "detection", name + " " + fmt(d.score) + " [" + d.box.map(Math.round).join(", ") + "]");
+      const where = " [" + d.box.map(Math.round).join(", ") + "]" + (last.grids.length > 1 ? " at scale " + d.scale : "");
+      const item = el("li", "detection", name + " " + fmt(d.score) + where);
       item.dataset.classIndex = String(d.cls);
       list.appendChild(item);
     });
     const detBox = el("figure", "dense-figure");
     detBox.appendChild(det);
-    detBox.appendChild(el("figcaption", "", a.detections.length + " detections at score >= " + threshold));
+    const scope = last.grids.length > 1 ? " over " + last.grids.length + " scales" : "";
+    detBox.appendChild(el("figcaption", "", a.detections.length + " detections at score >= " + threshold + scope));
     detBox.appendChild(list);
     view.appendChild(detBox);
 
@@ -209,12 +226,26 @@
       return;
     }
     const request = { model: ctx.modelSpec(), image: { encoded: image.b64 }, mode: $("dense-mode").value };
+    const scales = $("dense-scales").value.split(",").map((x) => x.trim()).filter((x) => x !== "").map(Number);
+    if (scales.some((x) => !(x > 0))) {
+      CS.showError("dense scores: scales must be positive numbers separated by commas, e.g. 1, 0.5");
+      return;
+    }
+    if (scales.length) request.scales = scales;
     const stride = parseInt($("dense-stride").value, 10);
     if (stride > 0) request.stride = stride;
     $("dense-summary").textContent = "working...";
     try {
       const r = await CS.api.call("DenseScores", request);
-      last = { image: image, grid: parse(r) };
+      last = { image: image, grids: parse(r) };
+      const levels = $("dense-level");
+      levels.textContent = "";
+      last.grids.forEach(function (g, i) {
+        const o = document.createElement("option");
+        o.value = String(i);
+        o.textContent = String(g.scale);
+        levels.appendChild(o);
+      });
       CS.showError("");
       render();
     } catch (e) {
@@ -243,11 +274,12 @@
   function wire(context) {
     ctx = context;
     $("dense-run").addEventListener("click", run);
+    $("dense-level").addEventListener("change", render);
     $("dense-threshold").addEventListener("input", function () {
       $("dense-threshold-value").textContent = $("dense-threshold").value;
       render();
     });
   }
 
-  CS.dense = { wire: wire, images: setImages, redraw: render, analyse: analyse, parse: parse };
+  CS.dense = { wire: wire, images: setImages, redraw: render, analyse: analyse, detect: detect, parse: parse };
 })((window.CS = window.CS || {}));
