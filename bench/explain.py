@@ -2,6 +2,8 @@
 keras.io Grad-CAM recipe, side by side in one run on the same model and batch.
 
     python bench/explain.py [--quick] [--out bench/results/explain.md]
+    python bench/explain.py --new-methods   # issue 12's methods on ResNet50: appends a section
+    python bench/explain.py --aug-smooth    # aug_smooth / eigen_smooth on ResNet50: appends a section
 
 Targets (SPEC §8.1-8.2): Grad-CAM and CAM ≤ 1.10× prediction; ≥ 5× faster than tf-keras-vis
 Grad-CAM(++); Score-CAM ≥ 2× faster than tf-keras-vis Scorecam at the same channel count.
@@ -107,6 +109,108 @@ def bench_model(name: str, model, images: np.ndarray, methods, score_channels: i
     return rows, speedups, base, ours
 
 
+#: Issue 12's methods, timed by :func:`new_methods_section`.
+NEW_METHODS = (
+    "kpcacam",
+    "fem",
+    "gradcamelementwise",
+    "eigengradcam",
+    "finercam",
+    "shapleycam",
+    "guidedbackprop",
+    "guided_gradcam",
+    "smoothgrad",
+    "integrated_gradients",
+)
+
+
+def cpu_and_wall(fn, repeats: int) -> tuple[float, float]:
+    """Median process CPU seconds (user + system, every thread: resource.getrusage) and wall
+    seconds of ``fn()`` after one untimed warm-up call (which compiles)."""
+    import resource
+    import statistics
+    import time
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    fn()
+    cpus, walls = [], []
+    for _ in range(repeats):
+        c0, w0 = cpu(), time.perf_counter()
+        fn()
+        cpus.append(cpu() - c0)
+        walls.append(time.perf_counter() - w0)
+    return statistics.median(cpus), statistics.median(walls)
+
+
+def new_methods_section(batch: int, repeats: int) -> list[str]:
+    """Each issue-12 method against plain prediction on ResNet50 (weights=None), side by side in
+    one run: the Markdown section appended to the results."""
+    from camserve.explain.methods import METHODS
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None)
+    images = np.random.default_rng(0).normal(0, 50, (batch, 224, 224, 3)).astype(np.float32)
+    ex = Explainer(model, max_batch_size=batch)
+    base_cpu, base_wall = cpu_and_wall(lambda: ex.predict(images), repeats)
+    rows = [["plain prediction (Explainer.predict)", f"{base_cpu:.2f}", "1.00", f"{base_wall:.2f}", "1.00", ""]]
+    for m in ("gradcam",) + NEW_METHODS:
+        n = 1 if METHODS[m].samples else repeats
+        c, w = cpu_and_wall(lambda m=m: ex.explain(images, methods=(m,)), n)
+        note = f"{METHODS[m].samples} copies per image, chunk_size {ex.chunk_size}" if METHODS[m].samples else ""
+        rows.append([m, f"{c:.2f}", f"{c / base_cpu:.2f}", f"{w:.2f}", f"{w / base_wall:.2f}", note])
+    return [
+        "",
+        f"## Issue 12 methods against prediction (ResNet50, weights=None, batch {batch})",
+        "",
+        f"Machine: {machine()} (shared 2-core CPU, no GPU, other engineers' jobs running).",
+        f"Command: `python bench/explain.py --new-methods` (median of {repeats} timed runs after a warm-up "
+        "call that compiles; SmoothGrad / Integrated Gradients: 1 timed run). CPU: user + system seconds of "
+        "the process (resource.getrusage), steadier than wall time on a shared machine.",
+        "",
+        table(["method", "CPU s / batch", "× prediction (CPU)", "wall s / batch", "× prediction (wall)", "note"], rows),
+        "",
+    ]
+
+
+def aug_smooth_section(batch: int, repeats: int) -> list[str]:
+    """aug_smooth's cost (6 views batched into one pass) against plain prediction on ResNet50
+    (weights=None), side by side in one run, with the 6 views looped as separate calls and
+    eigen_smooth beside: the Markdown section appended to the results (goal: aug_smooth
+    Grad-CAM ≤ 6.5× prediction)."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None)
+    images = np.random.default_rng(0).normal(0, 50, (batch, 224, 224, 3)).astype(np.float32)
+    ex = Explainer(model, max_batch_size=batch)
+    views = [(images[:, :, ::-1] if flip else images) * s for flip in (False, True) for s in (1.0, 1.1, 0.9)]
+    runs = {
+        "plain prediction (Explainer.predict)": lambda: ex.predict(images),
+        "gradcam": lambda: ex.explain(images),
+        "gradcam, aug_smooth=True (6 views, one pass)": lambda: ex.explain(images, aug_smooth=True),
+        "gradcam on the 6 views, 6 calls (looped)": lambda: [ex.explain(v) for v in views],
+        "gradcam, eigen_smooth=True": lambda: ex.explain(images, eigen_smooth=True),
+    }
+    rows, base = [], None
+    for label, fn in runs.items():
+        c, w = cpu_and_wall(fn, repeats)
+        base = base or (c, w)
+        rows.append([label, f"{c:.2f}", f"{c / base[0]:.2f}", f"{w:.2f}", f"{w / base[1]:.2f}"])
+    return [
+        "",
+        f"## aug_smooth and eigen_smooth against prediction (ResNet50, weights=None, batch {batch})",
+        "",
+        f"Machine: {machine()} (shared 2-core CPU, no GPU, other engineers' jobs running).",
+        f"Command: `python bench/explain.py --aug-smooth` (median of {repeats} timed runs after a warm-up call "
+        "that compiles). CPU: user + system seconds of the process (resource.getrusage). Goal: aug_smooth "
+        "≤ 6.5× prediction (the 6 views batched, not looped).",
+        "",
+        table(["what", "CPU s / batch", "× prediction (CPU)", "wall s / batch", "× prediction (wall)"], rows),
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small repeats, fewer methods (smoke run)")
@@ -119,8 +223,27 @@ def main() -> int:
         action="store_true",
         help="also Score-CAM over all 2048 ResNet50 channels (1 image), with peak memory",
     )
+    parser.add_argument(
+        "--new-methods", action="store_true", help="only issue 12's methods on ResNet50; appends a section to --out"
+    )
+    parser.add_argument(
+        "--aug-smooth", action="store_true", help="only aug_smooth / eigen_smooth on ResNet50; appends a section"
+    )
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
+    if args.aug_smooth:
+        section = "\n".join(aug_smooth_section(args.resnet_batch, 2 if args.quick else 3))
+        with args.out.open("a") as f:
+            f.write(section)
+        print(section)
+        return 0
+    if args.new_methods:
+        section = "\n".join(new_methods_section(args.resnet_batch, 2 if args.quick else 3))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(section)
+        print(section)
+        return 0
     methods = ("cam", "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam", "ablationcam")
     rng = np.random.default_rng(0)
     all_rows, summary = [], []
