@@ -498,7 +498,10 @@ def train_bundled(
         (folder / "1").mkdir(parents=True, exist_ok=True)
         model.save(folder / "1" / "model.keras")
         write_config(folder / "config.toml", recipe, metrics, seed, command)
-        if recipe.dense:  # measured as `camserve dense` runs: with the config just written
+        tight_model = recipe.dense.get("tight_box_model")
+        if tight_model and not (Path(out_dir) / tight_model).is_dir():
+            print(f"{name}: no detection figures: its tight-box model {tight_model!r} is not in {out_dir}")
+        elif recipe.dense:  # measured as `camserve dense` runs: with the config just written
             from camserve.datasets.detection_figures import detection_metrics
 
             metrics.update(detection_metrics(folder))
