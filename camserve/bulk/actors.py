@@ -43,7 +43,9 @@ def default_batch_size(input_shape: Sequence[int | None]) -> int:
 class BulkSettings:
     """What every actor needs to know (sent to each one; plain values only).
 
-    ``targets``: the same classes for every image (names or indices), else the ``top_k`` best.
+    ``targets``: the same targets for every image (class names or indices, or the target objects
+    of :mod:`camserve.targets`), else the ``top_k`` best. ``layer``: a name, several (fused), or
+    None (the model's default). ``aug_smooth`` / ``eigen_smooth`` as for ``Explainer.explain``.
     ``batch_size``: images per call, None for the model's config (``max_batch_size`` in
     ``config.toml``) or :func:`default_batch_size`. ``threads``: TensorFlow threads per actor
     (None: TensorFlow's choice). ``dense``: add ``dense`` rows (sliding-window scores).
@@ -53,9 +55,11 @@ class BulkSettings:
     out: str
     version: int | None = None
     methods: tuple[str, ...] = ("gradcam",)
-    targets: tuple[int | str, ...] | None = None
+    targets: tuple[Any, ...] | None = None
     top_k: int = 1
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
     max_channels: int | None = None
     batch_size: int | None = None
     overlays: bool = False
@@ -107,17 +111,25 @@ class ExplainActor:
             self.folder = FolderExplainer.load(
                 settings.model_dir,
                 settings.version,
-                settings.layer,
+                list(settings.layer) if isinstance(settings.layer, tuple) else settings.layer,
                 settings.max_channels,
                 max_batch_size=model_batch_size(settings),
             )
             top_k = len(settings.targets or ()) or settings.top_k
             self.folder.explainer.warm_up(methods=settings.methods, top_k=top_k)
+            if settings.targets:  # a bad target is the job's error, not one error row per image
+                self._explain([np.zeros((*self.folder.entry.config.input_size, 3), np.uint8)])
         except CamserveError as e:
             # Sent back by every call instead (nothing written): Ray reports exceptions raised
             # by actors only as text, and the driver shows the user this error as it is.
             self.setup_error = e
         self.ready_at = time.time()  # the job's start-up ends when its first actor is ready
+
+    def _explain(self, rgbs: list[np.ndarray]) -> list[list[Any]]:
+        s = self.settings
+        return self.folder.explain_rgbs(
+            rgbs, s.methods, s.targets, s.top_k, aug_smooth=s.aug_smooth, eigen_smooth=s.eigen_smooth
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = [str(i) for i in batch["image"]]
@@ -164,12 +176,12 @@ def explain_images(
             rows_of[image] = [output.error_row(image, _message(e))]
     good = list(read)
     try:
-        explained = actor.folder.explain_rgbs([read[i] for i in good], s.methods, s.targets, s.top_k) if good else []
-    except CamserveError:  # one bad image (an unknown class is every image's): explain one by one
+        explained = actor._explain([read[i] for i in good]) if good else []
+    except CamserveError:  # one image the model cannot take: explain them one by one
         explained = []
         for image in good:
             try:
-                explained.append(actor.folder.explain_rgbs([read[image]], s.methods, s.targets, s.top_k)[0])
+                explained.append(actor._explain([read[image]])[0])
             except CamserveError as e:
                 explained.append(e)  # type: ignore[arg-type]
     for image, result in zip(good, explained):

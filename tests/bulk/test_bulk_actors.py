@@ -113,3 +113,45 @@ def test_actor_resources_and_batch_size(model_dir: Path) -> None:
         assert size in (1, 2, 4, 8, 16, 32, 64) and (size == 64 or 2 * values > 1 << 22)
     settings = BulkSettings(model_dir=str(model_dir), out="o")
     assert model_batch_size(settings) == default_batch_size((64, 64, 3))
+
+
+def test_targets_layers_and_smoothing_as_camserve_explain(images: Path, tmp_path: Path, model_dir: Path, reference):
+    from camserve.cli.explain import parse_targets
+
+    cfg, model, _ = reference
+    targets = tuple(parse_targets(["regression:3", "circle"]))
+    settings = BulkSettings(
+        model_dir=str(model_dir),
+        out=str(tmp_path / "out"),
+        targets=targets,
+        layer=("conv3b_relu", "last_conv"),
+        aug_smooth=True,
+        batch_size=2,
+    )
+    path = str(images / "star.png")
+    ExplainActor(settings)({"image": np.array([path], object), "location": np.array([path], object)})
+    rows = output.read_explanations(settings.out).to_pylist()
+    fused = Explainer(model, layer=["conv3b_relu", "last_conv"], class_names=cfg.class_names)
+    x = imaging.model_input(imaging.read_image(path), cfg)[None]
+    expected = fused.explain(x, targets=[list(targets)], aug_smooth=True)[0]
+    assert [(r["class_index"], r["label"]) for r in rows] == [(e.class_index, e.label) for e in expected]
+    for r, e in zip(rows, expected):
+        assert r["score"] == pytest.approx(e.score, abs=1e-6)
+        np.testing.assert_allclose(output.raw_map(r), e.raw, rtol=1e-5, atol=1e-6)
+
+
+def test_an_actor_that_cannot_start_writes_nothing_and_sends_its_error(tmp_path: Path, model_dir: Path) -> None:
+    import pickle
+
+    from camserve.cli.explain import parse_targets
+    from camserve.errors import CamserveError
+
+    for bad in [
+        BulkSettings(model_dir=str(model_dir), out=str(tmp_path / "a"), targets=tuple(parse_targets(["regression:9"]))),
+        BulkSettings(model_dir=str(model_dir), out=str(tmp_path / "b"), layer="no_such_layer"),
+    ]:
+        actor = ExplainActor(bad)
+        summary = actor({"image": np.array(["x.png"], object), "location": np.array(["x.png"], object)})
+        error = pickle.loads(summary["setup_error"][0])
+        assert isinstance(error, CamserveError) and ("9" in str(error) or "no_such_layer" in str(error))
+        assert not (tmp_path / "a" / output.DATASET).exists() and not (tmp_path / "b" / output.DATASET).exists()
