@@ -93,7 +93,10 @@ class Api:
             return e.code, json.loads(e.read())
         raise AssertionError("the call succeeded without the token")
 
-    def heatmap(self, image: bytes, class_index: int, method: str, layer: str = "") -> np.ndarray:
+    def heatmap(
+        self, image: bytes, class_index: int, method: str, layer: str = "", what: str = "heatmap"
+    ) -> np.ndarray:
+        """The API's heatmap (or ``what="raw"``: raw map) of one image, class and method."""
         r = self.call(
             "Explain",
             {
@@ -102,10 +105,11 @@ class Api:
                 "methods": [method],
                 "targets": [{"targets": [{"index": class_index}]}],
                 "returnHeatmap": True,
+                "returnRaw": True,
                 "layer": layer,
             },
         )
-        return float_map(r["images"][0]["explanations"][0]["heatmap"])
+        return float_map(r["images"][0]["explanations"][0][what])
 
 
 def float_map(m: dict) -> np.ndarray:
@@ -304,12 +308,17 @@ def test_hover_shows_the_heatmap_value_and_the_class_score(page, server):
     ActionChains(d).move_to_element_with_offset(canvas, x - w // 2, y - h // 2).perform()
     readout = d.find_element("css selector", f"{row_selector('square.png')} .readout")
     wait(d, lambda d: readout.get_attribute("data-value") is not None)
-    value = float(readout.get_attribute("data-value"))
-    assert abs(value - heat[y, x]) < 2e-3 or abs(value - heat[y - 1 : y + 2, x - 1 : x + 2]).min() < 2e-3
+    py, px = (int(v) for v in readout.get_attribute("data-pixel").split(","))  # the canvas pixel read
+    assert abs(py - y) <= 1 and abs(px - x) <= 1
+    assert abs(float(readout.get_attribute("data-value")) - heat[py, px]) < 1e-4  # bilinear as cv2.resize
     score = d.execute_script(
         "return document.querySelector(arguments[0] + ' .chip.selected').dataset.score", row_selector("square.png")
     )
     assert f"{float(score):.3f}" in readout.text and "heatmap" in readout.text
+    raw = server.heatmap((SAMPLES / "square.png").read_bytes(), target, "gradcam", what="raw")
+    ry, rx = py * raw.shape[0] // h, px * raw.shape[1] // w  # the layer cell under the cursor
+    assert readout.get_attribute("data-raw-cell") == f"{ry},{rx}"
+    np.testing.assert_allclose(float(readout.get_attribute("data-raw")), raw[ry, rx], rtol=1e-6, atol=1e-7)
 
 
 def test_a_corrupt_file_shows_the_servers_error(page, server, tmp_path):

@@ -2,7 +2,8 @@
  *
  * One row per image: its name, the top-k class chips with scores (a click re-targets the
  * row's explanations), then one cell per method with the heatmap drawn over the image on a
- * canvas. Hovering a cell shows the heatmap value under the cursor and the target's score.
+ * canvas. Hovering a cell shows the heatmap value under the cursor, the raw map's value (layer
+ * resolution, not normalised) and the target's score.
  */
 (function (CS) {
   "use strict";
@@ -35,6 +36,7 @@
       label: f(json, "label", null, ""),
       score: f(json, "score", null, 0),
       heatmap: CS.heatmap.decodeFloatMap(f(json, "heatmap", null, null)),
+      raw: CS.heatmap.decodeFloatMap(f(json, "raw", null, null)),
       box: CS.heatmap.box(f(json, "box", null, null)),
     };
   }
@@ -74,8 +76,19 @@
       const x = Math.min(canvas.width - 1, Math.max(0, Math.floor(((ev.clientX - rect.left) * canvas.width) / rect.width)));
       const y = Math.min(canvas.height - 1, Math.max(0, Math.floor(((ev.clientY - rect.top) * canvas.height) / rect.height)));
       const value = map.data[y * map.shape[1] + x];
-      readout.textContent = "heatmap " + formatScore(value) + " | " + expl.label + " " + formatScore(expl.score);
+      let text = "heatmap " + formatScore(value);
+      if (expl.raw) {
+        // the raw map at the layer's resolution: the cell under the cursor
+        const rh = expl.raw.shape[0], rw = expl.raw.shape[1];
+        const ry = Math.min(rh - 1, Math.floor((y * rh) / canvas.height)), rx = Math.min(rw - 1, Math.floor((x * rw) / canvas.width));
+        const raw = expl.raw.data[ry * rw + rx];
+        text += " | raw " + raw.toPrecision(4);
+        readout.dataset.raw = String(raw);
+        readout.dataset.rawCell = ry + "," + rx;
+      }
+      readout.textContent = text + " | " + expl.label + " " + formatScore(expl.score);
       readout.dataset.value = String(value);
+      readout.dataset.pixel = y + "," + x;
     });
     canvas.addEventListener("mouseleave", function () {
       readout.textContent = expl.label + " " + formatScore(expl.score);

@@ -132,6 +132,7 @@
         methods: methods,
         targets: [{ targets: [{ index: target }] }],
         returnHeatmap: true,
+        returnRaw: true,
       };
       if ($("layer").value) request.layer = $("layer").value;
       const r = await CS.api.call("Explain", request);
