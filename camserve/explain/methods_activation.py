@@ -22,14 +22,17 @@ def kernel_first_component(x: tf.Tensor) -> tf.Tensor:
     tanh(<x, y> / K + 1), the kernel matrix centred, its top eigenvector times √eigenvalue),
     the sign fixed as Eigen-CAM's (positive correlation with Σ_k of the centred maps)."""
     b, h, w, k = tf.unstack(tf.shape(x))
-    flat = tf.reshape(x, (b, h * w, k))
+    flat = tf.reshape(tf.cast(x, tf.float64), (b, h * w, k))  # float64: a flat map's kernel is exactly flat
     centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    gram = tf.tanh(tf.matmul(centred, centred, transpose_b=True) / tf.cast(k, x.dtype) + 1.0)
+    gram = tf.tanh(tf.matmul(centred, centred, transpose_b=True) / tf.cast(k, tf.float64) + 1.0)
     row = tf.reduce_mean(gram, axis=2, keepdims=True)
     col = tf.reduce_mean(gram, axis=1, keepdims=True)
     gram = gram - row - col + tf.reduce_mean(gram, axis=(1, 2), keepdims=True)
     values, vectors = tf.linalg.eigh(gram)  # ascending
-    top = vectors[:, :, -1] * tf.sqrt(tf.maximum(values[:, -1:], 0.0))
+    top_value = values[:, -1:]
+    top_value = tf.where(top_value > 1e-10 * tf.cast(h * w, tf.float64), top_value, 0.0)  # rounding, not signal
+    top = tf.cast(vectors[:, :, -1] * tf.sqrt(top_value), x.dtype)
+    centred = tf.cast(centred, x.dtype)
     return tf.reshape(orient(top, tf.reduce_sum(centred, axis=-1)), (b, h, w))
 
 

@@ -92,7 +92,7 @@ def test_explicit_targets_by_index_name_and_list(gap_model, rng_images):
         ({"targets": [0, 1, 2]}, InvalidArgument, ["3 target entries for 2 images"]),
         ({"top_k": 0}, InvalidArgument, ["top_k", "between 1 and 4"]),
         ({"top_k": 5}, InvalidArgument, ["top_k", "between 1 and 4"]),
-        ({"methods": ("gradcam", "smoothgrad")}, UnknownMethod, ["smoothgrad", "gradcam++"]),
+        ({"methods": ("gradcam", "nosuchcam")}, UnknownMethod, ["nosuchcam", "gradcam++"]),
     ],
 )
 def test_bad_parameters_name_the_problem(gap_model, rng_images, kwargs, error, words):
