@@ -74,8 +74,9 @@ def first_component(weighted: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
 
 
 def method_map(method: Any, view: Any, eigen: bool) -> tf.Tensor:
-    """``method``'s (B, h, w) map of ``view``, eigen-smoothed when ``eigen``."""
-    if not eigen:
+    """``method``'s (B, h, w) map of ``view``, eigen-smoothed when ``eigen`` (not pixel-level
+    methods: their maps are at the input's resolution, not the activations')."""
+    if not eigen or getattr(method, "pixel", False):
         return method.fn(view)
     activations = tf.identity(view.activations)
     with tf.GradientTape() as tape:

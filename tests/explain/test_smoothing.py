@@ -80,3 +80,17 @@ def test_eigen_smooth_is_the_first_component_of_the_weighted_activations(model):
         np.testing.assert_allclose(got[i], want, rtol=1e-3, atol=1e-4 * want.max())
         plain_map = np.maximum(plain.reshape(weighted.shape[:2]), 0.0)
         assert not np.allclose(want / want.max(), plain_map / max(plain_map.max(), 1e-12), atol=1e-3)
+
+
+def test_pixel_methods_are_smoothed_by_views_not_by_components(model):
+    """eigen_smooth leaves pixel-level maps as they are; aug_smooth averages their views."""
+    ex = Explainer(model, layer="feat")
+    plain = ex.explain(IMAGES[:1], methods=("guidedbackprop",), targets=[1])[0][0]
+    eigen = ex.explain(IMAGES[:1], methods=("guidedbackprop",), targets=[1], eigen_smooth=True)[0][0]
+    np.testing.assert_allclose(eigen.raw, plain.raw, rtol=1e-5, atol=1e-7)
+    smoothed = ex.explain(IMAGES[:1], methods=("guidedbackprop",), targets=[1], aug_smooth=True)[0][0]
+    raws = []
+    for view, flipped in views(IMAGES[:1]):
+        raw = ex.explain(view.astype(np.float32), methods=("guidedbackprop",), targets=[1])[0][0].raw
+        raws.append(raw[:, ::-1] if flipped else raw)
+    np.testing.assert_allclose(smoothed.raw, np.mean(raws, axis=0), rtol=1e-4, atol=1e-5 * np.max(raws))
