@@ -44,8 +44,10 @@ class ExplainOptions(TypedDict, total=False):
     """The options of ``explain``, ``explain_with_overlays`` and ``explain_many`` (sync and
     async clients); every key may be left out (default in brackets).
 
-    - ``methods``: method names (cam, gradcam, gradcam++, hirescam, xgradcam, layercam,
-      scorecam, eigencam, ablationcam) or one name [``("gradcam",)``].
+    - ``methods``: method names as ``model()`` lists them (cam, gradcam, gradcam++, hirescam,
+      xgradcam, layercam, scorecam, eigencam, ablationcam, kpcacam, fem, gradcamelementwise,
+      eigengradcam, finercam, shapleycam, guidedbackprop, guided_gradcam, smoothgrad,
+      integrated_gradients) or one name [``("gradcam",)``].
     - ``targets``: None (the ``top_k`` best classes of each image), one target for all
       images, or per image a target or a list of them; a target is a class (index or name)
       or a :mod:`camserve.targets` object (``ClassTarget(c, probability=True)``,
