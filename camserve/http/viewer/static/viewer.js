@@ -114,12 +114,18 @@
   async function explainImage(image) {
     const generation = (image.generation = (image.generation || 0) + 1);
     const methods = state.methods.slice();
+    if (!methods.length) {
+      showError("check at least one method to explain the images");
+      render(image);
+      return;
+    }
     image.busy = true;
     image.error = null;
     render(image);
     try {
       if (!image.top) {
         const p = await CS.api.call("Predict", { model: modelSpec(), images: [{ encoded: image.b64 }], topK: topK() });
+        if (generation !== image.generation) return;
         const pred = (p.predictions || [])[0] || {};
         image.top = (pred.top || []).map((c) => ({ index: c.index || 0, label: c.label || "", score: c.score || 0 }));
       }
