@@ -145,10 +145,12 @@ def run_bulk(
     max_actors: int | None = None,
     progress: bool = True,
     gpus_per_actor: float | None = None,
+    retry_failed: bool = False,
 ) -> Summary:
     """Explain every image of ``inputs`` (see :func:`~camserve.bulk.inputs.resolve_inputs`) not yet
     in ``settings.out``, on Ray (:func:`ray_session`); returns the :class:`Summary`. Actor
-    resources and pool size: :func:`~camserve.bulk.actors.actor_resources`."""
+    resources and pool size: :func:`~camserve.bulk.actors.actor_resources`. ``retry_failed``:
+    explain again the images whose row in ``OUT`` is an error row (their old rows are removed)."""
     from tqdm import tqdm
 
     start, start_epoch = time.perf_counter(), time.time()  # actors say when they were ready in time.time()
@@ -162,6 +164,11 @@ def run_bulk(
         raise InvalidArgument(f"--gpus-per-actor must be ≥ 0 (0: CPU actors), got {gpus_per_actor}")
     images = resolve_inputs(inputs, path_column)
     done = output.done_images(settings.out)
+    if retry_failed:
+        wanted = set(images)
+        failed_before = {i: part for i, part in output.failed_images(settings.out).items() if i in wanted}
+        output.drop_images(settings.out, failed_before)
+        done = {i: part for i, part in done.items() if i not in failed_before}
     todo = [i for i in images if i not in done]
     skipped = len(images) - len(todo)
     n_done = n_failed = 0

@@ -205,8 +205,6 @@ def done_images(out: str) -> dict[str, str]:
 def remove_duplicates(out: str) -> int:
     """Rewrite parts so that each image's rows are in one part only (a batch retried with other
     companions could repeat an image); returns how many images were repeated."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     fs, inner, parts, _ = _parts(out)
@@ -220,11 +218,46 @@ def remove_duplicates(out: str) -> int:
                 repeated.setdefault(name, set()).add(image)
             else:
                 owner[image] = name
-    for name, images in repeated.items():
+    _drop_from_parts(fs, inner, repeated)
+    return sum(len(v) for v in repeated.values())
+
+
+def failed_images(out: str) -> dict[str, str]:
+    """Images of ``OUT`` whose row is an error row, each with its part."""
+    import pyarrow.parquet as pq
+
+    fs, inner, parts, _ = _parts(out)
+    failed: dict[str, str] = {}
+    for name in parts:
+        table = pq.read_table(f"{inner}/{name}", columns=["image", "error"], filesystem=fs)
+        for image, error in zip(table.column("image").to_pylist(), table.column("error").to_pylist()):
+            if error is not None:
+                failed[image] = name
+    return failed
+
+
+def drop_images(out: str, images: dict[str, str]) -> None:
+    """Remove the rows of ``images`` (image → its part, as :func:`failed_images` gives) from
+    their parts, each part rewritten atomically (removed when nothing is left)."""
+    fs, inner, _, _ = _parts(out)
+    by_part: dict[str, set[str]] = {}
+    for image, name in images.items():
+        by_part.setdefault(name, set()).add(image)
+    _drop_from_parts(fs, inner, by_part)
+
+
+def _drop_from_parts(fs: Any, inner: str, drop: dict[str, set[str]]) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for name, images in drop.items():
         table = pq.read_table(f"{inner}/{name}", filesystem=fs)
         kept = table.filter(pc.invert(pc.is_in(table.column("image"), value_set=pa.array(sorted(images)))))
-        _write_atomic(fs, f"{inner}/{name}", _parquet_bytes(kept))
-    return sum(len(v) for v in repeated.values())
+        if kept.num_rows:
+            _write_atomic(fs, f"{inner}/{name}", _parquet_bytes(kept))
+        else:
+            fs.delete_file(f"{inner}/{name}")
 
 
 def read_explanations(out: str) -> Any:

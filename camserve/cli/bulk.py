@@ -21,7 +21,8 @@ path column; local paths or URIs pyarrow reads (s3://, gs://, hdfs://...).
 OUT/explanations.parquet: one row per (image, target, method): image, method, class_index,
 label, score, box (x0, y0, x1, y1 in image pixels), raw (float32 bytes), raw_shape, height,
 width, overlay, error. An image that cannot be read gets one row with error set; it stops
-nothing. Run again with the same --out to resume: images already there are skipped.
+nothing. Run again with the same --out to resume: images already there are skipped
+(--retry-failed: except those with an error row).
 Exit status 0 when every input is in the output (error rows included).
 Needs the bulk extra: pip install "camserve[bulk]"."""
 
@@ -69,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="GPUs of each actor (default: 1 when Ray sees GPUs, else 0); set it on clusters that add GPU nodes on demand",
     )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="explain again the images of OUT that got an error row (e.g. files that could not be read then)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             max_actors=args.max_actors,
             progress=not args.no_progress,
             gpus_per_actor=args.gpus_per_actor,
+            retry_failed=args.retry_failed,
         )
     except KeyboardInterrupt:
         print(f"camserve bulk: interrupted; run it again with --out {args.out} to resume", file=sys.stderr)

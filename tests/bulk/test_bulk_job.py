@@ -119,13 +119,22 @@ def test_parquet_and_csv_tables_with_a_path_column(images: Path, tmp_path: Path,
     from_parquet = by_image(tmp_path / "pq")
     assert sorted(from_parquet) == sorted(table.column("path").to_pylist())
     assert "cannot read" in from_parquet[str(images / "missing.png")][0]["error"]
+    shutil.copy(images / "cross.png", images / "missing.png")  # there now: --retry-failed explains it
+    retried = run_bulk([str(tmp_path / "list.parquet")], settings, progress=False, retry_failed=True)
+    assert (retried.done, retried.skipped, retried.failed) == (1, 2, 0)
+    again = by_image(tmp_path / "pq")
+    assert [(r["label"], r["error"]) for r in again[str(images / "missing.png")]] == [("cross", None)]
+    assert {k: v for k, v in again.items() if "missing" not in k} == {
+        k: v for k, v in from_parquet.items() if "missing" not in k
+    }
+    from_parquet = again
 
     shutil.copy(images / "star.png", tmp_path / "relative.png")  # a path relative to the working directory
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         pyarrow.csv.write_csv(pa.table({"file": ["relative.png", *table.column("path").to_pylist()]}), "more.csv")
         csv = BulkSettings(model_dir=str(model_dir), out="csv", batch_size=4)
-        assert run_bulk(["more.csv"], csv, path_column="file", progress=False).done == 3
+        assert run_bulk(["more.csv"], csv, path_column="file", progress=False).done == 4
     from_csv = by_image(tmp_path / "csv")
     assert sorted(from_csv) == sorted(["relative.png", *from_parquet])
     for image, rows in from_parquet.items():

@@ -86,3 +86,14 @@ def test_overlay_names_are_unique_per_image_as_given() -> None:
     b = output.overlay_name("y/cat.png", "cat", "gradcam++")
     assert a != b and a.startswith("cat-") and a.endswith(".cat.gradcampp.png")
     assert "/" not in output.overlay_name("s3://b/a b/ü.png", "a/b", "cam")
+
+
+def test_failed_images_can_be_dropped_for_a_retry(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    mixed = output.write_part(out, rows_for("a.png", 2) + [output.error_row("b.png", "cannot read")])
+    alone = output.write_part(out, [output.error_row("c.png", "corrupt PNG")])
+    failed = output.failed_images(out)
+    assert failed == {"b.png": mixed, "c.png": alone}
+    output.drop_images(out, failed)
+    assert output.done_images(out) == {"a.png": mixed}  # c.png's part, now empty, is gone
+    assert output.read_explanations(out).column("image").to_pylist() == ["a.png", "a.png"]
