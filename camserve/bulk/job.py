@@ -153,6 +153,7 @@ def run_bulk(
     explain again the images whose row in ``OUT`` is an error row (their old rows are removed)."""
     from tqdm import tqdm
 
+    import_ray()  # before anything reads tables or OUT (pyarrow comes with Ray Data)
     start, start_epoch = time.perf_counter(), time.time()  # actors say when they were ready in time.time()
     if not is_uri(settings.out):
         settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
