@@ -97,3 +97,13 @@ def test_failed_images_can_be_dropped_for_a_retry(tmp_path: Path) -> None:
     output.drop_images(out, failed)
     assert output.done_images(out) == {"a.png": mixed}  # c.png's part, now empty, is gone
     assert output.read_explanations(out).column("image").to_pylist() == ["a.png", "a.png"]
+
+
+def test_out_may_be_a_uri(tmp_path: Path) -> None:
+    out = f"file://{tmp_path}/remote"
+    name = output.write_part(out, rows_for("s3-like.png", 2))
+    output.write_file(output.join(out, output.OVERLAYS, "x.png"), b"png bytes")
+    assert (tmp_path / "remote" / output.DATASET / name).is_file()
+    assert (tmp_path / "remote" / output.OVERLAYS / "x.png").read_bytes() == b"png bytes"
+    assert output.done_images(out) == {"s3-like.png": name}
+    assert output.read_explanations(out).num_rows == 2
