@@ -363,6 +363,15 @@ def test_http_requests_are_counted_by_method_route_and_status(served, port) -> N
     assert metric_value(text, "camserve_http_requests_total", status="404", **labels) >= 1
 
 
+def test_http_requests_go_through_the_servers_one_batcher(served, port, workload) -> None:
+    assert served.server.http.ctx.dataplane is served.server.dataplane
+    batches = lambda: metric_value(served.metrics_text(), "camserve_batch_size_count", operation="predict")
+    before = batches()
+    body = {"instances": [workload.pictures[0].tolist()]}
+    assert call(port, "POST", "/v1/models/gap:predict", body, token=TOKEN).status == 200
+    assert batches() == before + 1  # counted by the batcher the gRPC calls use
+
+
 @pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl binary for a test certificate")
 def test_tls_with_the_grpc_certificate(repo: Path, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
