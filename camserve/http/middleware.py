@@ -126,6 +126,18 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
         except CamserveError as e:
             message = clip_message(str(e.args[0]) if e.args else str(e))
             response = web.json_response(shape(e.code, message), status=e.http_status)
+            rid = response.headers["X-Request-Id"] = request_id(request)
+            log.info(  # as the gRPC StatusInterceptor logs a failed call
+                "request failed",
+                extra={
+                    "method": f"{request.method} {route_of(request)}",
+                    "code": e.code,
+                    "status": e.http_status,
+                    "error": message,
+                    "peer": request.remote,
+                    "request_id": rid,
+                },
+            )
             if isinstance(e, Unauthenticated):
                 response.headers["WWW-Authenticate"] = 'Bearer realm="camserve"'
             if isinstance(e, PayloadTooLarge):
@@ -156,7 +168,7 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
                 extra={"path": request.path, "request_id": rid, "error": f"{type(e).__name__}: {e}"},
             )
             message = f"internal error ({type(e).__name__}); the server log has the details (request id {rid})"
-            return web.json_response(shape("INTERNAL", message), status=500)
+            return web.json_response(shape("INTERNAL", message), status=500, headers={"X-Request-Id": rid})
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -95,8 +95,10 @@ def test_route_error_shapes_public_pages_csp_and_request_ids() -> None:
         assert page.headers["X-Frame-Options"] == "DENY" and "Access-Control-Allow-Origin" not in page.headers
         r = await client.get("/raise/NotFound", headers=AUTH)
         assert "Content-Security-Policy" not in r.headers  # JSON answers need none
+        r = await client.get("/raise/NotFound", headers={**AUTH, "X-Request-Id": "abc-99"})
+        assert r.headers["X-Request-Id"] == "abc-99"  # the id the failure is logged under
         r = await client.get("/bug", headers={**AUTH, "X-Request-Id": "abc-123"})
-        assert r.status == 500
+        assert r.status == 500 and r.headers["X-Request-Id"] == "abc-123"
         assert await r.json() == {
             "error": {
                 "code": "INTERNAL",
