@@ -9,8 +9,9 @@
   and the maps asked for: ``heatmap_png`` (base64 8-bit PNG), ``heatmap`` / ``raw`` (nested
   float lists), ``overlay_png`` (base64 PNG).
 - ``GET /v1/models/{name}[/versions/{v}]`` — TF Serving's model status
-  (``model_version_status``: version, state AVAILABLE / LOADING / END, status);
-  ``GET .../metadata`` — the model's description (GetModel's ModelInfo in the JSON mapping).
+  (``model_version_status``: version, state AVAILABLE / LOADING / END, status) with KServe
+  v1's ``name`` and ``ready``; ``GET .../metadata`` — the model's description (GetModel's
+  ModelInfo in the JSON mapping); ``GET /v1/models`` — KServe v1's ``{"models": [names]}``.
 
 An instance is an image: ``{"b64": "<base64 PNG/JPEG/BMP/WebP>"}`` (TF Serving's binary
 convention), or a nested list ``[H][W][C]`` (or ``[H][W]``) of numbers: integers 0..255 are RGB
@@ -284,7 +285,8 @@ async def call(request: web.Request) -> web.StreamResponse:
 
 
 def version_status(ctx: HttpContext, name: str, version: int = 0) -> dict[str, Any]:
-    """TF Serving's GetModelStatus answer for ``name`` (one version, or all on disk)."""
+    """TF Serving's GetModelStatus answer for ``name`` (one version, or all on disk), with
+    KServe v1's ``name`` and ``ready`` beside it."""
     info = ctx.dataplane.get_model(name, version)
     versions = [version] if version else sorted(info.versions, reverse=True)
     ready = set(info.available_versions)
@@ -297,12 +299,18 @@ def version_status(ctx: HttpContext, name: str, version: int = 0) -> dict[str, A
         else:
             state, code, message = "END", "UNAVAILABLE", info.reason
         states.append({"version": str(v), "state": state, "status": {"error_code": code, "error_message": message}})
-    return {"model_version_status": states}
+    ready_now = bool(ready) if not version else version in ready
+    return {"name": info.name, "ready": ready_now and not ctx.dataplane.draining, "model_version_status": states}
 
 
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT_KEY]
     return web.json_response(version_status(ctx, request.match_info["name"], version_of(request)))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """KServe v1's model list: ``{"models": [names]}``."""
+    return web.json_response({"models": request.app[CONTEXT_KEY].dataplane.repository.names()})
 
 
 async def metadata(request: web.Request) -> web.Response:
@@ -313,6 +321,7 @@ async def metadata(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, ctx: HttpContext) -> None:
     """The v1 routes (see the module docstring)."""
+    app.router.add_get("/v1/models", list_models)
     for prefix in (f"/v1/models/{NAME}", f"/v1/models/{NAME}{VERSION}"):
         app.router.add_post(prefix + ":{verb:[^/:]+}", call)
         app.router.add_get(prefix, status)

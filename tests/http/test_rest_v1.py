@@ -166,12 +166,17 @@ def test_explain_top_k_defaults_png_and_no_scores_pass(port, workload) -> None:
 
 
 def test_model_status_and_metadata_like_tf_serving(port) -> None:
-    status = call(port, "GET", "/v1/models/gap", token=TOKEN).json()["model_version_status"]
+    answer = call(port, "GET", "/v1/models/gap", token=TOKEN).json()
+    assert (answer["name"], answer["ready"]) == ("gap", True)  # KServe v1
+    status = answer["model_version_status"]  # TF Serving
     assert [(s["version"], s["state"], s["status"]["error_code"]) for s in status] == [
         ("2", "AVAILABLE", "OK"),
         ("1", "AVAILABLE", "OK"),
     ]
-    (broken,) = call(port, "GET", "/v1/models/broken/versions/1", token=TOKEN).json()["model_version_status"]
+    assert call(port, "GET", "/v1/models", token=TOKEN).json() == {"models": ["broken", "fc", "gap"]}
+    broken_answer = call(port, "GET", "/v1/models/broken/versions/1", token=TOKEN).json()
+    assert broken_answer["ready"] is False
+    (broken,) = broken_answer["model_version_status"]
     assert broken["state"] == "END" and broken["status"]["error_code"] == "UNAVAILABLE"
     assert "failed to load" in broken["status"]["error_message"] and ".keras" in broken["status"]["error_message"]
     meta = call(port, "GET", "/v1/models/fc/metadata", token=TOKEN).json()["model"]
