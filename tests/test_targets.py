@@ -148,3 +148,40 @@ def test_open_inference_protocol_parameters_take_the_new_targets(served):
     bad = InferRequest("two", parameters={"eigen_smooth": "maybe"}, inputs=[Tensor("images", "FP32", images)])
     with pytest.raises(InvalidArgument, match="'eigen_smooth' must be a boolean"):
         rs.run(infer(rs.server.dataplane, bad))
+
+
+def tiny_token_model():
+    """Patch-embedding conv → tokens → one pre-norm attention block → GAP1D → Dense (built-in
+    layers only, so it loads in safe mode)."""
+    import keras
+
+    keras.utils.set_random_seed(10)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Reshape((16, 8))(keras.layers.Conv2D(8, 8, strides=8, name="patches")(inp))
+    y = keras.layers.LayerNormalization(name="block0_norm1")(x)
+    x = keras.layers.Add()([x, keras.layers.MultiHeadAttention(2, 4, name="block0_attn")(y, y)])
+    x = keras.layers.LayerNormalization(name="final_norm")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+
+
+def test_a_served_transformer_lists_and_explains_its_token_layers(tmp_path):
+    import keras
+
+    from camserve.client import Client
+    from camserve.explain import Explainer
+
+    path = save_model(tmp_path, "vit", 1, tiny_token_model())
+    images = np.random.default_rng(12).random((2, 32, 32, 3), dtype=np.float32)
+    with RunningServer(local_config(tmp_path, max_batch_size=2, max_images=2, batch_timeout_ms=2)) as rs:
+        with Client(rs.target) as client:
+            info = client.model("vit")
+            got = client.explain(images, "vit", targets=[1, 2], methods=("gradcam", "scorecam"))
+    assert {"block0_norm1", "final_norm"} <= set(info["target_layers"]) and info["default_layer"] == "block0_norm1"
+    want = Explainer(keras.models.load_model(path), class_names=CLASSES).explain(
+        images, targets=[1, 2], methods=("gradcam", "scorecam")
+    )
+    for g_image, w_image in zip(got, want):
+        for g, w in zip(g_image, w_image):
+            assert g.raw.shape == (4, 4)
+            np.testing.assert_allclose(g.raw, w.raw, rtol=1e-4, atol=1e-6)

@@ -99,6 +99,12 @@ def token_layers(model: keras.Model) -> list[Any]:
     ]
 
 
+def gridded_token_layers(model: keras.Model) -> list[Any]:
+    """The token layers whose tokens make a square grid once 0..:data:`MAX_PREFIX` prefix
+    tokens are dropped (the ones that can be named without ``prefix_tokens``)."""
+    return [p for p in token_layers(model) if infer_grid(int(_output_shape(p[-1])[1])) is not None]  # type: ignore[index]
+
+
 def token_site(path: Any, prefix_tokens: int | None) -> Site:
     """The site of a token layer; InvalidArgument when its tokens do not make a square grid."""
     tokens = int(_output_shape(path[-1])[1])  # type: ignore[index]

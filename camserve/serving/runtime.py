@@ -171,9 +171,10 @@ class ModelRuntime:
         found = self._geometry.get(ex)
         if found is None:
             shape = _output_shape(ex)
-            h, w, k = (int(v) if v else 1 for v in shape[1:4])
             if ex.sites[0].grid is not None:  # a token layer (N, T, C) laid on its grid
-                (h, w), k = ex.sites[0].grid, int(shape[2] or 1)
+                (h, w), k = ex.sites[0].grid, int(shape[-1] or 1)
+            else:
+                h, w, k = (int(v) if v else 1 for v in shape[1:4])
             cap = self.settings.max_channels
             found = self._geometry[ex] = LayerGeometry((h, w), min(k, cap) if cap else k)
         return found
@@ -211,7 +212,10 @@ class ModelRuntime:
             except InvalidArgument:
                 pass
         self.methods = tuple(usable)
-        self.layers = tuple(graph.layer_path_name(p) for p in graph.candidate_layers(self.entry.model))
+        from camserve.explain.tokens import gridded_token_layers
+
+        found = graph.candidate_layers(self.entry.model) + gridded_token_layers(self.entry.model)
+        self.layers = tuple(graph.layer_path_name(p) for p in found)  # 4-D, then token layers
         warm = [m for m in self.settings.warmup_methods if m in usable]
         ex.warm_up(methods=tuple(warm) or ("gradcam",))
         self.dense = self._warm_up_dense()
