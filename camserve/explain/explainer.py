@@ -169,11 +169,6 @@ class Explainer:
         gradients = any(m.needs_gradients for m in canonical)
         aug, eigen = bool(aug_smooth), bool(eigen_smooth)
         enc = self._encode_targets(images, targets, top_k, checkpoint)
-        if not enc.plain and any(m.pixel for m in chosen):
-            raise InvalidArgument(
-                f"pixel-level methods ({', '.join(m.name for m in chosen if m.pixel)}) explain class logits only; "
-                "give class indices or names as targets, or use layer methods for other targets"
-            )
         width = width_bucket(enc.classes.shape[1], self.num_classes)
         spec = self._spec_arrays(enc, width)
         split = enc.plain and not aug and len(self.sites) == 1  # chunked scores in calls of their own

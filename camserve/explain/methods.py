@@ -72,10 +72,10 @@ class Method:
 
 
 #: The chunked scores a method may read: per channel (see :mod:`camserve.explain.layer_pass`)
-#: and per input sample (see :mod:`camserve.explain.pixel`).
+#: and sampled input gradients (one per sampled method, added by :mod:`camserve.explain.pixel`).
 CHANNEL_READS = ("masked_input_scores", "ablated_logits")
-SAMPLE_READS = ("smoothgrad_gradients", "integrated_gradients")
-READS = CHANNEL_READS + SAMPLE_READS
+SAMPLE_READS: list[str] = ["smoothgrad_gradients", "integrated_gradients"]
+READS = CHANNEL_READS
 
 #: All methods by their public name, in registration order (the built-ins first).
 METHODS: dict[str, Method] = {}
@@ -99,7 +99,7 @@ def register(
     """Decorator adding ``fn(pass) -> (B, h, w)`` to :data:`METHODS` as ``name``.
 
     ``needs_gradients``: the pass computes dY/dA of each target for it. ``reads``: the chunked
-    scores of the pass it reads (one of :data:`READS`). ``pixel``: the method returns a map at
+    scores of the pass it reads (:data:`READS`, :data:`SAMPLE_READS`). ``pixel``: the method returns a map at
     the input's resolution (B, H, W); ``samples``: the passes per target it runs. ``doc``:
     defaults to the function's docstring. A name already registered raises InvalidArgument
     unless ``replace=True`` (the method then keeps its place in the registry).
@@ -107,9 +107,10 @@ def register(
     if not isinstance(name, str) or not name or name != name.strip():
         raise InvalidArgument(f"a method name must be a non-empty string without surrounding spaces, got {name!r}")
     reads = tuple(sorted(set(reads)))
-    unknown = [r for r in reads if r not in READS]
+    allowed = READS + tuple(SAMPLE_READS)
+    unknown = [r for r in reads if r not in allowed]
     if unknown:
-        raise InvalidArgument(f"method {name!r} reads unknown scores {unknown}; allowed: {', '.join(READS)}")
+        raise InvalidArgument(f"method {name!r} reads unknown scores {unknown}; allowed: {', '.join(allowed)}")
 
     def add(fn: MethodFn) -> MethodFn:
         if not callable(fn):

@@ -13,13 +13,14 @@
   noise ``level × (max − min of the image) × N(0, 1)`` drawn by
   ``tf.random.stateless_normal(image shape, seed=(SEED, s))``; Integrated Gradients' copy ``s``
   is ``baseline + (s + ½) / steps × (image − baseline)`` (midpoint Riemann sum), baseline 0 in
-  the model's input space, and the mean gradient is multiplied by (image − baseline).
+  the model's input space, and the mean gradient is multiplied by (image − baseline). Other
+  counts, noise levels and baselines: :func:`camserve.explain.methods_pixel.register_sampled`.
 
 Maps at the input's resolution leave the explain graph beside the layer-resolution ones
 (:func:`split_maps`, :func:`pixel_heatmaps`, :func:`raw_map`).
 
->>> round(float(guided_gate(tf.constant(2.0))), 1), sorted(SAMPLING)
-(2.0, ['integrated_gradients', 'smoothgrad_gradients'])
+>>> round(float(guided_gate(tf.constant(2.0))), 1), SAMPLING["integrated_gradients"].samples
+(2.0, 16)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from camserve import keras_graph as graph
+from camserve.errors import InvalidArgument
 from camserve.explain import layer_pass as lp
 
 if TYPE_CHECKING:
@@ -109,38 +111,69 @@ def guided_gradients(shared: lp.SharedPass) -> tf.Tensor:
 
 
 # --------------------------------------------------------------------------- sampled gradients
-def noisy_copies(images: tf.Tensor, sample: tf.Tensor) -> tf.Tensor:
-    """SmoothGrad's copies: each image plus its noise draw ``sample`` (see the module doc)."""
-    spread = tf.reduce_max(images, axis=(1, 2, 3), keepdims=True) - tf.reduce_min(images, axis=(1, 2, 3), keepdims=True)
-    shape = tf.shape(images)[1:]
-    noise = tf.map_fn(
-        lambda s: tf.random.stateless_normal(shape, seed=tf.stack([tf.constant(SEED), s])),
-        sample,
-        fn_output_signature=tf.float32,
-    )
-    return images + SMOOTHGRAD_NOISE * spread * noise
-
-
-def path_points(images: tf.Tensor, sample: tf.Tensor) -> tf.Tensor:
-    """Integrated Gradients' points on the straight path from the baseline to each image."""
-    alpha = (tf.cast(sample, tf.float32) + 0.5) / IG_STEPS
-    return IG_BASELINE + alpha[:, None, None, None] * (images - IG_BASELINE)
+#: The kinds of sampled input gradients.
+KINDS = ("smoothgrad", "integrated_gradients")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """A sampled read: ``copies(images, sample index) -> inputs``, ``samples`` copies per image,
-    and ``finish(images, mean gradient) -> value`` (B, T, H, W, C)."""
+    """A sampled read: ``samples`` copies of each image (``kind`` ``"smoothgrad"``: noisy
+    copies, ``noise`` × the image's value range; ``"integrated_gradients"``: points of the path
+    from ``baseline``), their mean input gradient, :meth:`finish`-ed."""
 
+    kind: str
     samples: int
-    copies: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-    finish: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+    noise: float = SMOOTHGRAD_NOISE
+    baseline: float = IG_BASELINE
+
+    def copies(self, images: tf.Tensor, sample: tf.Tensor) -> tf.Tensor:
+        """The inputs of copy ``sample`` (S,) of each image (S, H, W, C) (see the module doc)."""
+        if self.kind == "integrated_gradients":
+            alpha = (tf.cast(sample, tf.float32) + 0.5) / self.samples
+            return self.baseline + alpha[:, None, None, None] * (images - self.baseline)
+        top, bottom = (
+            tf.reduce_max(images, axis=(1, 2, 3), keepdims=True),
+            tf.reduce_min(images, axis=(1, 2, 3), keepdims=True),
+        )
+        shape = tf.shape(images)[1:]
+        noise = tf.map_fn(
+            lambda s: tf.random.stateless_normal(shape, seed=tf.stack([tf.constant(SEED), s])),
+            sample,
+            fn_output_signature=tf.float32,
+        )
+        return images + self.noise * (top - bottom) * noise
+
+    def finish(self, images: tf.Tensor, mean_gradients: tf.Tensor) -> tf.Tensor:
+        """(B, T, H, W, C): the mean gradients, times (image − baseline) for Integrated Gradients."""
+        if self.kind == "integrated_gradients":
+            return mean_gradients * (images - self.baseline)[:, None]
+        return mean_gradients
 
 
-SAMPLING: dict[str, Sampling] = {
-    "smoothgrad_gradients": Sampling(SMOOTHGRAD_SAMPLES, noisy_copies, lambda images, g: g),
-    "integrated_gradients": Sampling(IG_STEPS, path_points, lambda images, g: g * (images - IG_BASELINE)[:, None]),
-}
+#: Sampled reads by name (:func:`add_sampling`).
+SAMPLING: dict[str, Sampling] = {}
+
+
+def add_sampling(read: str, spec: Sampling) -> str:
+    """Make ``read`` a sampled read of ``spec`` (a method then declares ``reads=(read,)``)."""
+    if spec.kind not in KINDS:
+        raise InvalidArgument(f"a sampled method's kind is one of {', '.join(KINDS)}; got {spec.kind!r}")
+    if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or not 1 <= spec.samples <= 4096:
+        raise InvalidArgument(f"samples must be an integer from 1 to 4096, got {spec.samples!r}")
+    if not (np.isfinite(spec.noise) and spec.noise >= 0 and np.isfinite(spec.baseline)):
+        raise InvalidArgument(f"noise must be finite and ≥ 0, baseline finite; got {spec.noise!r}, {spec.baseline!r}")
+    from camserve.explain.methods import SAMPLE_READS
+
+    SAMPLING[read] = spec
+    if read not in SAMPLE_READS:
+        SAMPLE_READS.append(read)
+    return read
+
+
+SAMPLING.update(
+    smoothgrad_gradients=Sampling("smoothgrad", SMOOTHGRAD_SAMPLES),
+    integrated_gradients=Sampling("integrated_gradients", IG_STEPS),
+)
 
 
 def sampled_chunk(ex: Explainer, read: str, images, classes, image_index, sample, weight, scorer=None) -> tf.Tensor:
@@ -188,7 +221,7 @@ def sampled_gradients(ex: Explainer, batch, targets, n: int, width: int, reads, 
         weight = (flat < total).astype(np.float32)
         flat = np.minimum(flat, total - 1)
         image_index, sample = (flat // spec.samples).astype(np.int32), (flat % spec.samples).astype(np.int32)
-        fn = ex._graphs.get(("sampled", read, per_call), functools.partial(_sampled_graph, ex, read))
+        fn = ex._graphs.get(("sampled", read, spec, per_call), functools.partial(_sampled_graph, ex, read))
         acc = tf.zeros(())
         for c0 in range(0, len(flat), per_call):
             check()

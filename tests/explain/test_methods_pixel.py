@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from camserve import Explainer
+from camserve.errors import InvalidArgument
 from camserve.explain import pixel
 
 LAYER = "last_conv"
@@ -133,14 +134,14 @@ def test_guided_backprop_and_guided_gradcam(setup):
     assert_close(got["guided_gradcam"], ref_gb * per_target(gradcam), 1e-4, "guided_gradcam")
 
 
-def sampled_reference(model, x, copies, finish) -> np.ndarray:
+def sampled_reference(model, x, copies, finish, count=16) -> np.ndarray:
     logits = logits_of(model)
 
     def one_target(classes):
         total = np.zeros(x.shape, np.float64)
-        for s in range(16):
+        for s in range(count):
             total += input_gradient(logits, copies(x, s).astype(np.float32), classes)
-        return finish(total / 16)
+        return finish(total / count)
 
     return per_target(one_target)
 
@@ -173,7 +174,8 @@ def test_sampled_methods_check_between_chunks(setup):
     calls = []
     ex.explain(x, methods=("integrated_gradients",), targets=TARGETS, checkpoint=lambda: calls.append(1))
     assert len(calls) == 1 + 6
-    assert ("sampled", "integrated_gradients", 8) in ex._graphs.keys()  # graph calls of chunk_size copies each
+    sampled = [k for k in ex._graphs.keys() if k[0] == "sampled"]
+    assert [(k[1], k[-1]) for k in sampled] == [("integrated_gradients", 8)]  # calls of chunk_size copies each
 
     class Stop(Exception):
         pass
@@ -229,3 +231,39 @@ def test_pixel_methods_follow_targets_that_are_not_classes(setup):
     assert_close(np.stack([r[0].raw for r in got]), saliency(gradient(guided_probs, x)), 1e-4, "guided, regression")
     mean = sum(gradient(probs, ((s + 0.5) / 16 * x).astype(np.float32)) for s in range(16)) / 16
     assert_close(np.stack([r[1].raw for r in got]), np.maximum((mean * x).sum(-1), 0), 1e-4, "IG, regression")
+
+
+def test_registered_sampled_methods_use_their_own_counts_noise_and_baseline(setup):
+    from camserve.explain.methods import unregister
+    from camserve.explain.methods_pixel import register_sampled
+    from camserve.serving import budget
+
+    model, x = setup
+    spread = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
+
+    def noisy(images, s):
+        noise = tf.random.stateless_normal(images.shape[1:], seed=tf.constant([pixel.SEED, s], tf.int32)).numpy()
+        return images + 0.3 * spread * noise[None]
+
+    register_sampled("smoothgrad_5", "smoothgrad", samples=5, noise=0.3)
+    register_sampled("ig_8_half", "integrated_gradients", samples=8, baseline=0.5)
+    try:
+        assert budget.samples("smoothgrad_5") == 5 and budget.samples("ig_8_half") == 8
+        got = ours(model, x, ("smoothgrad_5", "ig_8_half"), chunk_size=6)
+        ref = sampled_reference(model, x, noisy, saliency, count=5)
+        assert_close(got["smoothgrad_5"], ref, 1e-4, "smoothgrad, 5 copies")
+        ref = sampled_reference(
+            model,
+            x,
+            lambda im, s: 0.5 + (s + 0.5) / 8 * (im - 0.5),
+            lambda g: np.maximum((g * (x - 0.5)).sum(-1), 0),
+            8,
+        )
+        assert_close(got["ig_8_half"], ref, 1e-4, "IG, 8 steps from 0.5")
+    finally:
+        unregister("smoothgrad_5")
+        unregister("ig_8_half")
+    with pytest.raises(InvalidArgument, match="kind"):
+        register_sampled("bad", "rise", samples=4)
+    with pytest.raises(InvalidArgument, match="samples"):
+        register_sampled("bad", "smoothgrad", samples=0)

@@ -205,9 +205,3 @@ def test_ablationcam_of_a_regression_target_drops_the_output():
             target = RegressionTarget(0, sign=sign)
             got.append(ex.explain(IMAGES[i : i + 1], methods=("ablationcam",), targets=target)[0][0].raw)
     assert_close(np.stack(got), np.stack(want))
-
-
-def test_pixel_methods_refuse_targets_other_than_classes():
-    ex = Explainer(head_model(2, None))
-    with pytest.raises(InvalidArgument, match=r"pixel-level methods \(guidedbackprop\) explain class logits only"):
-        ex.explain(IMAGES, methods=("gradcam", "guidedbackprop"), targets=RegressionTarget(0))
