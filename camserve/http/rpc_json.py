@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from typing import Any, cast
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -163,25 +163,40 @@ async def _iterate(items: Iterable[Any]) -> AsyncIterator[Any]:
 
 
 async def call_stream(request: web.Request, ctx: HttpContext) -> web.StreamResponse:
+    """ExplainStream: the answers as one JSON array, or as NDJSON lines sent as they complete.
+    However the call ends (an error, the client gone), the answers not yet computed are given
+    up (their jobs abandoned), as when a gRPC stream ends."""
     requests = await _requests_of(request, media_type(request))
     context = CallContext(deadline_of(request))
     handle = lambda req: ctx.servicer._explain(req, context)
-    inflight = ctx.config.stream_inflight
-    answers = completion_order(_iterate(requests), handle, inflight, ctx.servicer.streams)
-    if NDJSON not in request.headers.get("Accept", ""):
-        return web.json_response([message_to_json(a) async for a in answers])
+    answers = cast(  # an async generator: closing it cancels the requests in progress
+        AsyncGenerator[Any, None],
+        completion_order(_iterate(requests), handle, ctx.config.stream_inflight, ctx.servicer.streams),
+    )
+    try:
+        if NDJSON not in request.headers.get("Accept", ""):
+            return web.json_response([message_to_json(a) async for a in answers])
+        return await _stream_ndjson(request, answers)
+    finally:
+        await answers.aclose()
+
+
+async def _stream_ndjson(request: web.Request, answers: AsyncIterator[Any]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
+    line = lambda value: json.dumps(value).encode() + b"\n"
     try:
         async for answer in answers:
-            await response.write(json.dumps(message_to_json(answer)).encode() + b"\n")
+            await response.write(line(message_to_json(answer)))
+    except ConnectionError:  # the client went away: nobody to tell
+        return response
     except CamserveError as e:
-        await response.write(json.dumps(default_error_body(e.code, clip_message(str(e)))).encode() + b"\n")
+        await response.write(line(default_error_body(e.code, clip_message(str(e)))))
     except Exception as e:  # noqa: BLE001 - a bug; the headers are sent, so it ends the stream as a line
         rid = request_id(request)
         log.error("internal error", exc_info=e, extra={"path": request.path, "request_id": rid})
         message = f"internal error ({type(e).__name__}); the server log has the details (request id {rid})"
-        await response.write(json.dumps(default_error_body("INTERNAL", message)).encode() + b"\n")
+        await response.write(line(default_error_body("INTERNAL", message)))
     await response.write_eof()
     return response
 

@@ -407,3 +407,29 @@ def test_a_draining_server_answers_503_over_http(repo: Path, workload) -> None:
         answer = call(port, "POST", "/v1/models/gap:predict", body, token=TOKEN)
         assert answer.status == 503 and answer.error["code"] == "UNAVAILABLE"
         assert "draining" in answer.error["message"] and "retry on another replica" in answer.error["message"]
+
+
+def test_an_ndjson_stream_whose_client_leaves_gives_up_its_requests(served, port, workload) -> None:
+    import time
+
+    requests = [
+        pb.ExplainRequest(
+            model={"name": "gap"}, images=[wire.image_to_proto(workload.pictures[i % 3])], request_id=f"s{i}"
+        )
+        for i in range(40)
+    ]
+    body = b"".join(json.dumps(json_format.MessageToDict(r)).encode() + b"\n" for r in requests)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(
+            f"POST {RPC}/ExplainStream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/x-ndjson\r\nAccept: application/x-ndjson\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")  # headers (and maybe a first answer), then leave
+    streams = served.server.servicer.streams
+    deadline = time.monotonic() + 60
+    while (streams.handling or streams.unsent or served.server.inflight) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (streams.handling, streams.unsent, served.server.inflight) == (0, 0, 0)
+    assert call(port, "GET", "/v1/models/gap", token=TOKEN).json()["ready"] is True
