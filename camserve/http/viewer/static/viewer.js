@@ -250,6 +250,10 @@
   // ------------------------------------------------------------------ wiring
 
   function wireDisplay() {
+    $("error").title = "click to dismiss";
+    $("error").addEventListener("click", function () {
+      showError("");
+    });
     fillSelect($("colormap"), CS.colormaps.names(), state.display.colormap);
     $("opacity").addEventListener("input", function () {
       state.display.opacity = Number($("opacity").value);
