@@ -185,3 +185,48 @@ def test_a_served_transformer_lists_and_explains_its_token_layers(tmp_path):
         for g, w in zip(g_image, w_image):
             assert g.raw.shape == (4, 4)
             np.testing.assert_allclose(g.raw, w.raw, rtol=1e-4, atol=1e-6)
+
+
+def test_rest_explain_takes_text_targets_layer_lists_and_smoothing(served):
+    """HTTP v1 ``:explain``: text targets, a list of layers and the smoothing flags give the
+    Explainer's raw maps."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import keras
+
+    from camserve.explain import Explainer
+
+    def call(port, body):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/two:explain", json.dumps(body).encode(), method="POST"
+        )
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    rs, path = served
+    images = np.random.default_rng(13).random((1, 32, 32, 3), dtype=np.float32)
+    body = {
+        "instances": images.tolist(),
+        "targets": ["prob:star", "regression:1:-1"],
+        "layer": ["first_conv", "last_conv"],
+        "eigen_smooth": True,
+        "raw": True,
+        "predictions": False,
+    }
+    status, answer = call(rs.server.http.port, body)
+    assert status == 200, answer
+    got = [np.array(e["raw"]) for e in answer["explanations"][0]]
+    ex = Explainer(keras.models.load_model(path), layer=["first_conv", "last_conv"], class_names=CLASSES)
+    want = ex.explain(
+        images, targets=[[ClassTarget("star", probability=True), RegressionTarget(1, sign=-1)]], eigen_smooth=True
+    )
+    for g, w in zip(got, want[0]):
+        np.testing.assert_allclose(g, w.raw, rtol=1e-4, atol=1e-6)
+    status, answer = call(rs.server.http.port, {**body, "layer": ["a", 3]})
+    assert status == 400 and "list of layer names" in answer["error"]["message"]

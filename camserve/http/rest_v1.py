@@ -20,8 +20,11 @@ already preprocessed to the model's input shape. An object with a single key (TF
 named input, ``{"image": {"b64": ...}}``) stands for its value.
 
 Explain options (body keys beside ``instances``): ``method`` or ``methods`` (default gradcam),
-``targets`` (class indices or names: a flat list for every image, or one list per image;
-default: the ``top_k`` predicted classes), ``top_k``, ``layer``, ``heatmap``
+``targets`` (class indices or names, or the text forms ``prob:CLASS``,
+``regression:INDEX[:-1]``, ``multilabel[:THRESHOLD]`` of :func:`camserve.targets.from_text`: a
+flat list for every image, or one list per image; default: the ``top_k`` predicted classes),
+``top_k``, ``layer`` (a name, or a list of names whose maps are fused), ``aug_smooth`` and
+``eigen_smooth`` (booleans), ``heatmap``
 (``"png"`` default, ``"float"``, ``"both"``, ``"none"``), ``raw`` and ``overlay`` (booleans),
 ``predictions`` (false: no class scores, which saves a pass).
 
@@ -50,6 +53,7 @@ from camserve.http.rpc_json import message_to_json
 from camserve.proto import pb
 from camserve.serving import convert
 from camserve.serving.budget import Outputs
+from camserve.targets import from_text
 
 NAME = r"{name:[^/:]+}"
 VERSION = r"/versions/{version:[^/:]+}"
@@ -68,6 +72,8 @@ EXPLAIN_KEYS = PREDICT_KEYS | {
     "raw",
     "overlay",
     "predictions",
+    "aug_smooth",
+    "eigen_smooth",
 }
 
 
@@ -159,8 +165,9 @@ def methods_of(body: dict[str, Any]) -> list[str]:
     return methods
 
 
-def targets_of(body: dict[str, Any]) -> list[list[int | str]] | None:
-    """``targets``: None, a flat list of classes for every image, or one list per image."""
+def targets_of(body: dict[str, Any]) -> list[list[Any]] | None:
+    """``targets``: None, a flat list of targets for every image, or one list per image (text
+    forms read by :func:`camserve.targets.from_text`)."""
     if "targets" not in body:
         return None
     targets = body["targets"]
@@ -168,12 +175,15 @@ def targets_of(body: dict[str, Any]) -> list[list[int | str]] | None:
     def is_class(t: Any) -> bool:
         return isinstance(t, str) or (isinstance(t, int) and not isinstance(t, bool))
 
+    def read(ts: list[Any]) -> list[Any]:
+        return [from_text(t) if isinstance(t, str) else t for t in ts]
+
     if is_class(targets):
-        return [[targets]]
+        return [read([targets])]
     if isinstance(targets, list) and all(is_class(t) for t in targets):
-        return [list(targets)]
+        return [read(targets)]
     if isinstance(targets, list) and all(isinstance(t, list) and all(map(is_class, t)) for t in targets):
-        return [list(t) for t in targets]
+        return [read(t) for t in targets]
     raise InvalidArgument(
         "'targets' must be a class (index or name), a list of classes for every image, or one list per image"
     )
@@ -237,12 +247,18 @@ async def explain(request: web.Request) -> web.Response:
         overlay=_option(body, "overlay", bool, False),
     )
     with_scores = _option(body, "predictions", bool, True)
+    layer = _option(body, "layer", (str, list), "")
+    if isinstance(layer, list) and not all(isinstance(n, str) for n in layer):
+        raise InvalidArgument("'layer' must be a layer name or a list of layer names (fused)")
     name, version, deadline = request.match_info["name"], version_of(request), deadline_of(request)
     explained = ctx.dataplane.explain(
         name,
         version,
         images,
-        layer=_option(body, "layer", str, ""),
+        layer=layer if isinstance(layer, str) else "",
+        layers=() if isinstance(layer, str) else layer,
+        aug_smooth=_option(body, "aug_smooth", bool, False),
+        eigen_smooth=_option(body, "eigen_smooth", bool, False),
         methods=methods_of(body),
         targets=targets_of(body),
         top_k=_option(body, "top_k", int, 0),
