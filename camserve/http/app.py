@@ -32,7 +32,8 @@ package's own ``rest_v1``/``rpc_json``): a module with ``add_routes(app, ctx)`` 
   identical to gRPC), ``ctx.registry`` (the Prometheus registry), ``ctx.live()`` and
   ``ctx.ready()`` (the server is up / at least one model serves and it is not draining),
   ``ctx.model_ready(name, version)``;
-- await :func:`read_json` (the body as JSON, size-checked, 400 naming the problem);
+- await :func:`read_json` (the body as JSON, size-checked, 400 naming the problem) or
+  :func:`read_body` (the bytes, size-checked);
 - use :func:`deadline_of` (the ``Connect-Timeout-Ms`` header as a ``time.monotonic()``
   instant, or None) for the data plane's ``deadline=``;
 - mark handlers with ``@public`` (no token needed: health probes, static viewer files) and
@@ -72,6 +73,7 @@ __all__ = [
     "error_body",
     "make_app",
     "public",
+    "read_body",
     "read_json",
 ]
 
@@ -165,14 +167,19 @@ def deadline_of(request: web.Request) -> float | None:
     return time.monotonic() + ms / 1000.0
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body parsed as JSON: 413 over ``max_message_mb`` (also for bodies without
-    a length), 400 for an empty or malformed body (naming where it broke)."""
+async def read_body(request: web.Request) -> bytes:
+    """The request body: :class:`PayloadTooLarge` over ``max_message_mb``, also for a body
+    without a length (cut off while reading)."""
     try:
-        data = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG_KEY].max_message_bytes
-        raise PayloadTooLarge(too_large_message(None, limit)) from None
+        raise PayloadTooLarge(too_large_message(None, request.app[CONFIG_KEY].max_message_bytes)) from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body parsed as JSON: 413 over ``max_message_mb`` (:func:`read_body`), 400
+    for an empty or malformed body (naming where it broke)."""
+    data = await read_body(request)
     if not data:
         raise InvalidArgument("the request body is empty; send a JSON object (Content-Type: application/json)")
     try:

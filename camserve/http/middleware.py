@@ -22,6 +22,7 @@ from camserve.http.app import (
     too_large_message,
 )
 from camserve.serving.auth import check_bearer
+from camserve.serving.observability import LATENCY_BUCKETS
 from camserve.serving.status import REQUEST_ID_KEY, clip_message, new_request_id
 
 log = logging.getLogger("camserve.http")
@@ -52,7 +53,7 @@ class HttpMetrics:
             "HTTP request latency",
             ["route"],
             registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LATENCY_BUCKETS,
         )
 
     @classmethod

@@ -25,15 +25,7 @@ import numpy as np
 from aiohttp import web
 
 from camserve.errors import InvalidArgument
-from camserve.http.app import (
-    CONFIG_KEY,
-    HttpContext,
-    PayloadTooLarge,
-    deadline_of,
-    error_body,
-    public,
-    too_large_message,
-)
+from camserve.http.app import HttpContext, deadline_of, error_body, public, read_body
 from camserve.oip import inference, tensors
 from camserve.oip.tensors import Tensor
 from camserve.serving.budget import ResponseTooLarge
@@ -214,13 +206,6 @@ def infer_response(result: inference.InferResult, binary_default: bool, limit: i
     return response
 
 
-async def _read(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(too_large_message(None, request.app[CONFIG_KEY].max_message_bytes)) from None
-
-
 # ---------------------------------------------------------------------------- routes
 
 
@@ -259,7 +244,7 @@ def add_routes(app: web.Application, ctx: HttpContext) -> None:
     async def infer(request: web.Request) -> web.Response:
         info = request.match_info
         deadline = deadline_of(request)
-        body = await _read(request)
+        body = await read_body(request)
         cfg = ctx.config
         header = request.headers.get(HEADER_LENGTH)
         json_bytes = len(body) if header is None or not header.isdigit() else int(header)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +52,7 @@ from camserve.http.rpc_json import message_to_json
 from camserve.proto import pb
 from camserve.serving import convert
 from camserve.serving.budget import Outputs
+from camserve.serving.servicer import explain_answer
 from camserve.targets import from_text
 
 NAME = r"{name:[^/:]+}"
@@ -270,16 +270,7 @@ async def explain(request: web.Request) -> web.Response:
         scored, result = await asyncio.gather(scores, explained)
     else:
         scored, result = None, await explained
-    build = functools.partial(
-        convert.explain_response,
-        result,
-        raw=outputs.raw,
-        heatmap=outputs.heatmap,
-        heatmap_png=outputs.heatmap_png,
-        overlay=outputs.overlay,
-    )
-    # PNG overlays and heatmap PNGs are encoding work: in the pool, as the gRPC servicer does.
-    response = await ctx.dataplane.in_pool(build, inline=not (outputs.overlay or outputs.heatmap_png))
+    response = await explain_answer(ctx.dataplane, result, outputs)
     answer: dict[str, Any] = {
         "model": {"name": result.model, "version": result.version},
         "layer": result.layer,

@@ -34,7 +34,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from camserve.errors import CamserveError, InvalidArgument, NotFound
-from camserve.http.app import CONTEXT_KEY, HttpContext, deadline_of, default_error_body, read_json
+from camserve.http.app import CONTEXT_KEY, HttpContext, deadline_of, default_error_body, read_body, read_json
 from camserve.http.middleware import log, request_id
 from camserve.proto import pb
 from camserve.serving.servicer import SERVICE_NAME, completion_order
@@ -113,7 +113,7 @@ async def call_unary(request: web.Request) -> web.StreamResponse:
         )
     kind = media_type(request)
     if kind == PROTO:
-        data = await request.read()
+        data = await read_body(request)
         try:
             message = request_type.FromString(data)
         except DecodeError:
@@ -132,7 +132,7 @@ async def _requests_of(request: web.Request, kind: str) -> list[Any]:
     if kind == PROTO:
         raise UnsupportedMediaType(f"{STREAM_METHOD} over HTTP reads a JSON array or NDJSON, not {PROTO}")
     if kind == NDJSON:
-        text = (await request.read()).decode("utf-8", "replace")
+        text = (await read_body(request)).decode("utf-8", "replace")
         values: list[Any] = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():

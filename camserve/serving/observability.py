@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import socket
+import ssl
 import sys
 from typing import Any
 
@@ -26,9 +27,13 @@ from camserve.serving.auth import check_bearer
 from camserve.serving.batching import BatcherMetrics
 from camserve.serving.jobs import BatchKey
 
-#: How long an HTTP connection to ``/metrics`` may stay idle (before its first request too):
-#: idle connections are bounded by time, not by a thread each.
-METRICS_IDLE_TIMEOUT_S = 30.0
+#: How long an HTTP connection (``/metrics``, the HTTP API) may stay idle (before its first
+#: request too): idle connections are bounded by time, not by a thread each.
+HTTP_IDLE_TIMEOUT_S = 30.0
+#: Seconds a stopping HTTP listener gives requests in progress (the data plane drains before).
+SHUTDOWN_TIMEOUT_S = 2.0
+#: Histogram buckets (seconds) of request latencies, gRPC and HTTP alike.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class ServerMetrics:
@@ -50,7 +55,7 @@ class ServerMetrics:
             "RPC latency",
             ["method"],
             registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LATENCY_BUCKETS,
         )
         self.queue_time = Histogram(
             "camserve_queue_time_seconds",
@@ -97,7 +102,7 @@ class ServerMetrics:
         return self.http.port if self.http is not None else None
 
     async def serve_http(
-        self, host: str, port: int, token: str = "", idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S
+        self, host: str, port: int, token: str = "", idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
     ) -> int:
         """Serve ``/metrics`` on ``host``'s addresses and ``port`` (0: a free one) from the
         running event loop, behind ``token`` when given; returns the port."""
@@ -122,34 +127,31 @@ def listen_host(host: str) -> str | None:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-class MetricsHTTP:
-    """``GET /metrics`` (Prometheus text or OpenMetrics, as the scraper asks) served by aiohttp
-    on the event loop it is started from: no thread per connection, and a connection idle for
-    ``idle_timeout_s`` (before its first request too) is closed. With ``token``, a request
-    without exactly one ``Authorization: Bearer <token>`` header gets 401 (the same rules as
-    the gRPC calls: :func:`~camserve.serving.auth.check_bearer`).
+class Listener:
+    """An aiohttp runner served on every address of a ``host`` setting (see :func:`listen_host`),
+    one port for all, optionally over TLS: :class:`MetricsHTTP` and the HTTP API's
+    :class:`~camserve.http.server.HttpServer` are both one.
+
+    >>> Listener().port is None
+    True
     """
 
-    def __init__(self, registry: Any, token: str = "", idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S) -> None:
-        self.registry = registry
-        self.token = token
-        self.idle_timeout_s = idle_timeout_s
+    def __init__(self) -> None:
         self.port: int | None = None
         self.sockets: list[socket.socket] = []
         self._runner: Any = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on every address of ``host`` (see :func:`listen_host`), all on one port
-        (``port``, or the one picked for the first address when 0); returns the port."""
+    async def listen(self, runner: Any, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Set ``runner`` (an aiohttp ``BaseRunner``) up and serve it on ``host``'s addresses,
+        all on ``port`` (0: the one picked for the first address); returns the port."""
         from aiohttp import web
 
-        server = web.Server(self._handle, keepalive_timeout=self.idle_timeout_s, access_log=None)
-        self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
-        await self._runner.setup()
+        self._runner = runner
+        await runner.setup()
         try:
             self.sockets = await _bind(listen_host(host), port)
             for sock in self.sockets:
-                await web.SockSite(self._runner, sock, shutdown_timeout=2.0).start()
+                await web.SockSite(runner, sock, ssl_context=tls, shutdown_timeout=SHUTDOWN_TIMEOUT_S).start()
         except BaseException:
             await self.close()
             raise
@@ -162,6 +164,30 @@ class MetricsHTTP:
             self._runner = None
         for sock in self.sockets:
             sock.close()
+        self.sockets = []
+
+
+class MetricsHTTP(Listener):
+    """``GET /metrics`` (Prometheus text or OpenMetrics, as the scraper asks) served by aiohttp
+    on the event loop it is started from: no thread per connection, and a connection idle for
+    ``idle_timeout_s`` (before its first request too) is closed. With ``token``, a request
+    without exactly one ``Authorization: Bearer <token>`` header gets 401 (the same rules as
+    the gRPC calls: :func:`~camserve.serving.auth.check_bearer`).
+    """
+
+    def __init__(self, registry: Any, token: str = "", idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S) -> None:
+        super().__init__()
+        self.registry = registry
+        self.token = token
+        self.idle_timeout_s = idle_timeout_s
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on every address of ``host`` (see :func:`listen_host`), all on one port
+        (``port``, or the one picked for the first address when 0); returns the port."""
+        from aiohttp import web
+
+        server = web.Server(self._handle, keepalive_timeout=self.idle_timeout_s, access_log=None)
+        return await self.listen(web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT_S), host, port)
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web

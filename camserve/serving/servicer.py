@@ -50,6 +50,22 @@ def targets_of(request: Any) -> list[list[Any]] | None:
     return [[wire.target_from_proto(t) for t in tl.targets] for tl in request.targets]
 
 
+async def explain_answer(plane: DataPlane, result: Any, outputs: Outputs, request_id: str = "") -> Any:
+    """The ExplainResponse of a data-plane explain result with the ``outputs`` asked for (gRPC
+    and HTTP alike): maps are bytes (cheap, built on the event loop); PNG overlays and heatmap
+    PNGs are encoding work (built in the data plane's pool)."""
+    build = functools.partial(
+        convert.explain_response,
+        result,
+        raw=outputs.raw,
+        heatmap=outputs.heatmap,
+        heatmap_png=outputs.heatmap_png,
+        overlay=outputs.overlay,
+        request_id=request_id,
+    )
+    return await plane.in_pool(build, inline=not (outputs.overlay or outputs.heatmap_png))
+
+
 def for_request(exc: Exception, request_id: str) -> Exception:
     """``exc`` with ``request '<id>': `` before its message (same kind), so that a stream's
     error names the request that failed; bugs stay as they are (INTERNAL)."""
@@ -179,17 +195,7 @@ class CamServicer(pb_grpc.CamServiceServicer):
             aug_smooth=request.aug_smooth,
             eigen_smooth=request.eigen_smooth,
         )
-        build = functools.partial(
-            convert.explain_response,
-            result,
-            raw=outputs.raw,
-            heatmap=outputs.heatmap,
-            heatmap_png=outputs.heatmap_png,
-            overlay=outputs.overlay,
-            request_id=request.request_id,
-        )
-        # Maps are bytes (cheap, built here); PNG overlays and heatmap PNGs are encoding work (in the pool).
-        response = await plane.in_pool(build, inline=not (outputs.overlay or outputs.heatmap_png))
+        response = await explain_answer(plane, result, outputs, request.request_id)
         return self._checked(response, result.answer_bytes)
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
