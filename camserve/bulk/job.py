@@ -209,8 +209,9 @@ def run_bulk(
             finally:
                 bar.close()
             last_back = time.perf_counter()
-    removed = output.remove_duplicates(settings.out) if todo else 0
-    missing = len(set(images) - set(output.done_images(settings.out)))
+    found = output.index(settings.out)
+    removed = output.remove_duplicates(settings.out, found) if todo else 0
+    missing = len(set(images) - set(found))
     end = time.perf_counter()
     startup = min(last_back - start, max(0.0, first_ready - start_epoch)) if first_ready else last_back - start
     return Summary(

@@ -25,6 +25,7 @@ import hashlib
 import io
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -182,54 +183,63 @@ def _parts(out: str) -> tuple[Any, str, list[str], list[str]]:
     return fs, inner, [n for n in names if _PART.match(n)], [n for n in names if n.endswith(".tmp")]
 
 
-def done_images(out: str) -> dict[str, str]:
-    """Images already in ``OUT`` (each with its part), after removing what a crash left:
-    temporary files and parts that cannot be read (their images are done again)."""
+def _read_columns(fs: Any, inner: str, parts: list[str], columns: list[str]) -> dict[str, Any]:
+    """``columns`` of each part (None for a part that cannot be read), read in parallel
+    (object stores answer slowly one file at a time)."""
     import pyarrow.parquet as pq
 
+    def read(name: str) -> Any:
+        try:
+            return pq.read_table(f"{inner}/{name}", columns=columns, filesystem=fs)
+        except (OSError, ValueError):  # a truncated part (pyarrow.lib.ArrowInvalid is a ValueError)
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(parts, pool.map(read, parts)))
+
+
+def index(out: str) -> dict[str, list[str]]:
+    """Every image of ``OUT`` with the parts that hold its rows (one, unless a batch was written
+    twice with other companions), after removing what a crash left: temporary files and parts
+    that cannot be read (their images are done again)."""
     fs, inner, parts, leftovers = _parts(out)
     for name in leftovers:
         fs.delete_file(f"{inner}/{name}")
-    done: dict[str, str] = {}
-    for name in parts:
-        try:
-            images = pq.read_table(f"{inner}/{name}", columns=["image"], filesystem=fs).column("image").to_pylist()
-        except (OSError, ValueError):  # a truncated part (pyarrow.lib.ArrowInvalid is a ValueError)
+    found: dict[str, list[str]] = {}
+    for name, table in _read_columns(fs, inner, parts, ["image"]).items():
+        if table is None:
             fs.delete_file(f"{inner}/{name}")
             continue
-        for image in images:
-            done.setdefault(image, name)
-    return done
+        for image in dict.fromkeys(table.column("image").to_pylist()):
+            found.setdefault(image, []).append(name)
+    return found
 
 
-def remove_duplicates(out: str) -> int:
+def done_images(out: str) -> dict[str, str]:
+    """Images already in ``OUT``, each with its part (see :func:`index`)."""
+    return {image: parts[0] for image, parts in index(out).items()}
+
+
+def remove_duplicates(out: str, found: dict[str, list[str]] | None = None) -> int:
     """Rewrite parts so that each image's rows are in one part only (a batch retried with other
-    companions could repeat an image); returns how many images were repeated."""
-    import pyarrow.parquet as pq
-
-    fs, inner, parts, _ = _parts(out)
-    owner: dict[str, str] = {}
+    companions could repeat an image); ``found``: :func:`index` if already read. Returns how
+    many images were repeated."""
+    fs, inner, _, _ = _parts(out)
     repeated: dict[str, set[str]] = {}
-    for name in parts:
-        for image in set(
-            pq.read_table(f"{inner}/{name}", columns=["image"], filesystem=fs).column("image").to_pylist()
-        ):
-            if image in owner:
-                repeated.setdefault(name, set()).add(image)
-            else:
-                owner[image] = name
+    for image, parts in (index(out) if found is None else found).items():
+        for name in parts[1:]:
+            repeated.setdefault(name, set()).add(image)
     _drop_from_parts(fs, inner, repeated)
     return sum(len(v) for v in repeated.values())
 
 
 def failed_images(out: str) -> dict[str, str]:
     """Images of ``OUT`` whose row is an error row, each with its part."""
-    import pyarrow.parquet as pq
-
     fs, inner, parts, _ = _parts(out)
     failed: dict[str, str] = {}
-    for name in parts:
-        table = pq.read_table(f"{inner}/{name}", columns=["image", "error"], filesystem=fs)
+    for name, table in _read_columns(fs, inner, parts, ["image", "error"]).items():
+        if table is None:
+            continue
         for image, error in zip(table.column("image").to_pylist(), table.column("error").to_pylist()):
             if error is not None:
                 failed[image] = name
