@@ -187,15 +187,27 @@ def sampled_chunk(ex: Explainer, read: str, images, classes, image_index, sample
 
 
 def all_samples(read: str) -> Callable[[lp.SharedPass], tf.Tensor]:
-    """In-graph fallback when the explain call did not compute ``read``: every copy at once."""
+    """In-graph computation of ``read`` when the explain call did not compute it in calls of
+    their own (augmented views, several layers, targets that are not classes): the copies in
+    chunks of ``chunk_size`` inside a ``tf.while_loop`` summing on the device, so memory stays
+    bounded by one chunk (no checkpoint between the chunks here)."""
 
     def compute(shared: lp.SharedPass) -> tf.Tensor:
-        spec, b = SAMPLING[read], tf.shape(shared.images)[0]
-        image_index = tf.repeat(tf.range(b), spec.samples)
-        sample = tf.tile(tf.range(spec.samples), [b])
-        scorer = getattr(shared, "scorer", None)
-        total = sampled_chunk(shared.ex, read, shared.images, shared.classes_all, image_index, sample, None, scorer)
-        return spec.finish(shared.images, total / spec.samples)
+        spec, images, classes = SAMPLING[read], shared.images, shared.classes_all
+        scorer, size = getattr(shared, "scorer", None), shared.ex.chunk_size
+        total = tf.shape(images)[0] * spec.samples
+        calls = (total + size - 1) // size
+
+        def body(i, acc):
+            flat = i * size + tf.range(size)
+            weight = tf.cast(flat < total, tf.float32)
+            flat = tf.minimum(flat, total - 1)
+            image_index, sample = flat // spec.samples, flat % spec.samples
+            return i + 1, acc + sampled_chunk(shared.ex, read, images, classes, image_index, sample, weight, scorer)
+
+        start = tf.zeros(tf.concat([tf.shape(images)[:1], [classes.shape[1]], tf.shape(images)[1:]], axis=0))
+        _, summed = tf.while_loop(lambda i, _: i < calls, body, (tf.constant(0), start))
+        return spec.finish(images, summed / spec.samples)
 
     return compute
 

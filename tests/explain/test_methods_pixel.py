@@ -267,3 +267,20 @@ def test_registered_sampled_methods_use_their_own_counts_noise_and_baseline(setu
         register_sampled("bad", "rise", samples=4)
     with pytest.raises(InvalidArgument, match="samples"):
         register_sampled("bad", "smoothgrad", samples=0)
+
+
+def test_smoothgrad_with_aug_smooth_is_chunked_in_graph_and_averages_the_views(setup):
+    """With aug_smooth the copies are computed inside the explain graph (a while loop over chunks
+    of 5); the map equals the mean of the six views explained one by one (chunked calls of their
+    own), the flipped ones flipped back."""
+    from camserve.explain import smoothing
+
+    model, x = setup
+    views = smoothing.augmented(tf.constant(x[:1])).numpy()
+    single = Explainer(model, layer=LAYER)
+    per_view = [single.explain(v[None], methods=("smoothgrad",), targets=[1])[0][0].raw for v in views]
+    unflipped = [r[:, ::-1] if flip else r for r, (flip, _) in zip(per_view, smoothing.VIEWS)]
+    got = Explainer(model, layer=LAYER, chunk_size=5).explain(
+        x[:1], methods=("smoothgrad",), targets=[1], aug_smooth=True
+    )
+    assert_close(got[0][0].raw.astype(np.float64), np.mean(unflipped, axis=0).astype(np.float64), 1e-4, "aug_smooth")
