@@ -53,3 +53,28 @@ def test_cli_explain_accepts_the_new_methods(tmp_path):
     assert [e["method"] for e in report[0]["explanations"]] == ["smoothgrad", "shapleycam"]
     for e in report[0]["explanations"]:
         assert (out / e["overlay"]).exists()
+
+
+def test_http_v1_explain_with_new_methods(server):
+    """The HTTP API (TF Serving-style :explain) reaches the same registry."""
+    import urllib.request
+
+    rs, root = server
+    pic = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    body = {"instances": [pic.tolist()], "methods": ["integrated_gradients", "fem"], "targets": [1], "raw": True}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{rs.server.http.port}/v1/models/fc:explain",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        (got,) = json.loads(answer.read())["explanations"]
+    entry = load_model_dir(root / "fc")
+    want = Explainer(entry.model).explain(
+        imaging.model_input(pic, entry.config)[None], methods=("integrated_gradients", "fem"), targets=[1]
+    )[0]
+    assert [e["method"] for e in got] == ["integrated_gradients", "fem"]
+    for e, w in zip(got, want):
+        raw = np.asarray(e["raw"])
+        assert raw.shape == w.raw.shape
+        np.testing.assert_allclose(raw, w.raw, rtol=1e-3, atol=1e-5 * max(1.0, float(np.abs(w.raw).max())))
