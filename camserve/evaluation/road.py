@@ -12,7 +12,9 @@ Curves: at each percentile p the p % pixels with the highest (MoRF, most relevan
 lowest (LeRF, least relevant first) heatmap values are removed and imputed, and the image is
 scored. A good explanation makes the MoRF scores fall fast and the LeRF scores stay high; the
 combined score ``(mean LeRF − mean MoRF) / 2`` (as pytorch-grad-cam's ``ROADCombined``) is
-higher for better explanations.
+higher for better explanations. Here p is the fraction removed, the paper's x-axis;
+pytorch-grad-cam's percentile p removes the pixels at or above the p-th percentile (100 − p %),
+so over the symmetric default percentiles the averages agree.
 
 Needs SciPy (``pip install camserve[eval]``) for the sparse solve.
 
