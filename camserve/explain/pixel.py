@@ -195,6 +195,8 @@ def all_samples(read: str) -> Callable[[lp.SharedPass], tf.Tensor]:
     def compute(shared: lp.SharedPass) -> tf.Tensor:
         spec, images, classes = SAMPLING[read], shared.images, shared.classes_all
         scorer, size = getattr(shared, "scorer", None), shared.ex.chunk_size
+        if images.shape[0] is not None:  # never pad a small job up to a full chunk
+            size = min(size, images.shape[0] * spec.samples)
         total = tf.shape(images)[0] * spec.samples
         calls = (total + size - 1) // size
 
