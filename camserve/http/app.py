@@ -20,18 +20,16 @@ gRPC and HTTP). Middlewares (:mod:`camserve.http.middleware`), outermost first:
    :func:`~camserve.serving.auth.check_bearer`) or 401 — except for handlers marked
    :func:`public`.
 
-Interface for route modules (``camserve/http/oip.py``, ``camserve/http/viewer.py``, and this
-package's own ``rest_v1``/``rpc_json``): a module with ``add_routes(app, ctx)`` is called by
-:func:`make_app` when it can be imported (:data:`ROUTE_MODULES`); it adds its routes with
-``app.router.add_get/add_post/...`` and may:
+Interface for route modules (:data:`ROUTE_MODULES`: ``rest_v1``, ``rpc_json``, ``oip`` and
+``viewer``): :func:`make_app` calls each one's ``add_routes(app, ctx)``, which adds its routes
+with ``app.router.add_get/add_post/...`` and may:
 
 - use ``ctx`` (a :class:`HttpContext`): ``ctx.dataplane`` (``predict``, ``explain``,
   ``dense_scores``, ``list_models``, ``get_model``, ``runtime``; ``ctx.dataplane.repository``,
   ``ctx.dataplane.runtimes``), ``ctx.config`` (:class:`~camserve.serving.config.ServerConfig`),
   ``ctx.servicer`` (the gRPC :class:`~camserve.serving.servicer.CamServicer`, for answers
-  identical to gRPC), ``ctx.registry`` (the Prometheus registry), ``ctx.live()`` and
-  ``ctx.ready()`` (the server is up / at least one model serves and it is not draining),
-  ``ctx.model_ready(name, version)``;
+  identical to gRPC), ``ctx.registry`` (the Prometheus registry), ``ctx.ready()`` (the
+  server has started serving and is not stopping);
 - await :func:`read_json` (the body as JSON, size-checked, 400 naming the problem) or
   :func:`read_body` (the bytes, size-checked);
 - use :func:`deadline_of` (the ``Connect-Timeout-Ms`` header as a ``time.monotonic()``
@@ -42,7 +40,8 @@ package's own ``rest_v1``/``rpc_json``): a module with ``add_routes(app, ctx)`` 
 - raise :mod:`camserve.errors` kinds (or :class:`PayloadTooLarge`): never build error
   answers by hand.
 
->>> app = make_app(HttpContext.for_tests())        # doctest: +SKIP
+>>> CONTENT_SECURITY_POLICY.split("; ")[:2]
+["default-src 'self'", "script-src 'self'"]
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ __all__ = [
 
 log = logging.getLogger("camserve.http")
 
-#: Modules whose ``add_routes(app, ctx)`` :func:`make_app` calls, in this order, when they exist.
+#: Modules whose ``add_routes(app, ctx)`` :func:`make_app` calls, in this order.
 ROUTE_MODULES: tuple[str, ...] = (
     "camserve.http.rest_v1",
     "camserve.http.rpc_json",
@@ -111,7 +110,6 @@ class HttpContext:
     dataplane: DataPlane
     servicer: CamServicer
     registry: Any = None  # prometheus_client.CollectorRegistry (None: no HTTP metrics)
-    live: Callable[[], bool] = lambda: True
     ready: Callable[[], bool] = lambda: True
     token: str = ""  # the bearer token ("" : no auth)
     inflight: int = 0  # HTTP requests in progress (what a draining server waits for)
@@ -119,11 +117,6 @@ class HttpContext:
     @property
     def config(self) -> ServerConfig:
         return self.dataplane.config
-
-    def model_ready(self, name: str, version: int = 0) -> bool:
-        """Whether ``name`` (version 0: any version) has a version ready to serve."""
-        ready = self.dataplane.runtimes.ready_versions(name)
-        return bool(ready) and (not version or version in ready) and not self.dataplane.draining
 
 
 def public(handler: H) -> H:
@@ -211,8 +204,7 @@ CONFIG_KEY: web.AppKey[Any] = web.AppKey("camserve_config", object)
 
 def make_app(ctx: HttpContext, route_modules: tuple[str, ...] = ROUTE_MODULES) -> web.Application:
     """The application: middlewares, then the routes of every module in ``route_modules``
-    that can be imported and has ``add_routes`` (a missing module is skipped; one that fails
-    to import is an error)."""
+    (each one's ``add_routes(app, ctx)``)."""
     from camserve.http import middleware
 
     limit = ctx.config.max_message_bytes
@@ -223,13 +215,5 @@ def make_app(ctx: HttpContext, route_modules: tuple[str, ...] = ROUTE_MODULES) -
     app[CONTEXT_KEY] = ctx
     app[CONFIG_KEY] = ctx.config
     for name in route_modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        add_routes = getattr(module, "add_routes", None)  # a package still being written may lack it
-        if add_routes is not None:
-            add_routes(app, ctx)
+        importlib.import_module(name).add_routes(app, ctx)
     return app

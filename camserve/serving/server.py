@@ -37,6 +37,7 @@ from camserve import accelerator
 from camserve.http import server as http_server
 from camserve.http.server import HttpServer
 from camserve.oip import grpc_service as oip_grpc_service
+from camserve.oip import inference as oip_inference
 from camserve.proto import pb_grpc
 from camserve.serving.auth import TokenAuthInterceptor
 from camserve.serving.batching import Batcher
@@ -98,9 +99,7 @@ class CamServer:
 
     def serving(self) -> bool:
         """Loaded and warmed up, at least one model ready, and not draining (HTTP readiness)."""
-        names = self.repository.names()
-        ready = any(self.runtimes.ready_versions(name) for name in names)
-        return self._ready.is_set() and ready and not self.dataplane.draining
+        return self._ready.is_set() and oip_inference.server_ready(self.dataplane)
 
     # ------------------------------------------------------------ life cycle
 
