@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,4 +33,5 @@ def test_mypy():
 
 def test_py_typed_is_shipped():
     assert (REPO / "camserve" / "py.typed").exists()
-    assert 'camserve = ["py.typed"]' in (REPO / "pyproject.toml").read_text()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["camserve"]
