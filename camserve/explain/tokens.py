@@ -2,8 +2,9 @@
 (N, h, w, C) outputs, or token (N, T, C) outputs of vision transformers, reshaped to a grid.
 
 A token layer's first ``k`` tokens (class / register tokens) are dropped and the other
-T − k are laid out row by row on an h × w grid; ``k`` is given (``prefix_tokens``) or the
-smallest k in 0..:data:`MAX_PREFIX` for which T − k is a square. The automatic choice
+T − k are laid out row by row on an h × w grid. The grid is the patch embedding's: the last
+4-D layer before the tokens whose h × w is T − k (non-square images too); without one, the
+smallest k in 0..:data:`MAX_PREFIX` for which T − k is a square. ``prefix_tokens`` fixes k. The automatic choice
 (``layer=None``) is the last 4-D activation before the head, unless token layers come after
 it (a transformer): then the last block's normalised tokens, i.e. the last
 LayerNormalization with token output that feeds an attention layer (its tokens still get
@@ -102,21 +103,43 @@ def token_layers(model: keras.Model) -> list[Any]:
 def gridded_token_layers(model: keras.Model) -> list[Any]:
     """The token layers whose tokens make a square grid once 0..:data:`MAX_PREFIX` prefix
     tokens are dropped (the ones that can be named without ``prefix_tokens``)."""
-    return [p for p in token_layers(model) if infer_grid(int(_output_shape(p[-1])[1])) is not None]  # type: ignore[index]
+    return [p for p in token_layers(model) if grid_of(model, p) is not None]
 
 
-def token_site(path: Any, prefix_tokens: int | None) -> Site:
-    """The site of a token layer; InvalidArgument when its tokens do not make a square grid."""
+def _patch_grid(model: keras.Model, path: Any, tokens: int, prefix_tokens: int | None) -> tuple | None:
+    """(k, h, w) from the last 4-D layer before ``path`` with h × w = tokens − k, or None."""
+    paths = [tuple(map(id, p)) for p in graph.iter_layer_paths(model)]
+    here = paths.index(tuple(map(id, path)))
+    choices = range(MAX_PREFIX + 1) if prefix_tokens is None else (prefix_tokens,)
+    for p in reversed(graph.candidate_layers(model)):
+        shape = _output_shape(p[-1])
+        if paths.index(tuple(map(id, p))) >= here or shape is None or None in shape[1:3]:
+            continue
+        h, w = int(shape[1]), int(shape[2])
+        for k in choices:
+            if h * w == tokens - k:
+                return k, h, w
+    return None
+
+
+def grid_of(model: keras.Model, path: Any, prefix_tokens: int | None = None) -> tuple | None:
+    """(k, h, w) of a token layer: the patch embedding's grid, else a square (module doc)."""
+    tokens = int(_output_shape(path[-1])[1])  # type: ignore[index]
+    return _patch_grid(model, path, tokens, prefix_tokens) or infer_grid(tokens, prefix_tokens)
+
+
+def token_site(path: Any, prefix_tokens: int | None, model: keras.Model | None = None) -> Site:
+    """The site of a token layer; InvalidArgument when its tokens make no grid."""
     tokens = int(_output_shape(path[-1])[1])  # type: ignore[index]
     if prefix_tokens is not None and (
         isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or not 0 <= prefix_tokens < tokens
     ):
         raise InvalidArgument(f"prefix_tokens must be an integer from 0 to {tokens - 1}, got {prefix_tokens!r}")
-    found = infer_grid(tokens, prefix_tokens)
+    found = grid_of(model, path, prefix_tokens) if model is not None else infer_grid(tokens, prefix_tokens)
     if found is None:
         given = f"{prefix_tokens} prefix tokens" if prefix_tokens is not None else f"0..{MAX_PREFIX} prefix tokens"
         raise InvalidArgument(
-            f"layer {graph.layer_path_name(path)!r} has {tokens} tokens: dropping {given} leaves no square grid; "
+            f"layer {graph.layer_path_name(path)!r} has {tokens} tokens: dropping {given} leaves no grid (neither a patch embedding's h × w nor a square); "
             "give prefix_tokens= (the class / register tokens before the patch tokens)"
         )
     k, h, w = found
@@ -146,7 +169,7 @@ def auto_site(model: keras.Model, prefix_tokens: int | None = None) -> Site:
         conv: Any = graph.resolve_layer(model, None)
     except graph.UnknownLayer:
         conv = None
-    tokens = [p for p in token_layers(model) if infer_grid(int(_output_shape(p[-1])[1]), prefix_tokens)]  # type: ignore[index]
+    tokens = [p for p in token_layers(model) if grid_of(model, p, prefix_tokens)]
     if not tokens or (conv is not None and order[tuple(map(id, conv))] > order[tuple(map(id, tokens[-1]))]):
         if conv is None:
             raise graph.UnknownLayer(
@@ -157,7 +180,7 @@ def auto_site(model: keras.Model, prefix_tokens: int | None = None) -> Site:
     feeding = _feeds_attention(model)
     before_attention = [p for p in norms if tuple(map(id, p)) in feeding]
     chosen = (before_attention or norms or tokens)[-1]
-    return token_site(chosen, prefix_tokens)
+    return token_site(chosen, prefix_tokens, model)
 
 
 def resolve_sites(
@@ -181,5 +204,5 @@ def _named_site(model: keras.Model, name: str, prefix_tokens: int | None) -> Sit
     except graph.UnknownLayer as exc:
         for path in token_layers(model):
             if graph.layer_path_name(path) == name:
-                return token_site(path, prefix_tokens)
+                return token_site(path, prefix_tokens, model)
         raise graph.UnknownLayer(f"{exc}; token (N, T, C) layers can be named too") from None

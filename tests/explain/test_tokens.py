@@ -30,13 +30,13 @@ class AddPositions(keras.layers.Layer):
         return x + self.pos
 
 
-def tiny_vit(class_token: bool, blocks: int = 2, classes: int = 3) -> keras.Model:
-    """Patch-embedding conv (16 px → 4 × 4 patches of 4 px) and ``blocks`` pre-norm
+def tiny_vit(class_token: bool, blocks: int = 2, classes: int = 3, size: tuple = (16, 16)) -> keras.Model:
+    """Patch-embedding conv (4 px patches: 4 × 4 of them at 16 px) and ``blocks`` pre-norm
     transformer blocks; the head reads the class token, or averages the tokens."""
     keras.utils.set_random_seed(1)
-    inp = keras.Input((16, 16, 3))
+    inp = keras.Input(size + (3,))
     x = keras.layers.Conv2D(8, 4, strides=4, name="patches")(inp)
-    x = keras.layers.Reshape((16, 8))(x)
+    x = keras.layers.Reshape((size[0] * size[1] // 16, 8))(x)
     if class_token:
         x = ClassToken(name="cls")(x)
     x = AddPositions()(x)
@@ -82,8 +82,9 @@ def hand_gradcam(model, layer_name, images, classes, prefix):
         total = tf.reduce_sum(tf.gather(logits, classes, batch_dims=1))
     grads = tape.gradient(total, values[0]).numpy()
     tokens = values[0].numpy()
-    a = tokens[:, prefix:].reshape(len(images), 4, 4, -1)
-    g = grads[:, prefix:].reshape(len(images), 4, 4, -1)
+    h, w = images.shape[1] // 4, images.shape[2] // 4
+    a = tokens[:, prefix:].reshape(len(images), h, w, -1)
+    g = grads[:, prefix:].reshape(len(images), h, w, -1)
     return np.maximum(np.einsum("bhwk,bk->bhw", a, g.mean(axis=(1, 2))), 0.0)
 
 
@@ -146,7 +147,7 @@ def test_prefix_tokens_given_and_refused():
     model = tiny_vit(True, blocks=1)
     ex = Explainer(model, layer="block0_out", prefix_tokens=1)
     assert ex.sites[0].grid == (4, 4)
-    with pytest.raises(InvalidArgument, match="no square grid; give prefix_tokens"):
+    with pytest.raises(InvalidArgument, match="leaves no grid .*; give prefix_tokens"):
         Explainer(model, layer="block0_out", prefix_tokens=3)
     with pytest.raises(InvalidArgument, match="prefix_tokens must be an integer from 0 to 16"):
         Explainer(model, layer="block0_out", prefix_tokens=-1)
@@ -157,3 +158,16 @@ def test_infer_grid_prefers_the_fewest_prefix_tokens():
     assert infer_grid(49) == (0, 7, 7)
     assert infer_grid(53) == (4, 7, 7)  # class + 3 register tokens
     assert infer_grid(33) is None and infer_grid(33, prefix_tokens=8) == (8, 5, 5)
+
+
+def test_a_non_square_image_takes_the_patch_embeddings_grid():
+    """16 × 24 px: 4 × 6 patches + a class token = 25 tokens, which is also 5 × 5: the patch
+    embedding's grid wins over the square."""
+    model = tiny_vit(True, size=(16, 24))
+    ex = Explainer(model)
+    assert (ex.layer_name, ex.sites[0].prefix, ex.sites[0].grid) == ("block1_norm1", 1, (4, 6))
+    x = np.random.default_rng(4).random((2, 16, 24, 3), dtype=np.float32)
+    got = np.stack([e[0].raw for e in ex.explain(x, targets=[1, 2])])
+    want = hand_gradcam(model, "block1_norm1", x, np.array([1, 2]), 1)
+    assert want.max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * want.max())
