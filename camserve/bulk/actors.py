@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from camserve import imaging
 from camserve.bulk import output
 from camserve.bulk.inputs import load_rgb
 from camserve.errors import CamserveError
@@ -117,8 +118,13 @@ class ExplainActor:
             )
             top_k = len(settings.targets or ()) or settings.top_k
             self.folder.explainer.warm_up(methods=settings.methods, top_k=top_k)
+            blank = np.zeros((*self.folder.entry.config.input_size, 3), np.uint8)
             if settings.targets:  # a bad target is the job's error, not one error row per image
-                self._explain([np.zeros((*self.folder.entry.config.input_size, 3), np.uint8)])
+                self._explain([blank])
+            if settings.dense:  # likewise a head that cannot be made fully convolutional
+                from camserve.dense import dense_scores
+
+                dense_scores(self.folder.entry.model, imaging.model_input(blank, self.folder.entry.config))
         except CamserveError as e:
             # Sent back by every call instead (nothing written): Ray reports exceptions raised
             # by actors only as text, and the driver shows the user this error as it is.
@@ -200,7 +206,6 @@ def _message(e: BaseException) -> str:
 
 
 def _explanation_row(s: BulkSettings, image: str, rgb: np.ndarray, e: Any) -> dict[str, Any]:
-    from camserve import imaging
     from camserve.explanation import image_box
 
     overlay = None
@@ -226,7 +231,6 @@ def _dense_rows(actor: ExplainActor, image: str, rgb: np.ndarray, classes: list[
     """One ``dense`` row per class: its sliding-window scores over the whole image (one FCN
     pass at the network's stride, images smaller than the window zero-padded), the best
     window's score and box."""
-    from camserve import imaging
     from camserve.dense import dense_scores
 
     folder = actor.folder

@@ -4,6 +4,7 @@ images, dense rows equal dense_scores, and the actor resources chosen per cluste
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -140,18 +141,33 @@ def test_targets_layers_and_smoothing_as_camserve_explain(images: Path, tmp_path
         np.testing.assert_allclose(output.raw_map(r), e.raw, rtol=1e-5, atol=1e-6)
 
 
+def reshape_head_model(folder: Path) -> Path:
+    """A classifier whose head (Reshape → Dense) cannot be made fully convolutional."""
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="last_conv")(inp)
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Reshape((6 * 6 * 4,))(x))
+    (folder / "1").mkdir(parents=True)
+    keras.Model(inp, out).save(folder / "1" / "model.keras")
+    (folder / "config.toml").write_text('class_names = ["a", "b", "c"]\ninput_size = [8, 8]\n')
+    return folder
+
+
 def test_an_actor_that_cannot_start_writes_nothing_and_sends_its_error(tmp_path: Path, model_dir: Path) -> None:
     import pickle
 
     from camserve.cli.explain import parse_targets
     from camserve.errors import CamserveError
 
-    for bad in [
-        BulkSettings(model_dir=str(model_dir), out=str(tmp_path / "a"), targets=tuple(parse_targets(["regression:9"]))),
-        BulkSettings(model_dir=str(model_dir), out=str(tmp_path / "b"), layer="no_such_layer"),
+    reshape = reshape_head_model(tmp_path / "reshape")
+    for bad, says in [
+        (BulkSettings(model_dir=str(model_dir), out="a", targets=tuple(parse_targets(["regression:9"]))), "9"),
+        (BulkSettings(model_dir=str(model_dir), out="b", layer="no_such_layer"), "no_such_layer"),
+        (BulkSettings(model_dir=str(reshape), out="c", dense=True), "cannot convert head layer 'reshape'"),
     ]:
-        actor = ExplainActor(bad)
+        actor = ExplainActor(dataclasses.replace(bad, out=str(tmp_path / bad.out)))
         summary = actor({"image": np.array(["x.png"], object), "location": np.array(["x.png"], object)})
         error = pickle.loads(summary["setup_error"][0])
-        assert isinstance(error, CamserveError) and ("9" in str(error) or "no_such_layer" in str(error))
-        assert not (tmp_path / "a" / output.DATASET).exists() and not (tmp_path / "b" / output.DATASET).exists()
+        assert isinstance(error, CamserveError) and says in str(error)
+        assert not (tmp_path / bad.out).exists()
