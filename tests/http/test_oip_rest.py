@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_serving import CLASSES, RunningServer, make_repository
+from helpers_oip import SIZE, gap_reference, model_inputs
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository
 
-from camserve.imaging import encode_png, preprocess, resize
-from camserve.serving.config import ServerConfig
-
-SIZE = 32
+from camserve.imaging import encode_png
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +26,14 @@ def repo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(repo_root: Path):
-    config = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo_root),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            http_port=0,
-            max_batch_size=4,
-            batch_timeout_ms=5,
-            max_images=8,
-            max_pixels=512 * 512,
-            max_message_mb=1.0,
-            log_format="text",
-        ),
+    config = local_config(
+        repo_root,
+        metrics_port=-1,
+        max_batch_size=4,
+        batch_timeout_ms=5,
+        max_images=8,
+        max_pixels=512 * 512,
+        max_message_mb=1.0,
     )
     with RunningServer(config) as rs:
         yield rs
@@ -55,21 +46,12 @@ def base(served: RunningServer) -> str:
 
 @pytest.fixture(scope="module")
 def reference(repo_root: Path):
-    import keras
-
-    from camserve.explain import Explainer
-
-    model = keras.models.load_model(repo_root / "gap" / "2" / "model.keras", safe_mode=True)
-    return model, Explainer(model, class_names=CLASSES)
+    return gap_reference(repo_root)
 
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
     return np.random.default_rng(5).integers(0, 256, (2, 40, 36, 3), dtype=np.uint8)
-
-
-def _inputs(pixels: np.ndarray) -> np.ndarray:
-    return np.stack([preprocess(resize(p, (SIZE, SIZE)), "scale_0_1") for p in pixels])
 
 
 def _call(url: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -126,12 +108,12 @@ def test_metadata(base: str) -> None:
 
 def test_json_scores_equal_keras(base: str, reference, pixels) -> None:
     model, _ = reference
-    expected = model.predict(_inputs(pixels), verbose=0)
+    expected = model.predict(model_inputs(pixels), verbose=0)
     status, doc = _json(f"{base}/v2/models/gap/infer", {"id": "r1", "inputs": [_tensor(pixels)]})
     assert status == 200 and (doc["model_name"], doc["model_version"], doc["id"]) == ("gap", "2", "r1")
     np.testing.assert_allclose(_outputs(doc)["scores"], expected, rtol=1e-5, atol=1e-6)
     # FP32 preprocessed inputs and base64 PNG files give the same scores.
-    fp32 = _json(f"{base}/v2/models/gap/infer", {"inputs": [_tensor(_inputs(pixels), "FP32")]})[1]
+    fp32 = _json(f"{base}/v2/models/gap/infer", {"inputs": [_tensor(model_inputs(pixels), "FP32")]})[1]
     np.testing.assert_allclose(_outputs(fp32)["scores"], expected, rtol=1e-5, atol=1e-6)
     pngs = [base64.b64encode(encode_png(p)).decode() for p in pixels]
     by_png = _json(
@@ -167,12 +149,12 @@ def test_binary_tensor_data_extension(base: str, reference, pixels) -> None:
     (out,) = doc["outputs"]
     assert out["parameters"]["binary_data_size"] == len(body) - n == 2 * len(CLASSES) * 4
     scores = np.frombuffer(body[n:], "<f4").reshape(out["shape"])
-    np.testing.assert_allclose(scores, model.predict(_inputs(pixels), verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, model.predict(model_inputs(pixels), verbose=0), rtol=1e-5, atol=1e-6)
 
 
 def test_classification_strings(base: str, reference, pixels) -> None:
     model, _ = reference
-    expected = model.predict(_inputs(pixels), verbose=0)
+    expected = model.predict(model_inputs(pixels), verbose=0)
     body = {"inputs": [_tensor(pixels)], "outputs": [{"name": "scores", "parameters": {"classification": 2}}]}
     doc = _json(f"{base}/v2/models/gap/infer", body)[1]
     (out,) = doc["outputs"]
@@ -186,7 +168,7 @@ def test_classification_strings(base: str, reference, pixels) -> None:
 
 def test_explanation_outputs_equal_in_process(base: str, reference, pixels) -> None:
     _, ex = reference
-    expected = ex.explain(_inputs(pixels), methods=("gradcam",), targets=[[1]])
+    expected = ex.explain(model_inputs(pixels), methods=("gradcam",), targets=[[1]])
     body = {
         "inputs": [_tensor(pixels)],
         "parameters": {"method": "gradcam", "target": 1},

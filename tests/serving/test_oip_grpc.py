@@ -10,15 +10,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import CLASSES, RunningServer, make_repository
+from helpers_oip import SIZE, gap_reference, model_inputs
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository
 
-from camserve.imaging import encode_png, preprocess, resize
+from camserve.imaging import encode_png
 from camserve.oip.grpc_service import SERVICE_NAME, oip_pb
 from camserve.oip.tensors import serialize_bytes
 from camserve.proto.inference import grpc_service_pb2_grpc as oip_grpc
-from camserve.serving.config import ServerConfig
-
-SIZE = 32
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +26,14 @@ def repo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(repo_root: Path):
-    config = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo_root),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            http_port=-1,
-            max_batch_size=4,
-            batch_timeout_ms=5,
-            max_images=8,
-            max_pixels=512 * 512,
-            log_format="text",
-        ),
+    config = local_config(
+        repo_root,
+        metrics_port=-1,
+        http_port=-1,
+        max_batch_size=4,
+        batch_timeout_ms=5,
+        max_images=8,
+        max_pixels=512 * 512,
     )
     with RunningServer(config) as rs:
         yield rs
@@ -62,22 +54,13 @@ def stub(channel):
 @pytest.fixture(scope="module")
 def reference(repo_root: Path):
     """The served model file loaded on its own, and an in-process Explainer over it."""
-    import keras
-
-    from camserve.explain import Explainer
-
-    model = keras.models.load_model(repo_root / "gap" / "2" / "model.keras", safe_mode=True)
-    return model, Explainer(model, class_names=CLASSES)
+    return gap_reference(repo_root)
 
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
     """Two RGB images of one size that is not the model's (the server resizes)."""
     return np.random.default_rng(3).integers(0, 256, (2, 45, 61, 3), dtype=np.uint8)
-
-
-def _inputs(pixels: np.ndarray) -> np.ndarray:
-    return np.stack([preprocess(resize(p, (SIZE, SIZE)), "scale_0_1") for p in pixels])
 
 
 def _request(
@@ -179,15 +162,15 @@ def test_uint8_scores_equal_keras(stub, reference, pixels) -> None:
     assert (response.model_name, response.model_version, response.id) == ("gap", "2", "req-1")
     got = _outputs(response)
     assert list(got) == ["scores"]
-    np.testing.assert_allclose(got["scores"], model.predict(_inputs(pixels), verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["scores"], model.predict(model_inputs(pixels), verbose=0), rtol=1e-5, atol=1e-6)
 
 
 def test_input_forms_agree(stub, reference, pixels) -> None:
     """FP32 preprocessed inputs, BYTES PNG files (raw and as typed contents) and typed UINT8
     contents give the scores of the same images sent as UINT8 pixels."""
     model, _ = reference
-    expected = model.predict(_inputs(pixels), verbose=0)
-    fp32 = _outputs(stub.ModelInfer(_request(_inputs(pixels), "FP32")))["scores"]
+    expected = model.predict(model_inputs(pixels), verbose=0)
+    fp32 = _outputs(stub.ModelInfer(_request(model_inputs(pixels), "FP32")))["scores"]
     pngs = [encode_png(p) for p in pixels]
     by_png = _outputs(stub.ModelInfer(_request(raw=serialize_bytes(pngs), datatype="BYTES", shape=[2])))["scores"]
     typed = oip_pb.ModelInferRequest(model_name="gap")
@@ -210,12 +193,12 @@ def test_named_version(stub, repo_root: Path, pixels) -> None:
     req.model_version = "1"
     response = stub.ModelInfer(req)
     assert response.model_version == "1"
-    np.testing.assert_allclose(_outputs(response)["scores"], v1.predict(_inputs(pixels), verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(_outputs(response)["scores"], v1.predict(model_inputs(pixels), verbose=0), rtol=1e-5)
 
 
 def test_classification_strings(stub, reference, pixels) -> None:
     model, _ = reference
-    expected = model.predict(_inputs(pixels), verbose=0)
+    expected = model.predict(model_inputs(pixels), verbose=0)
     got = _outputs(stub.ModelInfer(_request(pixels, outputs=[("scores", {"classification": 3})])))["scores"]
     assert got.shape == (2, 3)
     for row, strings in zip(expected, got):
@@ -228,7 +211,7 @@ def test_classification_strings(stub, reference, pixels) -> None:
 
 def test_explanation_outputs_equal_in_process(stub, reference, pixels) -> None:
     _, ex = reference
-    expected = ex.explain(_inputs(pixels), methods=("gradcam", "layercam"), targets=[["star", 0]])
+    expected = ex.explain(model_inputs(pixels), methods=("gradcam", "layercam"), targets=[["star", 0]])
     response = stub.ModelInfer(_request(pixels, method="gradcam,layercam", target="star,0"))
     got = _outputs(response)
     assert [t.name for t in response.outputs] == ["scores", "heatmap", "raw", "targets", "boxes"]
@@ -245,7 +228,7 @@ def test_explanation_outputs_equal_in_process(stub, reference, pixels) -> None:
 
 def test_explanation_top_k_and_chosen_outputs(stub, reference, pixels) -> None:
     _, ex = reference
-    expected = ex.explain(_inputs(pixels), methods=("cam",), top_k=2)
+    expected = ex.explain(model_inputs(pixels), methods=("cam",), top_k=2)
     req = _request(pixels, method="cam", top_k=2, outputs=[("heatmap", {}), ("targets", {})])
     got = _outputs(stub.ModelInfer(req))
     assert list(got) == ["heatmap", "targets"]
@@ -342,7 +325,7 @@ def test_layer_parameter(stub, reference, pixels) -> None:
 
     model, _ = reference
     first_conv = next(layer.name for layer in model.layers if "conv" in type(layer).__name__.lower())
-    expected = Explainer(model, layer=first_conv, class_names=CLASSES).explain(_inputs(pixels), targets=[[2]])
+    expected = Explainer(model, layer=first_conv, class_names=CLASSES).explain(model_inputs(pixels), targets=[[2]])
     got = _outputs(stub.ModelInfer(_request(pixels, layer=first_conv, target=2, outputs=[("raw", {})])))["raw"]
     assert got.shape[-2:] == (SIZE, SIZE)  # the first conv keeps the input's resolution
     for i, (e,) in enumerate(expected):

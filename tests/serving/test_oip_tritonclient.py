@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_serving import CLASSES, RunningServer, make_repository
+from helpers_oip import gap_reference, model_inputs
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository
 
-from camserve.imaging import encode_png, preprocess, resize
-from camserve.serving.config import ServerConfig
+from camserve.imaging import encode_png
 
 REQUIREMENT = "tritonclient[grpc,http]==2.73.0"
 SCRIPT = Path(__file__).resolve().parents[1] / "tritonclient_script.py"
 TOKEN = "triton-s3cret"
-SIZE = 32
 
 
 def _venv_dir() -> Path:
@@ -90,20 +89,7 @@ def repo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(repo_root: Path):
-    config = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo_root),
-            host="127.0.0.1",
-            port=0,
-            http_port=0,
-            metrics_port=-1,
-            token=TOKEN,
-            max_batch_size=4,
-            batch_timeout_ms=5,
-            log_format="text",
-        ),
-    )
+    config = local_config(repo_root, metrics_port=-1, token=TOKEN, max_batch_size=4, batch_timeout_ms=5)
     with RunningServer(config) as rs:
         yield rs
 
@@ -131,16 +117,7 @@ def report(tritonclient_python: Path, served: RunningServer, pixels: np.ndarray,
 
 @pytest.fixture(scope="module")
 def reference(repo_root: Path):
-    import keras
-
-    from camserve.explain import Explainer
-
-    model = keras.models.load_model(repo_root / "gap" / "2" / "model.keras", safe_mode=True)
-    return model, Explainer(model, class_names=CLASSES)
-
-
-def _inputs(pixels: np.ndarray) -> np.ndarray:
-    return np.stack([preprocess(resize(p, (SIZE, SIZE)), "scale_0_1") for p in pixels])
+    return gap_reference(repo_root)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
@@ -155,7 +132,7 @@ def test_readiness_and_metadata(report: dict, transport: str) -> None:
 def test_scores_classification_and_heatmap(report: dict, transport: str, reference, pixels) -> None:
     got = report[transport]
     model, ex = reference
-    expected = model.predict(_inputs(pixels), verbose=0)
+    expected = model.predict(model_inputs(pixels), verbose=0)
     assert got["id"] == "triton-1"
     np.testing.assert_allclose(got["scores"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["scores_png"], expected, rtol=1e-5, atol=1e-6)
@@ -164,7 +141,7 @@ def test_scores_classification_and_heatmap(report: dict, transport: str, referen
         parsed = [s.split(":") for s in strings]
         assert [(int(p[1]), p[2]) for p in parsed] == [(i, CLASSES[i]) for i in best]
         np.testing.assert_allclose([float(p[0]) for p in parsed], row[best], atol=1e-6)
-    heatmaps = [e.heatmap for (e,) in ex.explain(_inputs(pixels), methods=("gradcam",), targets=[[1]])]
+    heatmaps = [e.heatmap for (e,) in ex.explain(model_inputs(pixels), methods=("gradcam",), targets=[[1]])]
     np.testing.assert_allclose(np.array(got["heatmap"])[:, 0, 0], heatmaps, rtol=1e-4, atol=1e-5)
 
 
