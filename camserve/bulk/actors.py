@@ -266,12 +266,14 @@ def actor_resources(
     cpus_per_actor: int,
     max_actors: int | None = None,
     gpus_per_actor: float | None = None,
+    min_actors: int = 1,
 ) -> dict[str, Any]:
     """Ray resources and pool size of the actors for a cluster's resources
     (``ray.cluster_resources()``): one GPU each where the cluster has GPUs (as many actors as
     GPUs), else ``cpus_per_actor`` CPUs each (as many as fit). ``gpus_per_actor`` (> 0: GPU
     actors even before the cluster shows a GPU, as on a cluster that autoscales from zero;
-    0: CPU actors) and ``max_actors`` (the largest pool) override the choice.
+    0: CPU actors) and ``max_actors`` (the largest pool) override the choice; the pool starts
+    with ``min_actors`` (at most the largest pool) and grows while work waits.
 
     >>> actor_resources({"CPU": 8.0, "GPU": 2.0}, 2)
     {'num_cpus': 1, 'num_gpus': 1, 'min_size': 1, 'max_size': 2}
@@ -292,4 +294,4 @@ def actor_resources(
         resources = {"num_cpus": per, "num_gpus": 0}
     if max_actors:  # e.g. more GPUs than now, on a cluster that autoscales
         size = max(1, max_actors)
-    return {**resources, "min_size": 1, "max_size": size}
+    return {**resources, "min_size": max(1, min(min_actors, size)), "max_size": size}

@@ -144,6 +144,7 @@ def run_bulk(
     cpus_per_actor: int = 2,
     max_actors: int | None = None,
     progress: bool = True,
+    min_actors: int = 1,
     gpus_per_actor: float | None = None,
     retry_failed: bool = False,
 ) -> Summary:
@@ -159,8 +160,10 @@ def run_bulk(
         settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
     settings = dataclasses.replace(settings, model_dir=os.path.abspath(settings.model_dir))
     _check_settings(settings)
-    if cpus_per_actor < 1 or (max_actors is not None and max_actors < 1):
-        raise InvalidArgument(f"--cpus-per-actor and --max-actors must be ≥ 1, got {cpus_per_actor} and {max_actors}")
+    if cpus_per_actor < 1 or min_actors < 1 or (max_actors is not None and max_actors < 1):
+        raise InvalidArgument(
+            f"--cpus-per-actor, --min-actors and --max-actors must be ≥ 1, got {cpus_per_actor}, {min_actors}, {max_actors}"
+        )
     if gpus_per_actor is not None and not 0 <= gpus_per_actor:
         raise InvalidArgument(f"--gpus-per-actor must be ≥ 0 (0: CPU actors), got {gpus_per_actor}")
     images = resolve_inputs(inputs, path_column)
@@ -178,7 +181,7 @@ def run_bulk(
     if todo:
         with ray_session(address) as ray:
             _quiet_ray_data(ray)
-            pool = actor_resources(ray.cluster_resources(), cpus_per_actor, max_actors, gpus_per_actor)
+            pool = actor_resources(ray.cluster_resources(), cpus_per_actor, max_actors, gpus_per_actor, min_actors)
             if not pool["num_gpus"]:
                 settings = dataclasses.replace(settings, threads=settings.threads or pool["num_cpus"])
             batch = model_batch_size(settings)

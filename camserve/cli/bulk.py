@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, help="images per actor call (default: the model's max_batch_size)"
     )
     p.add_argument("--cpus-per-actor", type=int, default=2, help="CPUs of each actor without GPUs (default 2)")
+    p.add_argument("--min-actors", type=int, default=1, help="actors the pool starts with (default 1)")
     p.add_argument(
         "--max-actors", type=int, default=None, help="largest actor pool (default: one per GPU, else as CPUs allow)"
     )
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             path_column=args.path_column,
             cpus_per_actor=args.cpus_per_actor,
             max_actors=args.max_actors,
+            min_actors=args.min_actors,
             progress=not args.no_progress,
             gpus_per_actor=args.gpus_per_actor,
             retry_failed=args.retry_failed,

@@ -106,6 +106,8 @@ def test_actor_resources_and_batch_size(model_dir: Path) -> None:
     assert actor_resources({"CPU": 16.0, "GPU": 4.0}, 2) == {"num_cpus": 1, "num_gpus": 1, "min_size": 1, "max_size": 4}
     assert actor_resources({"CPU": 16.0}, 4) == {"num_cpus": 4, "num_gpus": 0, "min_size": 1, "max_size": 4}
     assert actor_resources({"CPU": 16.0}, 4, max_actors=8)["max_size"] == 8
+    assert actor_resources({"CPU": 16.0}, 4, min_actors=2)["min_size"] == 2
+    assert actor_resources({"CPU": 16.0}, 4, min_actors=9)["min_size"] == 4  # never above the largest pool
     assert actor_resources({"CPU": 1.0}, 4) == {"num_cpus": 1, "num_gpus": 0, "min_size": 1, "max_size": 1}
     for shape in [(64, 64, 3), (224, 224, 3), (512, 512, 3), (4000, 4000, 3)]:
         size = default_batch_size(shape)

@@ -36,7 +36,8 @@ def test_options_reach_the_job_and_ctrl_c_says_how_to_resume(
     argv = ["bulk", "a/", "b.parquet", "--model", str(model_dir), "--out", "o", "--method", "cam", "--method", "cam"]
     argv += ["--target", "star", "--target", "2", "--layer", "conv3b_relu,last_conv", "--eigen-smooth"]
     argv += ["--dense", "--overlays", "--path-column", "file", "--address", "auto", "--batch-size", "8"]
-    argv += ["--cpus-per-actor", "1", "--max-actors", "3", "--gpus-per-actor", "0.5", "--retry-failed", "--no-progress"]
+    argv += ["--cpus-per-actor", "1", "--min-actors", "2", "--max-actors", "3", "--gpus-per-actor", "0.5"]
+    argv += ["--retry-failed", "--no-progress"]
     assert main(argv) == 130
     assert "run it again with --out o to resume" in capsys.readouterr().err
     s = seen["settings"]
@@ -49,10 +50,12 @@ def test_options_reach_the_job_and_ctrl_c_says_how_to_resume(
         False,
     )
     assert (s.dense, s.overlays, s.batch_size, s.model_dir, s.out) == (True, True, 8, str(model_dir), "o")
-    assert {k: seen[k] for k in ("path_column", "address", "cpus_per_actor", "max_actors", "gpus_per_actor")} == {
+    options = ("path_column", "address", "cpus_per_actor", "min_actors", "max_actors", "gpus_per_actor")
+    assert {k: seen[k] for k in options} == {
         "path_column": "file",
         "address": "auto",
         "cpus_per_actor": 1,
+        "min_actors": 2,
         "max_actors": 3,
         "gpus_per_actor": 0.5,
     }

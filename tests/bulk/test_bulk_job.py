@@ -72,7 +72,7 @@ def test_bulk_equals_camserve_explain_with_error_rows(images: Path, tmp_path: Pa
 def test_resume_adds_nothing_twice_also_after_a_crash(images: Path, tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "out"
     settings = BulkSettings(model_dir=str(model_dir), out=str(out), methods=METHODS, batch_size=2)
-    first = run_bulk([str(images)], settings, progress=False)
+    first = run_bulk([str(images)], settings, progress=False, cpus_per_actor=1, min_actors=2)  # two writers
     assert (first.done, first.skipped, first.failed, first.missing) == (6, 0, 0, 0)
     before = output.read_explanations(str(out))
     again = run_bulk([str(images)], settings, progress=False)
