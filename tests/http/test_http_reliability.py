@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from helpers_serving import RunningServer, make_repository, metric_value
+from helpers_serving import RunningServer, metric_value
 from http_calls import call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
@@ -27,7 +27,6 @@ import load
 import test_reliability as grpc_twin
 
 from camserve.proto import pb
-from camserve.serving.config import ServerConfig
 
 TOKEN = grpc_twin.TOKEN
 RPC = "/camserve.v1.CamService"
@@ -50,37 +49,8 @@ LIMIT = int(grpc_twin.MAX_MESSAGE_MB * 2**20)
 TOO_LARGE = rf"^the request body is \d+ bytes, more than the {LIMIT} bytes allowed \(max_message_mb=0\.25\)$"
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return make_repository(tmp_path_factory.mktemp("models"), corrupt=False)
-
-
-@pytest.fixture(scope="module")
-def workload(repo: Path) -> load.Workload:
-    return load.Workload(repo, pool=4)
-
-
-@pytest.fixture(scope="module")
-def served(repo: Path):
-    """The gRPC corpus's server settings (limits, token), with the HTTP port on."""
-    settings = dict(
-        models=str(repo),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        http_port=0,
-        max_batch_size=4,
-        batch_timeout_ms=2,
-        max_images=grpc_twin.MAX_IMAGES,
-        max_pixels=grpc_twin.MAX_PIXELS,
-        max_message_mb=grpc_twin.MAX_MESSAGE_MB,
-        max_work_units=grpc_twin.MAX_WORK_UNITS,
-        token=TOKEN,
-        log_format="text",
-        log_level="ERROR",
-    )
-    with RunningServer(ServerConfig.load(env={}, overrides=settings)) as rs:
-        yield rs
+# The gRPC corpus's own repository, workload and server (same limits and token; its HTTP port is on).
+repo, workload, served = grpc_twin.repo, grpc_twin.workload, grpc_twin.served
 
 
 @pytest.fixture(scope="module")

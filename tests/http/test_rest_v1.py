@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from helpers_serving import CLASSES, RunningServer, make_repository, metric_value
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository, metric_value
 from http_calls import call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -46,20 +46,8 @@ def workload(repo: Path) -> load.Workload:
 
 
 def _config(repo: Path, **kw) -> ServerConfig:
-    settings = dict(
-        models=str(repo),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        http_port=0,
-        max_batch_size=4,
-        batch_timeout_ms=2,
-        max_message_mb=MAX_MESSAGE_MB,
-        token=TOKEN,
-        log_format="text",
-        log_level="ERROR",
-    )
-    return ServerConfig.load(env={}, overrides={**settings, **kw})
+    settings = dict(max_batch_size=4, batch_timeout_ms=2, max_message_mb=MAX_MESSAGE_MB, token=TOKEN, log_level="ERROR")
+    return local_config(repo, **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
