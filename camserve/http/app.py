@@ -120,7 +120,11 @@ class HttpContext:
 
 
 def public(handler: H) -> H:
-    """Mark a route handler as answering without the bearer token (health, static files)."""
+    """Mark a route handler as answering without the bearer token (health, static files).
+
+    >>> public(lambda request: None).camserve_public
+    True
+    """
     handler.camserve_public = True  # type: ignore[attr-defined]
     return handler
 

@@ -123,7 +123,12 @@ def _base64_images(name: str, shape: Any, data: Any) -> Tensor:
 
 
 def infer_request(body: bytes, header_length: str | None, name: str, version: str, max_elements: int) -> Any:
-    """A REST infer body (JSON, or JSON header + binary data) as the transport-independent request."""
+    """A REST infer body (JSON, or JSON header + binary data) as the transport-independent request.
+
+    >>> body = b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}]}'
+    >>> infer_request(body, None, "gap", "", max_elements=100).inputs[0].array.tolist()
+    [[[[1, 2, 3]]]]
+    """
     view = memoryview(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -178,7 +183,12 @@ def _binary(t: Tensor, binary_default: bool) -> bool:
 def infer_response(result: inference.InferResult, binary_default: bool, limit: int) -> web.Response:
     """The answer: JSON, or JSON header + binary data for outputs that asked for it;
     RESOURCE_EXHAUSTED when it is over ``limit`` bytes (JSON numbers take about five times the
-    bytes of binary float32, which the data plane's estimate counted before compute)."""
+    bytes of binary float32, which the data plane's estimate counted before compute).
+
+    >>> scores = Tensor("scores", "FP32", np.array([[0.5]], np.float32))
+    >>> infer_response(inference.InferResult("gap", "1", "", [scores]), False, 1000).text
+    '{"model_name":"gap","model_version":"1","outputs":[{"name":"scores","datatype":"FP32","shape":[1,1],"data":[0.5]}]}'
+    """
     outputs, blobs = [], []
     for t in result.outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}

@@ -154,7 +154,11 @@ def _option(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defau
 
 
 def methods_of(body: dict[str, Any]) -> list[str]:
-    """``method`` (one name) or ``methods`` (a list of names); none: the default."""
+    """``method`` (one name) or ``methods`` (a list of names); none: the default.
+
+    >>> methods_of({"method": "cam"}), methods_of({"methods": ["gradcam", "scorecam"]}), methods_of({})
+    (['cam'], ['gradcam', 'scorecam'], [])
+    """
     if "method" in body and "methods" in body:
         raise InvalidArgument("send 'method' (one name) or 'methods' (a list), not both")
     if "method" in body:
@@ -167,7 +171,11 @@ def methods_of(body: dict[str, Any]) -> list[str]:
 
 def targets_of(body: dict[str, Any]) -> list[list[Any]] | None:
     """``targets``: None, a flat list of targets for every image, or one list per image (text
-    forms read by :func:`camserve.targets.from_text`)."""
+    forms read by :func:`camserve.targets.from_text`).
+
+    >>> targets_of({"targets": ["star", 2]}), targets_of({"targets": [[0], [1, 2]]}), targets_of({})
+    ([['star', 2]], [[0], [1, 2]], None)
+    """
     if "targets" not in body:
         return None
     targets = body["targets"]
@@ -198,7 +206,12 @@ def _box(b: Any) -> list[int]:
 
 
 def explanations_json(response: Any) -> list[list[dict[str, Any]]]:
-    """An ExplainResponse's explanations as JSON values, per image."""
+    """An ExplainResponse's explanations as JSON values, per image.
+
+    >>> one = pb.Explanation(method="cam", class_index=1, label="square", box=pb.Box(x0=1, y0=2, x1=5, y1=6))
+    >>> explanations_json(pb.ExplainResponse(images=[pb.ImageExplanations(explanations=[one])]))[0][0]["box"]
+    [1, 2, 5, 6]
+    """
     images = []
     for image in response.images:
         out = []
@@ -225,6 +238,7 @@ def explanations_json(response: Any) -> list[list[dict[str, Any]]]:
 
 
 async def predict(request: web.Request) -> web.Response:
+    """``:predict``: the instances' class scores."""
     ctx = request.app[CONTEXT_KEY]
     images = images_of(await read_json(request), PREDICT_KEYS)
     result = await ctx.dataplane.predict(
@@ -234,6 +248,7 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def explain(request: web.Request) -> web.Response:
+    """``:explain``: the instances' explanations (and scores, unless ``predictions`` is false)."""
     ctx = request.app[CONTEXT_KEY]
     body = await read_json(request)
     images = images_of(body, EXPLAIN_KEYS)
@@ -282,6 +297,7 @@ async def explain(request: web.Request) -> web.Response:
 
 
 async def call(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/models/{name}[/versions/{v}]:{verb}``: the verb's handler."""
     verb = request.match_info["verb"]
     version_of(request)  # a bad path is the first thing to say
     if verb == "predict":
@@ -311,6 +327,7 @@ def version_status(ctx: HttpContext, name: str, version: int = 0) -> dict[str, A
 
 
 async def status(request: web.Request) -> web.Response:
+    """``GET /v1/models/{name}[/versions/{v}]``: :func:`version_status`."""
     ctx = request.app[CONTEXT_KEY]
     return web.json_response(version_status(ctx, request.match_info["name"], version_of(request)))
 
@@ -321,6 +338,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def metadata(request: web.Request) -> web.Response:
+    """``GET .../metadata``: GetModel's ModelInfo in the protobuf JSON mapping."""
     ctx = request.app[CONTEXT_KEY]
     info = ctx.dataplane.get_model(request.match_info["name"], version_of(request))
     return web.json_response({"model": message_to_json(convert.model_info(info))})

@@ -102,6 +102,7 @@ def media_type(request: web.Request) -> str:
 
 
 async def call_unary(request: web.Request) -> web.StreamResponse:
+    """``POST /camserve.v1.CamService/{method}``: the gRPC servicer's method on the decoded body."""
     ctx = request.app[CONTEXT_KEY]
     method = request.match_info["method"]
     if method == STREAM_METHOD:

@@ -1,7 +1,10 @@
 """Binding, TLS, start and stop of the HTTP API (:class:`HttpServer`), on the running event loop.
+:func:`start_for` starts a CamServer's (``await start_for(cam_server)``: its ``http_port``,
+TLS files, token, data plane and metrics registry).
 
->>> server = HttpServer(make_app(ctx), ctx)             # doctest: +SKIP
->>> port = await server.start("[::]", 0)                # doctest: +SKIP
+>>> server = HttpServer(web.Application())
+>>> server.port is None, server.idle_timeout_s  # not started: ``await server.start(host, port)``
+(True, 30.0)
 """
 
 from __future__ import annotations

@@ -56,6 +56,11 @@ def parameter_value(p: Any) -> Any:
 
 
 def parameters_of(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's ``parameters`` map as plain values.
+
+    >>> parameters_of({"top_k": oip_pb.InferParameter(int64_param=2)})
+    {'top_k': 2}
+    """
     return {k: parameter_value(v) for k, v in params.items()}
 
 

@@ -378,7 +378,11 @@ def model_ready(plane: DataPlane, name: str, version: str = "") -> bool:
 
 
 def server_metadata() -> dict[str, Any]:
-    """``{"name", "version", "extensions"}``."""
+    """``{"name", "version", "extensions"}``.
+
+    >>> server_metadata()["extensions"]
+    ['classification', 'binary_tensor_data', 'parameters']
+    """
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 

@@ -86,7 +86,15 @@ class Tensor:
 
 
 def check_datatype(datatype: str, what: str) -> str:
-    """``datatype`` when the protocol knows it, else InvalidArgument listing them."""
+    """``datatype`` when the protocol knows it, else InvalidArgument listing them.
+
+    >>> check_datatype("FP32", "input 'images'")
+    'FP32'
+    >>> check_datatype("FLOAT", "input 'images'")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    camserve.errors.InvalidArgument: input 'images': unknown datatype 'FLOAT'; the protocol's datatypes: [...]
+    """
     if datatype not in ALL_DATATYPES:
         raise InvalidArgument(f"{what}: unknown datatype {datatype!r}; the protocol's datatypes: {list(ALL_DATATYPES)}")
     return datatype
@@ -132,7 +140,11 @@ def serialize_bytes(elements: Iterable[bytes]) -> bytes:
 
 
 def deserialize_bytes(data: bytes | memoryview, count: int, what: str = "tensor") -> list[bytes]:
-    """``count`` length-prefixed elements read from ``data``, which they must fill exactly."""
+    """``count`` length-prefixed elements read from ``data``, which they must fill exactly.
+
+    >>> deserialize_bytes(b"\\x02\\x00\\x00\\x00hi\\x00\\x00\\x00\\x00", 2)
+    [b'hi', b'']
+    """
     view = memoryview(data)
     out: list[bytes] = []
     pos = 0
@@ -208,7 +220,11 @@ def _flatten(data: Any, what: str) -> list[Any]:
 
 
 def from_values(name: str, datatype: str, shape: Iterable[Any], values: Sequence[Any]) -> Tensor:
-    """A tensor from a flat sequence of elements (JSON numbers or strings, typed contents)."""
+    """A tensor from a flat sequence of elements (JSON numbers or strings, typed contents).
+
+    >>> from_values("x", "INT32", [2, 1], [7, 8]).array.tolist()
+    [[7], [8]]
+    """
     what = f"input {name!r}"
     check_datatype(datatype, what)
     dims = check_shape(shape, what)
@@ -247,7 +263,11 @@ def from_values(name: str, datatype: str, shape: Iterable[Any], values: Sequence
 
 
 def from_json(name: str, datatype: str, shape: Iterable[Any], data: Any) -> Tensor:
-    """A tensor from a REST JSON ``data`` value (flat or nested lists)."""
+    """A tensor from a REST JSON ``data`` value (flat or nested lists).
+
+    >>> from_json("x", "FP32", [2, 2], [[1, 2], [3, 4]]).array.tolist()
+    [[1.0, 2.0], [3.0, 4.0]]
+    """
     return from_values(name, datatype, shape, _flatten(data, f"input {name!r}"))
 
 
@@ -255,7 +275,11 @@ def from_json(name: str, datatype: str, shape: Iterable[Any], data: Any) -> Tens
 
 
 def to_raw(t: Tensor) -> bytes:
-    """The tensor's raw contents."""
+    """The tensor's raw contents.
+
+    >>> to_raw(Tensor("x", "INT16", np.array([1, 258], "<i2")))
+    b'\\x01\\x00\\x02\\x01'
+    """
     if t.datatype == "BYTES":
         return serialize_bytes(t.array.reshape(-1).tolist())
     return np.ascontiguousarray(t.array, dtype=DATATYPES[t.datatype]).tobytes()
