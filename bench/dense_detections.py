@@ -3,8 +3,8 @@
     python bench/dense_detections.py [--scenes 30] [--model models/shapes_fc]
         [--before-model DIR] [--out bench/results/dense_detections.md]
 
-Scenes: 256 px, four shapes each, from camserve.datasets.shapes with seeds never used in
-training; two sets: the training sizes' range (20–44 px, the generator's default) and 15–60 px
+Scenes: 256 px, four shapes each, from camserve.datasets.shapes with three seeds never used
+in training (the first is the one config.toml's [metrics] records), each alone and pooled; two sets: the training sizes' range (20–44 px, the generator's default) and 15–60 px
 (the pyramid's range). Each image runs the same library call as `camserve dense`
 (camserve.dense.detect with the model's [dense] settings). Figures: windows by containment
 (a detection is right when its class matches an object and its window holds ≥ 80 % of it;
@@ -36,7 +36,8 @@ from camserve.dense.scores import dense_scores
 from camserve.evaluation.detection import window_and_tight_report
 from camserve.serving.repository import load_model_dir
 
-SEED = DETECTION_SEED  # train-bundled uses 1000 * seed + 0..4 and + 500..504
+#: config.toml's seed first; train-bundled uses 1000 * seed + 0..4 and + 500..504
+SEEDS = (DETECTION_SEED, 424_242, 777)
 SETS = {"20-44 px (default sizes)": (20, 44), "15-60 px": (15, 60)}
 
 
@@ -63,7 +64,7 @@ def run_set(model_dir: Path, scenes, before: bool = False) -> tuple[dict, float]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scenes", type=int, default=30)
+    ap.add_argument("--scenes", type=int, default=30, help="scenes per seed and set")
     ap.add_argument("--model", type=Path, default=Path("models/shapes_fc"))
     ap.add_argument("--before-model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -74,31 +75,41 @@ def main() -> int:
         runs.insert(0, ("before", args.before_model, True))
     rows, raw = [], {}
     for label, (lo, hi) in SETS.items():
-        scenes = shapes.make_scenes(args.scenes, SEED, (256, 256), n_shapes=4, shape_size=(lo, hi))
-        for name, e, before in runs:
-            report, cpu = run_set(e, scenes, before)
-            raw[f"{name} / {label}"] = report
-            w, t = report["windows"], report["tight_boxes"]
-            rows.append(
-                [
-                    name,
-                    label,
-                    w["precision"],
-                    w["recall"],
-                    w["ap"],
-                    t["precision"],
-                    t["recall"],
-                    t["ap50"],
-                    report["tight_iou_share"],
-                    report["mean_tight_iou"],
-                    report["mean_window_iou"],
-                    f"{cpu:.2f}",
+        for seed in (*SEEDS, "all"):
+            if seed == "all":
+                scenes = [
+                    s
+                    for k in SEEDS
+                    for s in shapes.make_scenes(args.scenes, k, (256, 256), n_shapes=4, shape_size=(lo, hi))
                 ]
-            )
-            print(rows[-1], flush=True)
+            else:
+                scenes = shapes.make_scenes(args.scenes, seed, (256, 256), n_shapes=4, shape_size=(lo, hi))
+            for name, e, before in runs:
+                report, cpu = run_set(e, scenes, before)
+                raw[f"{name} / {label} / seed {seed}"] = report
+                w, t = report["windows"], report["tight_boxes"]
+                rows.append(
+                    [
+                        name,
+                        label,
+                        seed,
+                        w["precision"],
+                        w["recall"],
+                        w["ap"],
+                        t["precision"],
+                        t["recall"],
+                        t["ap50"],
+                        report["tight_iou_share"],
+                        report["mean_tight_iou"],
+                        report["mean_window_iou"],
+                        f"{cpu:.2f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
     header = [
         "pipeline",
         "objects",
+        "seed",
         "win P",
         "win R",
         "win AP",
@@ -119,8 +130,17 @@ def main() -> int:
             f"Command: `python bench/dense_detections.py --scenes {args.scenes}"
             + (f" --before-model {args.before_model}" if args.before_model else "")
             + "`",
+            *(
+                [
+                    f"before: {args.before_model} (the shapes_fc of commit 2d587ef, 5 classes) with the pipeline"
+                    " as it was: per-class NMS, threshold 0.5, IoU 0.3, scale 1, no margin, windows only."
+                ]
+                if args.before_model
+                else []
+            ),
             f"Model: {args.model} ({', '.join(entry.config.class_names)}); settings: {settings}",
-            f"{args.scenes} scenes of 256 px with 4 shapes per set ({4 * args.scenes} objects), seed {SEED} (as config.toml's [metrics]).",
+            f"{args.scenes} scenes of 256 px with 4 shapes ({4 * args.scenes} objects) per set and seed; seed"
+            f" {SEEDS[0]} is config.toml's [metrics]; 'all' pools the {len(SEEDS)} seeds.",
             "win: windows by containment (≥ 80 % of the object inside, class equal); tight: tight boxes by",
             "IoU ≥ 0.5; tight IoU≥0.5: share of the true window detections whose tight box has IoU ≥ 0.5.",
             "",

@@ -46,6 +46,7 @@ FC_DENSE: dict[str, Any] = {
     "tight_box_model": "shapes_gap",  # its box-supervised CAM (shapes_fc's own CAMs do not localize)
     "tight_box_method": "cam",
     "tight_box_layer": "last_conv",
+    "min_object_fraction": 0.25,  # trained shapes span at least 16 / 64 of the window
 }
 
 

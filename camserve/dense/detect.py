@@ -19,6 +19,11 @@ and NMS; driven by the model's ``[dense]`` settings in ``config.toml``.
     tight_box_method = "cam"       # any camserve method: "cam" for GAP heads, else e.g. "gradcam"
     tight_box_layer = "last_conv"  # omit: that model's default layer
     tight_box_threshold = 0.2      # the CAM paper's rule: 20 % of the map's peak
+    min_object_fraction = 0.25     # omit: 0; a tight box whose longer side is below this share
+                                   # of its window is a speck, not an object of that scale
+    max_object_fraction = 0.7      # omit: no limit; a tight box wider or taller than this share
+                                   # of its window is an object too large for that scale
+                                   # (left to a smaller scale of the pyramid)
     max_detections = 100
 
 >>> s = DetectionSettings.from_mapping({"threshold": 0.6, "scales": [1.0, 0.5]})
@@ -55,6 +60,8 @@ _FIELDS = (
     "tight_box_method",
     "tight_box_layer",
     "tight_box_threshold",
+    "min_object_fraction",
+    "max_object_fraction",
     "max_detections",
 )
 
@@ -74,6 +81,8 @@ class DetectionSettings:
     tight_box_method: str = "gradcam"
     tight_box_layer: str | None = None
     tight_box_threshold: float = 0.2
+    min_object_fraction: float = 0.0
+    max_object_fraction: float | None = None
     max_detections: int = 100
     background_class: str | None = None
 
@@ -86,6 +95,8 @@ class DetectionSettings:
             (self.stride is None or self.stride >= 1, "stride", "a positive integer"),
             (self.margin >= 0, "margin", "a non-negative integer"),
             (0.0 < self.tight_box_threshold < 1.0, "tight_box_threshold", "a number in (0, 1)"),
+            (0.0 <= self.min_object_fraction < 1.0, "min_object_fraction", "a number in [0, 1)"),
+            (self.max_object_fraction is None or self.max_object_fraction > 0, "max_object_fraction", "a number > 0"),
             (self.max_detections >= 1, "max_detections", "a positive integer"),
         ]
         for ok, name, allowed in checks:
@@ -150,7 +161,7 @@ def _coerce(key: str, value: Any) -> Any:
         if int(value) != value:
             raise ValueError(f"{key} must be an integer, got {value!r}")
         return int(value)
-    if key in ("threshold", "iou", "tight_box_threshold"):
+    if key in ("threshold", "iou", "tight_box_threshold", "min_object_fraction", "max_object_fraction"):
         return float(value)
     if key == "tight_boxes":
         if not isinstance(value, (bool, np.bool_)):
@@ -258,8 +269,12 @@ def detect(
     ``settings.margin``), keeps windows whose best non-background class reaches the threshold
     (every such class with per-class NMS), computes tight boxes (``explainer``: an
     :class:`~camserve.explain.Explainer` of ``model``, or of the ``tight_box_model`` with its
-    class names, at ``tight_box_layer``; made here for ``model`` when not given) and runs NMS on the tight boxes (the windows where a map was empty, or with
-    ``tight_boxes=False``). ``dense_options``: more keywords of ``dense_scores``.
+    class names, at ``tight_box_layer``; made here for ``model`` when not given), drops the
+    candidates whose CAM is empty, misses the window's centre or spans less than
+    ``min_object_fraction`` (more than ``max_object_fraction``) of the window, and runs NMS on
+    the tight boxes, a kept box also suppressing candidates whose window or tight-box centre it
+    holds (on the windows with ``tight_boxes=False`` or for classes the explainer lacks).
+    ``dense_options``: more keywords of ``dense_scores``.
 
     >>> found = detect(model, image, DetectionSettings.from_config(config), config.class_names)   # doctest: +SKIP
     >>> [(d.label, d.tight_box) for d in found.detections]                                          # doctest: +SKIP
@@ -314,18 +329,30 @@ def detect(
     points = None
     if settings.tight_boxes and len(found):
         # The classifier scores a window by the object at its centre: a candidate whose CAM is
-        # empty or whose CAM box misses its window's centre is not centred on an object of its
-        # class (dropped), and a kept box suppresses the windows centred inside it (they look
-        # at the same object).
+        # empty, a speck, or whose CAM box misses its window's centre is not centred on an
+        # object of its class (dropped), and a kept box suppresses the windows whose centre or
+        # CAM box centre lies inside it (they look at the same object).
         has_box = np.array([t is not None for t in tight])
         inside = _holds(boxes, centres) & (has_box | ~explained)
+        span = _span(boxes, found.boxes)
+        inside &= span >= settings.min_object_fraction  # a speck, not an object of this scale
+        if settings.max_object_fraction is not None:  # larger: left to a smaller scale
+            inside &= span <= settings.max_object_fraction
         found, boxes, centres = found.take(np.flatnonzero(inside)), boxes[inside], centres[inside]
         tight = [t for t, ok in zip(tight, inside) if ok]
-        points = centres
+        tight_centres = np.stack([boxes[:, [0, 2]].mean(1), boxes[:, [1, 3]].mean(1)], axis=1)
+        points = np.stack([centres, tight_centres], axis=1)
     keep = suppress(found.classes, found.scores, boxes, settings.iou, settings.nms, points)[: settings.max_detections]
     h, w = image.shape[:2]
     dets = [_clipped(_detection(found, k, scores, class_names, tight[k]), w, h) for k in keep]
     return DetectionResult(scores, dets, settings)
+
+
+def _span(inner: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """The larger of each inner box's width and height as a share of its outer box's."""
+    w = (inner[:, 2] - inner[:, 0]) / np.maximum(outer[:, 2] - outer[:, 0], 1e-9)
+    h = (inner[:, 3] - inner[:, 1]) / np.maximum(outer[:, 3] - outer[:, 1], 1e-9)
+    return np.maximum(w, h)
 
 
 def _holds(boxes: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -115,9 +115,9 @@ def candidates(
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, points: np.ndarray | None = None) -> list[int]:
-    """Greedy non-maximum suppression; indices kept, best first. With ``points`` (K, 2) (x, y),
-    a kept box also suppresses the boxes whose point lies inside it (a window whose centre
-    lies in an object already found looks at that object).
+    """Greedy non-maximum suppression; indices kept, best first. With ``points`` (K, 2) or
+    (K, M, 2) (x, y), a kept box also suppresses the boxes with a point inside it (a window
+    whose centre lies in an object already found looks at that object).
 
     >>> nms(np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0.7, 0.9]), 0.5)
     [1, 0]
@@ -140,8 +140,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, points: np.
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
         survive = iou <= iou_threshold
         if points is not None:
-            px, py = points[rest, 0], points[rest, 1]
-            survive &= ~((px >= boxes[i, 0]) & (px < boxes[i, 2]) & (py >= boxes[i, 1]) & (py < boxes[i, 3]))
+            pts = points.reshape(len(boxes), -1, 2)[rest]
+            px, py = pts[..., 0], pts[..., 1]
+            inside = (px >= boxes[i, 0]) & (px < boxes[i, 2]) & (py >= boxes[i, 1]) & (py < boxes[i, 3])
+            survive &= ~inside.any(axis=1)
         order = rest[survive]
     return keep
 

@@ -152,3 +152,15 @@ def test_write_samples(tmp_path) -> None:
         assert len(entry["labels"]) == len(entry["boxes"])
     assert truth["three_shapes.png"]["labels"].__len__() == 3
     assert [truth[f"{c}.png"]["labels"] for c in shapes.CLASS_NAMES] == [[c] for c in shapes.CLASS_NAMES]
+
+
+def test_windows_past_the_border_are_zero_filled_only_with_a_margin() -> None:
+    def black_edges(x: np.ndarray) -> int:
+        rows = np.all(x == 0, axis=(2, 3))  # (N, H): whole rows of zeros
+        cols = np.all(x == 0, axis=(1, 3))
+        return int(np.sum(rows[:, [0, -1]].any(1) | cols[:, [0, -1]].any(1)))
+
+    plain, _ = shapes.make_windows(120, seed=8)
+    padded, labels = shapes.make_windows(120, seed=8, margin=32)
+    assert black_edges(plain) == 0 and black_edges(padded) >= 10
+    assert set(labels.tolist()) >= {-1} and (labels >= 0).any()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fcn_nets import crops_reference, flatten_net, max_rel_err
 
-from camserve.dense import DenseScores, DetectionSettings, dense_scores, detections
+from camserve.dense import DenseScores, DetectionSettings, dense_scores, detections, nms
 from camserve.errors import InvalidArgument
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -110,3 +110,14 @@ def test_pyramid_finds_small_and_large_shapes(detector) -> None:
     single, _ = _report(detector, scenes, scales=(1.0,))
     assert pyramid["windows"]["recall"] >= 0.9 and pyramid["windows"]["precision"] >= 0.8, pyramid["windows"]
     assert pyramid["windows"]["recall"] >= single["windows"]["recall"]
+
+
+def test_nms_points_suppress_boxes_looking_at_a_kept_object() -> None:
+    # box 1 barely overlaps box 0 (IoU < 0.3) but its point (a window centre) lies inside box 0
+    boxes = np.array([[0, 0, 20, 20], [15, 15, 40, 40], [50, 50, 60, 60]], np.float64)
+    scores = np.array([0.9, 0.8, 0.7])
+    assert nms(boxes, scores, 0.3) == [0, 1, 2]
+    assert nms(boxes, scores, 0.3, np.array([[10, 10], [18, 18], [55, 55]])) == [0, 2]
+    # several points per box: any one inside suppresses
+    two = np.array([[[10, 10], [10, 10]], [[30, 30], [19, 2]], [[55, 55], [55, 55]]])
+    assert nms(boxes, scores, 0.3, two) == [0, 2]
