@@ -23,7 +23,7 @@ from camserve.http.app import (
 )
 from camserve.serving.auth import check_bearer
 from camserve.serving.observability import LATENCY_BUCKETS
-from camserve.serving.status import REQUEST_ID_KEY, clip_message, new_request_id
+from camserve.serving.status import clip_message, new_request_id, request_id_from
 
 log = logging.getLogger("camserve.http")
 
@@ -75,12 +75,12 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("camserve_request_id", str)
 
 
 def request_id(request: web.Request) -> str:
-    """The caller's ``X-Request-Id`` when sane, else a new one (kept on the request)."""
+    """The caller's ``X-Request-Id`` when sane (the gRPC rule:
+    :func:`~camserve.serving.status.request_id_from`), else a new one (kept on the request)."""
     rid = request.get(REQUEST_ID)
     if rid is None:
-        sent = request.headers.get(REQUEST_ID_KEY, "")
-        ok = 0 < len(sent) <= 64 and all(c.isalnum() or c in "._:-" for c in sent) and sent.isascii()
-        rid = request[REQUEST_ID] = sent if ok else new_request_id()
+        sent = request_id_from((k.lower(), v) for k, v in request.headers.items())
+        rid = request[REQUEST_ID] = sent if sent is not None else new_request_id()
     return rid
 
 

@@ -5,6 +5,7 @@ HTML, request ids on 500s, the body limit, and the http_port setting."""
 from __future__ import annotations
 
 import asyncio
+import re
 import types
 from typing import Any
 
@@ -97,6 +98,8 @@ def test_route_error_shapes_public_pages_csp_and_request_ids() -> None:
         assert "Content-Security-Policy" not in r.headers  # JSON answers need none
         r = await client.get("/raise/NotFound", headers={**AUTH, "X-Request-Id": "abc-99"})
         assert r.headers["X-Request-Id"] == "abc-99"  # the id the failure is logged under
+        r = await client.get("/raise/NotFound", headers={**AUTH, "X-Request-Id": "x" * 65})
+        assert re.fullmatch(r"[0-9a-f]{12}", r.headers["X-Request-Id"])  # not a sane id (gRPC's rule): a new one
         r = await client.get("/bug", headers={**AUTH, "X-Request-Id": "abc-123"})
         assert r.status == 500 and r.headers["X-Request-Id"] == "abc-123"
         assert await r.json() == {
