@@ -1,6 +1,7 @@
-"""Targets, several layers and smoothing through the wire: every target kind survives the
-camserve.v1 round trip, and a served model answers the Python client as the in-process
-Explainer does (targets of every kind, fused layers, aug_smooth, eigen_smooth)."""
+"""Targets, several layers and smoothing through the wire (camserve/wire_targets.py): every
+target kind survives the camserve.v1 round trip, and a served model answers the Python
+client, OIP and HTTP v1 as the in-process Explainer does (targets of every kind, fused
+layers, token layers, aug_smooth, eigen_smooth)."""
 
 from __future__ import annotations
 
