@@ -153,6 +153,24 @@ def test_explain_top_k_defaults_png_and_no_scores_pass(port, workload) -> None:
     assert all("heatmap_png" in e and "heatmap" not in e and "raw" not in e for e in got)
 
 
+def test_an_explain_answer_over_the_size_limit_is_refused_and_the_server_serves_on(port, workload) -> None:
+    def explain(n: int, heatmap: str = "float"):
+        instance = {"b64": base64.b64encode(encode_png(workload.pictures[0])).decode()}
+        body = {"instances": [instance] * n, "methods": ["gradcam", "layercam"], "heatmap": heatmap, "raw": True}
+        return call(port, "POST", "/v1/models/gap:explain", {**body, "predictions": False}, token=TOKEN)
+
+    one, two = explain(1), explain(2)
+    assert one.status == two.status == 200
+    eight_bytes = len(one.body) + 7 * (len(two.body) - len(one.body))  # the same image 8 times
+    limit = int(MAX_MESSAGE_MB * 2**20)
+    assert eight_bytes > limit  # JSON floats: over the limit, though the binary estimate was not
+    refused = explain(8)
+    assert refused.status == 429 and refused.error["code"] == "RESOURCE_EXHAUSTED"
+    assert refused.error["message"].startswith(f"the answer is {eight_bytes} bytes of JSON, more than the largest")
+    assert "heatmap 'png'" in refused.error["message"]
+    assert explain(8, heatmap="png").status == 200
+
+
 def test_model_status_and_metadata_like_tf_serving(port) -> None:
     answer = call(port, "GET", "/v1/models/gap", token=TOKEN).json()
     assert (answer["name"], answer["ready"]) == ("gap", True)  # KServe v1
