@@ -148,12 +148,13 @@ async def _requests_of(request: web.Request, kind: str) -> list[Any]:
                 f"{STREAM_METHOD}: send a JSON array of ExplainRequests (or NDJSON lines), got a JSON "
                 f"{type(values).__name__}"
             )
-    return [_tagged(json_to_message, STREAM_METHOD, v, i) for i, v in enumerate(values, 1)]
+    return [_stream_request(v, i) for i, v in enumerate(values, 1)]
 
 
-def _tagged(parse: Any, method: str, value: Any, index: int) -> Any:
+def _stream_request(value: Any, index: int) -> Any:
+    """The ``index``-th ExplainRequest of a stream (its errors say which one)."""
     try:
-        return parse(method, value)
+        return json_to_message(STREAM_METHOD, value)
     except InvalidArgument as e:
         raise InvalidArgument(f"request {index} of the stream: {e.args[0]}") from None
 
@@ -169,7 +170,7 @@ async def call_stream(request: web.Request, ctx: HttpContext) -> web.StreamRespo
     up (their jobs abandoned), as when a gRPC stream ends."""
     requests = await _requests_of(request, media_type(request))
     context = CallContext(deadline_of(request))
-    handle = lambda req: ctx.servicer._explain(req, context)
+    handle = lambda req: ctx.servicer.Explain(req, context)
     answers = cast(  # an async generator: closing it cancels the requests in progress
         AsyncGenerator[Any, None],
         completion_order(_iterate(requests), handle, ctx.config.stream_inflight, ctx.servicer.streams),
