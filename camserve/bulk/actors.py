@@ -88,7 +88,7 @@ class ExplainActor:
     """Explain batches of images (a Ray Data ``map_batches`` callable class).
 
     Built once per actor: TensorFlow (quietly), the model folder, its Explainer, then warm-up of
-    every batch bucket for the methods. Each call takes ``{"image": [...], "location": [...]}``
+    a full batch with the job's methods and targets. Each call takes ``{"image": [...], "location": [...]}``
     and returns one summary row per image (``image``, ``rows`` written, ``failed``,
     ``setup_error``: the pickled error of a start that failed, else empty); the rows go to
     a part of ``OUT/explanations.parquet`` written by the actor itself, so they never travel
@@ -109,18 +109,20 @@ class ExplainActor:
         self.settings = settings
         self.setup_error: CamserveError | None = None
         try:
+            size = model_batch_size(settings)
             self.folder = FolderExplainer.load(
                 settings.model_dir,
                 settings.version,
                 list(settings.layer) if isinstance(settings.layer, tuple) else settings.layer,
                 settings.max_channels,
-                max_batch_size=model_batch_size(settings),
+                max_batch_size=size,
             )
-            top_k = len(settings.targets or ()) or settings.top_k
-            self.folder.explainer.warm_up(methods=settings.methods, top_k=top_k)
+            # Warm-up: the graph of a full batch, as nearly every call is (Explainer.warm_up would
+            # compile every smaller bucket too; a call that needs one compiles it then). With the
+            # job's own targets and options, so a bad target is the job's error here, not an
+            # error row for every image.
             blank = np.zeros((*self.folder.entry.config.input_size, 3), np.uint8)
-            if settings.targets:  # a bad target is the job's error, not one error row per image
-                self._explain([blank])
+            self._explain([blank] * size)
             if settings.dense:  # likewise a head that cannot be made fully convolutional
                 from camserve.dense import dense_scores
 
