@@ -265,7 +265,7 @@ def add_routes(app: web.Application, ctx: HttpContext) -> None:
             header,
             info["name"],
             info.get("version", ""),
-            cfg.max_images * cfg.max_pixels * 4,
+            inference.max_elements(cfg),
             inline=json_bytes <= 1 << 16,
         )
         del body

@@ -150,8 +150,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        cfg = self.plane.config
-        req = infer_request(request, max_elements=cfg.max_images * cfg.max_pixels * 4)
+        req = infer_request(request, max_elements=inference.max_elements(self.plane.config))
         del request  # the tensors view its bytes; nothing else needs the message
         result = await inference.infer(self.plane, req, deadline=deadline_of(context))
         return infer_response(result)

@@ -64,6 +64,7 @@ __all__ = [
     "RequestedOutput",
     "classification",
     "infer",
+    "max_elements",
     "model_metadata",
     "model_ready",
     "parse_version",
@@ -121,6 +122,17 @@ class InferResult:
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def max_elements(config: Any) -> int:
+    """The most elements an input tensor may have under a server's limits (``max_images``
+    images of ``max_pixels`` pixels, at most 4 channels), checked before it is read.
+
+    >>> from camserve.serving.config import ServerConfig
+    >>> max_elements(ServerConfig(max_images=2, max_pixels=100))
+    800
+    """
+    return int(config.max_images * config.max_pixels * 4)
 
 
 def parse_version(version: str) -> int:
