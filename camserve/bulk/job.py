@@ -214,6 +214,8 @@ def run_bulk(
             last_back = time.perf_counter()
     found = output.index(settings.out)
     removed = output.remove_duplicates(settings.out, found) if todo else 0
+    if removed:
+        log.warning("%d image(s) were written twice (a batch retried with other companions); one copy kept", removed)
     missing = len(set(images) - set(found))
     end = time.perf_counter()
     startup = min(last_back - start, max(0.0, first_ready - start_epoch)) if first_ready else last_back - start
