@@ -15,7 +15,7 @@ gRPC's own UNIMPLEMENTED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -121,16 +121,19 @@ def _unimplemented_message(method: str) -> str:
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """The protocol's RPCs over one :class:`DataPlane`."""
+    """The protocol's RPCs over one :class:`DataPlane`; ``ready`` is the server's own readiness
+    (CamServer.serving: every model loaded or failed, and warmed up), which ServerReady also
+    requires, as the REST ``/v2/health/ready`` does."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, ready: Callable[[], bool] = lambda: True) -> None:
         self.plane = plane
+        self.ready = ready
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return oip_pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return oip_pb.ServerReadyResponse(ready=inference.server_ready(self.plane))
+        return oip_pb.ServerReadyResponse(ready=bool(self.ready()) and inference.server_ready(self.plane))
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return oip_pb.ModelReadyResponse(ready=inference.model_ready(self.plane, request.name, request.version))

@@ -79,7 +79,7 @@ class CamServer:
         )
         self.dataplane = DataPlane(config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks())
         self.servicer = CamServicer(self.dataplane)
-        self.oip_servicer = oip_grpc_service.InferenceServicer(self.dataplane)
+        self.oip_servicer = oip_grpc_service.InferenceServicer(self.dataplane, ready=self.serving)
         self._services = (SERVICE_NAME, oip_grpc_service.SERVICE_NAME)  # both behind the same interceptors
         self._status = StatusInterceptor(self._services, record=self.metrics.record)
         self._ready = asyncio.Event()

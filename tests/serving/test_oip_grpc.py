@@ -135,6 +135,22 @@ def test_health_and_readiness(stub) -> None:
     assert _code(e) == grpc.StatusCode.NOT_FOUND
 
 
+def test_server_ready_also_needs_the_servers_own_readiness(served: RunningServer) -> None:
+    import asyncio
+
+    from camserve.oip.grpc_service import InferenceServicer
+
+    assert served.server.oip_servicer.ready == served.server.serving  # every model loaded or failed, warmed up
+    request = oip_pb.ServerReadyRequest()
+    answers = [
+        asyncio.run(
+            InferenceServicer(served.server.dataplane, ready=lambda flag=flag: flag).ServerReady(request, None)
+        ).ready
+        for flag in (False, True)
+    ]
+    assert answers == [False, True]  # a model is ready in both: the server's readiness decides
+
+
 def test_metadata(stub) -> None:
     import camserve
 
