@@ -53,7 +53,7 @@ def explanation_json(e: Explanation) -> dict[str, Any]:
 def image_entry(path: Path, height: int, width: int, explanations: Iterable[Explanation]) -> dict[str, Any]:
     """One image of the report: its name, the file as a ``data:`` URL, its size and explanations.
 
-    >>> import tempfile, os
+    >>> import tempfile
     >>> f = Path(tempfile.mkdtemp()) / "x.png"; _ = f.write_bytes(b"\\x89PNG")
     >>> image_entry(f, 1, 2, [])["src"]
     'data:image/png;base64,iVBORw=='
