@@ -390,6 +390,11 @@ def _clone_with_policy(model: keras.Model, policy: str) -> keras.Model:
     return copy
 
 
+def output_names(model: keras.Model) -> list[str]:
+    """The names of a model's outputs (the layers that produce them)."""
+    return [t._keras_history.operation.name for t in model.outputs]
+
+
 def output_layer_path(model: keras.Model) -> LayerPath:
     """The layer that produces the model's (first) output, descending into nested models."""
     if isinstance(model, keras.Sequential):

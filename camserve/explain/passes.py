@@ -31,15 +31,10 @@ if TYPE_CHECKING:
     from camserve.explain.explainer import Explainer
 
 
-def output_names(model: keras.Model) -> list[str]:
-    """The names of a model's outputs (the layers that produce them)."""
-    return [t._keras_history.operation.name for t in model.outputs]
-
-
 def select_output(model: keras.Model, output: str | None) -> keras.Model:
     """``model`` with one output: the one named ``output`` (a model sharing the layers), or
     the model itself when it has one output and ``output`` is None or names it."""
-    names = output_names(model)
+    names = graph.output_names(model)
     if output is None:
         if len(names) != 1:
             raise InvalidArgument(
