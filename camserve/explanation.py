@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from camserve.imaging import scale_box
+
 
 class Explanation(NamedTuple):
     """One heatmap for one (image, target class, method)."""
@@ -28,14 +30,13 @@ def image_box(
     box: tuple[int, int, int, int] | None, heat_shape: tuple[int, ...], image_shape: tuple[int, ...]
 ) -> list[int] | None:
     """A heatmap's box (x0, y0, x1, y1 in pixels of the ``heat_shape`` map) in pixels of the
-    image of ``image_shape`` (height, width, ...), each edge scaled and rounded; None stays None.
-    ``camserve explain`` and ``camserve bulk`` report boxes this way.
+    image of ``image_shape`` (height, width, ...): the pixels that cover it, as the server's
+    ``image_box`` (:func:`camserve.imaging.scale_box`); None stays None. ``camserve explain`` and
+    ``camserve bulk`` report boxes this way.
 
     >>> image_box((8, 16, 40, 48), (64, 64), (128, 96, 3))
     [12, 32, 60, 96]
     """
     if box is None:
         return None
-    sy, sx = image_shape[0] / heat_shape[0], image_shape[1] / heat_shape[1]
-    x0, y0, x1, y1 = box
-    return [round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)]
+    return list(scale_box(box, (heat_shape[0], heat_shape[1]), (image_shape[0], image_shape[1])))

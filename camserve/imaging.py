@@ -189,6 +189,30 @@ def heatmap_box(heatmap: np.ndarray, threshold: float = 0.2) -> tuple[int, int, 
     return (x, y, x + w, y + h)
 
 
+def scale_box(
+    box: tuple[int, int, int, int], from_size: tuple[int, int], to_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A pixel box (x0, y0, x1, y1; x1, y1 exclusive) on an image of ``from_size`` (height,
+    width) moved to the same picture resized to ``to_size``: the smallest box of the new
+    pixels that covers it (x0 = floor(x0 × W / w), x1 = ceil(x1 × W / w), likewise for y;
+    exact integer arithmetic), within the image. Resizing (OpenCV's, or the server's) maps
+    pixel edges linearly, so this is where the box's content lands.
+
+    >>> scale_box((10, 20, 33, 50), (64, 64), (120, 200))
+    (31, 37, 104, 94)
+    """
+    (h, w), (big_h, big_w) = from_size, to_size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if (h, w) == (big_h, big_w):
+        return x0, y0, x1, y1
+    return (
+        min(max(x0 * big_w // w, 0), big_w),
+        min(max(y0 * big_h // h, 0), big_h),
+        min(max(-(-x1 * big_w // w), 0), big_w),
+        min(max(-(-y1 * big_h // h), 0), big_h),
+    )
+
+
 def colorize(heatmap: np.ndarray, colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
     """A [0, 1] heatmap as an RGB uint8 picture through an OpenCV colormap."""
     gray = np.clip(np.nan_to_num(heatmap) * 255.0, 0, 255).astype(np.uint8)

@@ -36,7 +36,7 @@ from camserve.encoded_images import (
     png_to_heatmap,
 )
 from camserve.errors import InvalidArgument
-from camserve.imaging import ImageError, decode_image
+from camserve.imaging import ImageError, decode_image, scale_box  # scale_box: re-exported
 from camserve.proto import pb
 from camserve.wire_detections import (  # noqa: F401 - re-exported
     WireDetection,
@@ -251,31 +251,7 @@ def floatmap_to_array(m: pb.FloatMap, what: str = "FloatMap") -> np.ndarray:
     return values.reshape(shape)
 
 
-# ------------------------------------------------------------------ boxes
-
-
-def scale_box(
-    box: tuple[int, int, int, int], from_size: tuple[int, int], to_size: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """A pixel box (x0, y0, x1, y1; x1, y1 exclusive) on an image of ``from_size`` (height,
-    width) moved to the same picture resized to ``to_size``: the smallest box of the new
-    pixels that covers it (x0 = floor(x0 × W / w), x1 = ceil(x1 × W / w), likewise for y;
-    exact integer arithmetic), within the image. Resizing (OpenCV's, or the server's) maps
-    pixel edges linearly, so this is where the box's content lands.
-
-    >>> scale_box((10, 20, 33, 50), (64, 64), (120, 200))
-    (31, 37, 104, 94)
-    """
-    (h, w), (big_h, big_w) = from_size, to_size
-    x0, y0, x1, y1 = (int(v) for v in box)
-    if (h, w) == (big_h, big_w):
-        return x0, y0, x1, y1
-    return (
-        min(max(x0 * big_w // w, 0), big_w),
-        min(max(y0 * big_h // h, 0), big_h),
-        min(max(-(-x1 * big_w // w), 0), big_w),
-        min(max(-(-y1 * big_h // h), 0), big_h),
-    )
+# ------------------------------------------------------------------ heatmap sizes
 
 
 def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -58,9 +58,10 @@ def test_rows_equal_the_in_process_explainer(images: Path, tmp_path: Path, model
             assert r["error"] is None and (r["height"], r["width"]) == rgb.shape[:2]
             assert r["score"] == pytest.approx(e.score, abs=1e-6)
             np.testing.assert_allclose(output.raw_map(r), e.raw, rtol=1e-5, atol=1e-6)
-            sy, sx = rgb.shape[0] / 64, rgb.shape[1] / 64
-            x0, y0, x1, y1 = e.box
-            assert r["box"] == [round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)]
+            # the pixels covering the heatmap's box, by hand: floor of the first edges, ceil of the last
+            (h, w), (x0, y0, x1, y1) = rgb.shape[:2], e.box
+            expected_box = [x0 * w // 64, y0 * h // 64, -(-x1 * w // 64), -(-y1 * h // 64)]
+            assert r["box"] == expected_box
 
 
 def test_targets_overlays_and_dense_rows(images: Path, tmp_path: Path, model_dir: Path, reference) -> None:
