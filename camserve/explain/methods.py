@@ -203,15 +203,22 @@ def scorecam(p: LayerPass) -> tf.Tensor:
     return weighted_sum(p.activations, _scatter_channels(p, p.masked_input_scores()))
 
 
-def first_component(x: tf.Tensor) -> tf.Tensor:
+def first_component(x: tf.Tensor, reference: tf.Tensor | None = None) -> tf.Tensor:
     """(B, h, w, K) -> (B, h, w): the centred maps projected on their first principal component,
-    its sign fixed so the map correlates positively with Σ_k of the centred maps."""
+    its sign fixed so the map correlates positively with ``reference`` (B, h, w; default
+    Σ_k of the maps). Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` share it.
+
+    >>> x = tf.constant([[[[1.0, 2.0]], [[3.0, 6.0]]]])  # (1, 2, 1, 2): one direction, (1, 2)
+    >>> [round(float(v), 3) for v in tf.reshape(first_component(x), [-1])]
+    [-2.236, 2.236]
+    """
     b, h, w, k = tf.unstack(tf.shape(x))
     flat = tf.reshape(x, (b, h * w, k))
     centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
     _, _, v = tf.linalg.svd(centred)
     projection = tf.einsum("bnk,bk->bn", centred, v[:, :, 0])
-    return tf.reshape(orient(projection, tf.reduce_sum(centred, axis=-1)), (b, h, w))
+    ref = tf.reduce_sum(flat, axis=-1) if reference is None else tf.reshape(reference, (b, h * w))
+    return tf.reshape(orient(projection, ref), (b, h, w))
 
 
 def orient(projection: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:

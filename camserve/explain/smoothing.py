@@ -22,6 +22,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from camserve.explain.methods import first_component
+
 #: (horizontal flip, brightness factor) of each augmented view; the first is the image itself.
 VIEWS: tuple[tuple[bool, float], ...] = tuple((flip, scale) for flip in (False, True) for scale in (1.0, 1.1, 0.9))
 
@@ -57,20 +59,6 @@ def normalise(maps: tf.Tensor) -> tf.Tensor:
     """Maps (..., H, W) divided by their peak (all-zero maps stay zero)."""
     peak = tf.reduce_max(maps, axis=(-2, -1), keepdims=True)
     return tf.where(peak > 0.0, maps / tf.where(peak > 0.0, peak, 1.0), 0.0)
-
-
-def first_component(weighted: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
-    """(B, h, w, K) → (B, h, w): the centred values projected on their first principal
-    component, signed to correlate positively with ``reference`` (B, h, w)."""
-    b, h, w, k = tf.unstack(tf.shape(weighted))
-    flat = tf.reshape(weighted, (b, h * w, k))
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    _, _, v = tf.linalg.svd(centred)
-    projection = tf.einsum("bnk,bk->bn", centred, v[:, :, 0])
-    ref = tf.reshape(reference, (b, h * w))
-    ref = ref - tf.reduce_mean(ref, axis=1, keepdims=True)
-    sign = tf.where(tf.reduce_sum(projection * ref, axis=1) < 0.0, -1.0, 1.0)
-    return tf.reshape(projection * sign[:, None], (b, h, w))
 
 
 def method_map(method: Any, view: Any, eigen: bool) -> tf.Tensor:
