@@ -277,16 +277,37 @@ def explain_response_bytes(
     return total
 
 
+#: A DenseDetection message beside its label's text: class index, score, window and tight box
+#: (4 packed floats each), scale, and the field tags and lengths.
+_DETECTION_BYTES = 64
+
+
 def dense_response_bytes(
-    size: tuple[int, int], *, window: tuple[int, int], stride: tuple[int, int], scales: Sequence[float], classes: int
+    size: tuple[int, int],
+    *,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    scales: Sequence[float],
+    classes: int,
+    detections: int = 0,
+    label_bytes: int = 0,
 ) -> int:
     """Upper estimate of a DenseScoresResponse: per scale, the scores (cells × classes) and the
-    boxes (cells × 4) as float maps."""
+    boxes (cells × 4) as float maps; with detection, at most ``detections`` (the settings'
+    ``max_detections``, and never more than one per window and class) of ``label_bytes`` labels.
+
+    >>> plain = dense_response_bytes((64, 64), window=(32, 32), stride=(32, 32), scales=[1.0], classes=3)
+    >>> dense_response_bytes((64, 64), window=(32, 32), stride=(32, 32), scales=[1.0], classes=3,
+    ...                      detections=100, label_bytes=8) - plain  # 4 windows × 3 classes
+    864
+    """
     total = 256 + 32 * classes
+    cells_in_all = 0
     for s in scales:
         cells = windows(scaled_size(size, s), window, stride)
+        cells_in_all += cells
         total += 32 + float_map_bytes(cells, classes) + float_map_bytes(cells, 4)
-    return total
+    return total + min(detections, cells_in_all * classes) * (_DETECTION_BYTES + label_bytes)
 
 
 def predict_response_bytes(images: int, listed: int, label_bytes: int, classes: int) -> int:

@@ -358,7 +358,8 @@ class DataPlane:
         if mode not in ("fcn", "crops"):
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
         pad = int(np.ceil(2 * margin / min(scales))) if margin else 0  # the margin's windows, counted
-        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales)
+        detections = settings.max_detections if settings is not None else 0
+        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales, detections)
         with self.budget.reserve(cost):
             x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
             key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
@@ -372,10 +373,10 @@ class DataPlane:
         )
 
     def _dense_cost(
-        self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...]
+        self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...], detections: int = 0
     ) -> tuple[Cost, int]:
         """The windows a DenseScores request scores (checked against the budget) and its
-        answer's estimated size (checked); 0 and 0 when the model's geometry is unknown (the
+        answer's estimated size with at most ``detections`` objects (checked); 0 and 0 when the model's geometry is unknown (the
         engine then decides)."""
         geo = rt.dense
         total = geo.stride if geo is not None else None
@@ -398,7 +399,13 @@ class DataPlane:
         )
         self.budget.check(cost)
         answer_bytes = budget.dense_response_bytes(
-            size, window=geo.window, stride=step, scales=scales, classes=len(rt.entry.config.class_names)
+            size,
+            window=geo.window,
+            stride=step,
+            scales=scales,
+            classes=len(rt.entry.config.class_names),
+            detections=detections,
+            label_bytes=rt.label_bytes,
         )
         self.check_response(
             answer_bytes,

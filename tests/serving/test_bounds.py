@@ -366,6 +366,22 @@ def test_dense_answer_size_estimate_bounds_the_real_answer(served, stride, scale
     assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
 
 
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.8)])
+def test_dense_answer_size_estimate_bounds_an_answer_with_every_window_detected(served, scales) -> None:
+    """With detect, the estimate counts detections: at threshold 0, no tight boxes and an NMS
+    that suppresses nothing (IoU > 1 never happens), every window is a detection, the most an
+    answer can hold; the estimate still bounds it."""
+    from camserve.serving import convert
+
+    image = wire.image_to_proto(_rgb(48, 56))
+    detection = dict(threshold=0.0, iou=1.0, nms="per_class", tight_boxes=False)
+    result = served.run(served.server.dataplane.dense_scores("fc", 0, image, scales=scales, detection=detection))
+    windows = sum(int(np.prod(s.scores.shape[:2])) for s in result.result)
+    assert len(result.detections) == min(windows * len(result.class_names), 100)  # max_detections' default
+    size = convert.dense_response(result).ByteSize()
+    assert size <= result.answer_bytes <= 3 * size + 4096, (size, result.answer_bytes)
+
+
 @pytest.mark.parametrize("top_k", [0, 1])
 def test_predict_answer_size_estimate_bounds_the_real_answer(served, top_k) -> None:
     """Predict's answer carries every class's score as one map whatever top_k is: the estimate
