@@ -97,6 +97,7 @@ class ExplainActor:
 
     def __init__(self, settings: BulkSettings):
         from camserve.cli import load_tensorflow
+        from camserve.cli.options import fit_masks
 
         load_tensorflow()
         if settings.threads:
@@ -111,12 +112,10 @@ class ExplainActor:
         try:
             size = model_batch_size(settings)
             self.folder = FolderExplainer.load(
-                settings.model_dir,
-                settings.version,
-                list(settings.layer) if isinstance(settings.layer, tuple) else settings.layer,
-                settings.max_channels,
-                max_batch_size=size,
+                settings.model_dir, settings.version, settings.layer, settings.max_channels, max_batch_size=size
             )
+            # Segmentation masks to the model's output size, as camserve explain does.
+            self.targets = fit_masks(settings.targets, self.folder.explainer.output_shape)
             # Warm-up: the graph of a full batch, as nearly every call is (Explainer.warm_up would
             # compile every smaller bucket too; a call that needs one compiles it then). With the
             # job's own targets and options, so a bad target is the job's error here, not an
@@ -136,7 +135,7 @@ class ExplainActor:
     def _explain(self, rgbs: list[np.ndarray]) -> list[list[Any]]:
         s = self.settings
         return self.folder.explain_rgbs(
-            rgbs, s.methods, s.targets, s.top_k, aug_smooth=s.aug_smooth, eigen_smooth=s.eigen_smooth
+            rgbs, s.methods, self.targets, s.top_k, aug_smooth=s.aug_smooth, eigen_smooth=s.eigen_smooth
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from camserve.cli import add_command
-from camserve.cli.explain import parse_layers, parse_targets
+from camserve.cli.options import add_explain_options, add_model_options, explain_choices
 
 _DESCRIPTION = """explain many images on Ray Data (local, or a cluster); writes OUT/explanations.parquet
 
@@ -30,28 +30,8 @@ Needs the bulk extra: pip install "camserve[bulk]"."""
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "bulk", "explain many images on Ray Data; writes a Parquet dataset", _DESCRIPTION)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, Parquet/CSV tables")
-    p.add_argument(
-        "--model", required=True, help="model folder (on every worker): <dir>/config.toml, <dir>/<version>/model.keras"
-    )
-    p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
-    p.add_argument("--method", dest="methods", action="append", help="method (repeatable); default gradcam")
-    choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--top-k", type=int, default=1, help="explain the K best classes (default 1)")
-    choice.add_argument(
-        "--target",
-        dest="targets",
-        action="append",
-        help="what to explain, as for camserve explain: class name or index, prob:CLASS, ... (repeatable)",
-    )
-    p.add_argument(
-        "--layer",
-        dest="layers",
-        action="append",
-        help="layer to explain at; several (repeated or comma-separated) are fused (default: the model's)",
-    )
-    p.add_argument("--aug-smooth", action="store_true", help="average 6 augmented views (flips x brightness)")
-    p.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations")
-    p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
+    add_model_options(p, model_help="model folder (on every worker): <dir>/config.toml, <dir>/<version>/model.keras")
+    add_explain_options(p)
     p.add_argument("--out", required=True, help="output folder (local, or a URI pyarrow writes)")
     p.add_argument("--overlays", action="store_true", help="also write PNG overlays to OUT/overlays/")
     p.add_argument("--dense", action="store_true", help="also write 'dense' rows: sliding-window score grids")
@@ -84,22 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from camserve.bulk.actors import BulkSettings
     from camserve.bulk.job import run_bulk
 
-    targets = parse_targets(args.targets)
-    layers = parse_layers(args.layers)
     settings = BulkSettings(
-        model_dir=args.model,
+        model_dir=str(args.model),
         out=args.out,
         version=args.version,
-        methods=tuple(dict.fromkeys(args.methods or ("gradcam",))),
-        targets=tuple(targets) if targets else None,
-        top_k=args.top_k,
-        layer=tuple(layers) if isinstance(layers, list) else layers,
-        aug_smooth=args.aug_smooth,
-        eigen_smooth=args.eigen_smooth,
-        max_channels=args.max_channels,
         batch_size=args.batch_size,
         overlays=args.overlays,
         dense=args.dense,
+        **explain_choices(args).as_dict(),
     )
     try:
         summary = run_bulk(

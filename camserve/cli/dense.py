@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from camserve import imaging
 from camserve.cli import add_command, load_tensorflow, log_level
+from camserve.cli.options import add_model_options
 from camserve.errors import InvalidArgument
 
 #: Class colours of the arg-max map (RGB, matplotlib's tab10), repeated for more classes.
@@ -54,10 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "dense", "dense sliding-window class scores; writes score heatmaps, an arg-max map and detections"
     )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP), any size ≥ the model's")
-    p.add_argument(
-        "--model", type=Path, required=True, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras"
-    )
-    p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
+    add_model_options(p)
     p.add_argument(
         "--stride", type=int, default=None, help="window stride in pixels (default: config, else the total stride)"
     )

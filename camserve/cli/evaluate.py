@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from camserve import imaging
 from camserve.cli import add_command, load_tensorflow, log_level
+from camserve.cli.options import add_method_option, add_model_options, methods_of
 from camserve.errors import InvalidArgument
 
 #: Columns of the table: (key in the results, header, format).
@@ -49,12 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "evaluate", "measure explanation quality per method; prints a table, writes curves.png", __doc__
     )
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP)")
-    p.add_argument(
-        "--model", type=Path, required=True, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras"
-    )
-    p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
+    add_model_options(p)
     p.add_argument("--boxes", type=Path, default=None, help="ground truth JSON (labels and boxes per file name)")
-    p.add_argument("--method", dest="methods", action="append", help="method (repeatable); default gradcam")
+    add_method_option(p)
     p.add_argument("--layer", default=None, help="layer to explain at; default the model's")
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps (default 20)")
     p.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the model-randomization check")
@@ -197,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     ex, cfg = folder.explainer, folder.entry.config
     if ex.class_names is None:
         raise InvalidArgument(f"{args.model}: config.toml lists no class_names; evaluate needs them")
-    methods = tuple(dict.fromkeys(args.methods or ("gradcam",)))
+    methods = methods_of(args)
     ex.check_methods(methods)
     rgbs = [imaging.read_image(p) for p in args.images]
     batch = np.stack([imaging.model_input(rgb, cfg) for rgb in rgbs])

@@ -3,7 +3,7 @@
 camserve explain samples/*.png --model models/shapes_gap --method gradcam --method cam --out out/
 camserve explain a.png --model vit/ --layer block10_norm1,block11_norm1 --aug-smooth --target prob:cat --out out/
 
-``--target`` values (see :func:`parse_targets`): a class index or name; ``prob:CLASS`` (its
+``--target`` values (see :func:`camserve.cli.options.parse_target`): a class index or name; ``prob:CLASS`` (its
 probability); ``regression:INDEX`` or ``regression:INDEX:-1``; ``multilabel[:THRESHOLD]``;
 ``segmentation:CLASS:MASK.png`` (non-zero pixels of the mask image, resized to the model's
 output); ``similarity:REFERENCE.npy`` (an embedding to compare with).
@@ -16,12 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 
 from camserve import imaging
 from camserve.cli import add_command, load_tensorflow, log_level
+from camserve.cli.options import add_explain_options, add_model_options, explain_choices, fit_masks
 from camserve.errors import InvalidArgument
 from camserve.explanation import image_box
 
@@ -32,29 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "explain", "explain images with CAM methods; writes overlays and a JSON")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, WebP)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="model folder: <dir>/config.toml and <dir>/<version>/model.keras")
+    add_model_options(p, group=source)
     source.add_argument("--server", help="explain remotely on a camserve server, HOST:PORT")
     p.add_argument("--model-name", help="with --server: the model's name in the server's repository")
-    p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
-    p.add_argument("--method", dest="methods", action="append", help="method (repeatable); default gradcam")
-    p.add_argument("--top-k", type=int, default=1, help="explain the K best classes (default 1)")
-    p.add_argument(
-        "--target",
-        dest="targets",
-        action="append",
-        help="class name or index to explain, or prob:CLASS, regression:INDEX[:-1], multilabel[:THRESHOLD], "
-        "segmentation:CLASS:MASK.png, similarity:REFERENCE.npy (repeatable; replaces --top-k)",
-    )
-    p.add_argument(
-        "--layer",
-        dest="layers",
-        action="append",
-        help="layer to explain at (outer/inner for nested models; token layers of transformers too); several "
-        "(repeated or comma-separated) are fused; default automatic",
-    )
-    p.add_argument("--aug-smooth", action="store_true", help="average 6 augmented views (flips x brightness)")
-    p.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations")
-    p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
+    add_explain_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--html",
@@ -64,66 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_target(text: str) -> Any:
-    """One ``--target`` value: :func:`camserve.targets.from_text` (a class index or name,
-    ``prob:``, ``regression:``, ``multilabel``), or the file forms ``segmentation:CLASS:MASK.png``
-    and ``similarity:REFERENCE.npy``.
-
-    >>> parse_target("3"), parse_target("regression:1:-1")
-    (3, RegressionTarget(index=1, sign=-1))
-    """
-    from camserve import targets as tg
-
-    kind, _, rest = text.partition(":")
-    try:
-        if kind == "segmentation" and rest.count(":") >= 1:
-            c, _, path = rest.partition(":")
-            mask = imaging.read_image(Path(path)).max(axis=-1) > 0
-            return tg.SegmentationTarget(int(c) if c.isdigit() else c, mask.astype(np.float32))
-        if kind == "similarity" and rest:
-            return tg.SimilarityTarget(np.load(rest))
-    except (ValueError, OSError) as exc:
-        raise InvalidArgument(f"--target {text!r}: {exc}") from None
-    return tg.from_text(text)
-
-
-def parse_targets(raw: list[str] | None) -> list[Any] | None:
-    """``--target`` values (:func:`parse_target`); None when there are none."""
-    if not raw:
-        return None
-    return [parse_target(t) for t in raw]
-
-
-def parse_layers(raw: list[str] | None) -> str | list[str] | None:
-    """``--layer`` values: None (automatic), one name, or several (repeated or comma-separated).
-
-    >>> parse_layers(None), parse_layers(["conv"]), parse_layers(["a,b", "c"])
-    (None, 'conv', ['a', 'b', 'c'])
-    """
-    names = [n.strip() for r in raw or () for n in r.split(",") if n.strip()]
-    return None if not names else names[0] if len(names) == 1 else names
-
-
-def fit_masks(targets: list[Any] | None, output_shape: tuple[int, ...]) -> list[Any] | None:
-    """Segmentation masks resized (nearest) to a dense model output's (H, W)."""
-    from camserve.targets import SegmentationTarget
-
-    if not targets or len(output_shape) != 3:
-        return targets
-    size = (int(output_shape[1]), int(output_shape[0]))
-    return [
-        SegmentationTarget(t.class_index, cv2.resize(t.mask, size, interpolation=cv2.INTER_NEAREST))
-        if isinstance(t, SegmentationTarget)
-        else t
-        for t in targets
-    ]
-
-
 def run(args: argparse.Namespace) -> int:
-    methods = tuple(args.methods or ("gradcam",))
-    targets = parse_targets(args.targets)
-    layer = parse_layers(args.layers)
-    smoothing = {"aug_smooth": args.aug_smooth, "eigen_smooth": args.eigen_smooth}
+    choices = explain_choices(args)
+    methods, targets, layer = choices.methods, choices.targets, choices.layer
+    smoothing: dict[str, Any] = {"aug_smooth": choices.aug_smooth, "eigen_smooth": choices.eigen_smooth}
     explained_layer = layer if isinstance(layer, str) else ",".join(layer or ())
     if args.html:
         from camserve.http.viewer.report import image_entry, write_report
@@ -141,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 model=name,
                 version=args.version,
                 methods=methods,
-                targets=[targets] * len(rgbs) if targets else None,
-                top_k=args.top_k,
+                targets=[list(targets)] * len(rgbs) if targets else None,
+                top_k=choices.top_k,
                 layer=layer,
                 **smoothing,
             )
@@ -150,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
         load_tensorflow(log_level(args))
         from camserve.explain.folder import FolderExplainer
 
-        folder = FolderExplainer.load(args.model, args.version, layer=layer, max_channels=args.max_channels)
+        folder = FolderExplainer.load(args.model, args.version, layer=layer, max_channels=choices.max_channels)
         explained_layer = folder.explainer.layer_name
-        targets = fit_masks(targets, folder.explainer.output_shape)
+        fitted = fit_masks(targets, folder.explainer.output_shape)
 
         def explain_batch(rgbs):
-            return folder.explain_rgbs(rgbs, methods=methods, targets=targets, top_k=args.top_k, **smoothing)
+            return folder.explain_rgbs(rgbs, methods=methods, targets=fitted, top_k=choices.top_k, **smoothing)
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = []

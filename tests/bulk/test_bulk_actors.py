@@ -120,7 +120,7 @@ def test_actor_resources_and_batch_size(model_dir: Path) -> None:
 
 
 def test_targets_layers_and_smoothing_as_camserve_explain(images: Path, tmp_path: Path, model_dir: Path, reference):
-    from camserve.cli.explain import parse_targets
+    from camserve.cli.options import parse_targets
 
     cfg, model, _ = reference
     targets = tuple(parse_targets(["regression:3", "circle"]))
@@ -160,7 +160,7 @@ def reshape_head_model(folder: Path) -> Path:
 def test_an_actor_that_cannot_start_writes_nothing_and_sends_its_error(tmp_path: Path, model_dir: Path) -> None:
     import pickle
 
-    from camserve.cli.explain import parse_targets
+    from camserve.cli.options import parse_targets
     from camserve.errors import CamserveError
 
     reshape = reshape_head_model(tmp_path / "reshape")
@@ -174,3 +174,41 @@ def test_an_actor_that_cannot_start_writes_nothing_and_sends_its_error(tmp_path:
         error = pickle.loads(summary["setup_error"][0])
         assert isinstance(error, CamserveError) and says in str(error)
         assert not (tmp_path / bad.out).exists()
+
+
+def test_segmentation_masks_are_resized_to_the_output_as_camserve_explain_does(tmp_path: Path) -> None:
+    """A mask PNG of twice the output's size (2 × 2 blocks): the actor explains the mask that
+    nearest-neighbour resizing gives, i.e. every other pixel, as Explainer does with that mask."""
+    import keras
+
+    from camserve.cli.options import parse_targets
+    from camserve.targets import SegmentationTarget
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="feat")(inp)
+    model = keras.Model(inp, keras.layers.Softmax()(keras.layers.Conv2D(3, 1, name="seg_logits")(x)))
+    folder = tmp_path / "seg"
+    (folder / "1").mkdir(parents=True)
+    model.save(folder / "1" / "model.keras")
+    (folder / "config.toml").write_text(
+        'class_names = ["a", "b", "c"]\ninput_size = [16, 16]\npreprocessing = "scale_0_1"\ndefault_layer = "feat"\n'
+    )
+    small = np.zeros((16, 16), np.float32)
+    small[3:11, 5:14] = 1.0
+    mask_png = tmp_path / "mask.png"
+    cv2.imwrite(str(mask_png), np.repeat(np.kron(small, np.ones((2, 2)))[..., None] * 255, 3, axis=-1))
+    image = tmp_path / "img.png"
+    rgb = np.random.default_rng(3).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(image), rgb[..., ::-1])
+
+    targets = tuple(parse_targets([f"segmentation:b:{mask_png}"]) or ())
+    settings = BulkSettings(model_dir=str(folder), out=str(tmp_path / "out"), targets=targets, batch_size=1)
+    summary = ExplainActor(settings)({"image": np.array([str(image)], object), "location": np.array([str(image)])})
+    assert not summary["setup_error"][0] and list(summary["rows"]) == [1]
+    (got,) = output.read_explanations(settings.out).to_pylist()
+    x = cv2.resize(rgb, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    (expected,) = Explainer(model, layer="feat").explain(x[None], targets=[[SegmentationTarget(1, small)]])[0]
+    assert got["error"] is None and got["class_index"] == 1
+    assert got["score"] == pytest.approx(expected.score, rel=1e-5)
+    np.testing.assert_allclose(output.raw_map(got), expected.raw, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 
 from camserve import Explainer, imaging
 from camserve.cli import main
-from camserve.cli.explain import parse_layers, parse_target
+from camserve.cli.options import parse_layers, parse_target
 from camserve.errors import InvalidArgument
 from camserve.explanation import image_box
 from camserve.targets import ClassTarget, MultiLabelTarget, RegressionTarget, SegmentationTarget
