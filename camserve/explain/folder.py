@@ -45,6 +45,7 @@ class FolderExplainer:
             entry.model,
             layer=layer or cfg.default_layer,
             class_names=cfg.class_names,
+            prefix_tokens=cfg.prefix_tokens,
             max_channels=max_channels,
             max_batch_size=max_batch_size,
         )

@@ -31,7 +31,9 @@ class ModelConfig:
     """What ``config.toml`` says about a model.
 
     ``input_size`` is (height, width); ``preprocessing`` is a key of
-    :data:`camserve.imaging.PREPROCESSORS`; ``default_layer`` may be empty (automatic).
+    :data:`camserve.imaging.PREPROCESSORS`; ``default_layer`` may be empty (automatic);
+    ``prefix_tokens``: the class / register tokens before the patch tokens of a transformer's
+    token layers (None: inferred, see :mod:`camserve.explain.tokens`).
     """
 
     name: str
@@ -40,6 +42,7 @@ class ModelConfig:
     channels: int = 3
     preprocessing: str = "scale_0_1"
     default_layer: str | None = None
+    prefix_tokens: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -56,7 +59,10 @@ class ModelConfig:
         pre = data.get("preprocessing", "scale_0_1")
         if pre not in PREPROCESSORS:
             raise InvalidArgument(f"{path}: unknown preprocessing {pre!r}; allowed: {sorted(PREPROCESSORS)}")
-        known = {"name", "class_names", "input_size", "channels", "preprocessing", "default_layer"}
+        prefix = data.get("prefix_tokens")
+        if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+            raise InvalidArgument(f"{path}: prefix_tokens must be an integer >= 0 (omit it: inferred), got {prefix!r}")
+        known = {"name", "class_names", "input_size", "channels", "preprocessing", "default_layer", "prefix_tokens"}
         return cls(
             name=str(data.get("name", path.parent.name)),
             class_names=class_names,
@@ -64,6 +70,7 @@ class ModelConfig:
             channels=int(data.get("channels", 3)),
             preprocessing=pre,
             default_layer=data.get("default_layer") or None,
+            prefix_tokens=prefix,
             extra={k: v for k, v in data.items() if k not in known},
         )
 

@@ -155,7 +155,7 @@ class ModelRuntime:
             from camserve.explain.tokens import resolve_sites
 
             names = layer.split(",") if "," in layer else layer
-            resolve_sites(self.entry.model, names)  # raises UnknownLayer listing the choices
+            resolve_sites(self.entry.model, names, self.entry.config.prefix_tokens)  # UnknownLayer lists the choices
         with self._lock:
             ex = self.explainers.get(layer)
             if ex is None:
@@ -187,6 +187,7 @@ class ModelRuntime:
             self.entry.model,
             layer=(layer.split(",") if "," in layer else layer) if layer else None,
             class_names=self.entry.config.class_names,
+            prefix_tokens=self.entry.config.prefix_tokens,
             chunk_size=s.chunk_size,
             max_channels=s.max_channels,
             max_batch_size=s.max_batch_size,
