@@ -23,8 +23,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/camserve
 COPY pyproject.toml README.md ./
 COPY camserve ./camserve
+# Optional extras of camserve, e.g. `docker build --build-arg CAMSERVE_EXTRAS=bulk .` for
+# `camserve bulk` (Ray Data; the RayJob image of deploy/README.md), or bulk,eval. Default: none.
+ARG CAMSERVE_EXTRAS=""
 # TensorFlow comes with the base image; pip keeps it (pyproject only asks for >=2.16).
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./${CAMSERVE_EXTRAS:+[${CAMSERVE_EXTRAS}]}" \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin camserve
 
 COPY --chown=10001:10001 models /models

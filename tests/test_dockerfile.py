@@ -166,3 +166,27 @@ def test_documented_settings_are_real_and_valid() -> None:
             assert str(getattr(cfg, field)).lower() == value.lower(), f"{name}={value} did not reach the server"
     # the image itself leaves them to the ConfigMap / `docker run -e` (an ENV would override the ConfigMap)
     assert not {"CAMSERVE_PRECISION", "CAMSERVE_XLA", "CAMSERVE_DEVICE"} & set(env_of_image())
+
+
+def test_extras_are_a_build_argument_installed_with_camserve() -> None:
+    """``--build-arg CAMSERVE_EXTRAS=bulk`` installs camserve with that extra (deploy/README.md's
+    RayJob image); by default none (the server image stays light). The pip argument is expanded
+    by a real shell as the RUN line is, and the extras are pyproject's."""
+    import tomllib
+
+    ins = instructions()
+    args = [a for w, a in ins if w == "ARG"]
+    assert 'CAMSERVE_EXTRAS=""' in args, args
+    words = [w for w, _ in ins]
+    (install,) = [a for w, a in ins if w == "RUN" and "pip install" in a]
+    assert words.index("ARG") < [i for i, (w, a) in enumerate(ins) if a == install][0]
+    pip_words = shlex.split(install.split("&&")[0], posix=False)
+    target = pip_words[-1]
+    optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extras, expected in [("", "./"), ("bulk", "./[bulk]"), ("bulk,eval", "./[bulk,eval]")]:
+        shown = subprocess.run(
+            ["bash", "-c", f"printf %s {target}"], env={"CAMSERVE_EXTRAS": extras}, capture_output=True, text=True
+        ).stdout
+        assert shown == expected, (extras, shown)
+        assert set(filter(None, extras.split(","))) <= set(optional)
+    assert any("ray" in r for r in optional["bulk"])

@@ -90,8 +90,9 @@ def test_pod_templates_are_valid_kubernetes(rayjob: dict[str, Any]) -> None:
 def test_the_entrypoint_is_camserve_bulk_on_the_image_models(rayjob: dict[str, Any]) -> None:
     args = bulk_args(rayjob)
     assert args.command == "bulk"
-    assert args.model.startswith("/models/")  # the Dockerfile copies models/ to /models
-    assert (REPO / "models" / args.model.removeprefix("/models/") / "config.toml").is_file()
+    model = str(args.model)
+    assert model.startswith("/models/")  # the Dockerfile copies models/ to /models
+    assert (REPO / "models" / model.removeprefix("/models/") / "config.toml").is_file()
     broken = copy.deepcopy(rayjob)
     broken["spec"]["entrypoint"] += " --top-k 2 --target cat"  # exclusive options
     with pytest.raises(SystemExit):
