@@ -285,7 +285,7 @@ class DataPlane:
             return words
 
         cost = Cost(
-            budget.explain_units(n, counts, methods, geo.channels * len(ex.sites), views=views),
+            budget.explain_units(n, counts, methods, geo.channels, views=views),
             counted,
             "send fewer images, targets or methods"
             + (" (or a server with a smaller max_channels)" if channel_methods else ""),
@@ -376,8 +376,8 @@ class DataPlane:
         self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...], detections: int = 0
     ) -> tuple[Cost, int]:
         """The windows a DenseScores request scores (checked against the budget) and its
-        answer's estimated size with at most ``detections`` objects (checked); 0 and 0 when the model's geometry is unknown (the
-        engine then decides)."""
+        answer's estimated size with at most ``detections`` objects (checked); 0 and 0 when
+        the model's geometry is unknown (the engine then decides)."""
         geo = rt.dense
         total = geo.stride if geo is not None else None
         step = (stride, stride) if stride else total

@@ -72,8 +72,9 @@ class ExplainerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerGeometry:
-    """What the budget needs of an explained layer: its spatial size and channels (the
-    channels Score-CAM / Ablation-CAM score: all, or ``max_channels``)."""
+    """What the budget needs of the explained layers: the raw map's spatial size and the
+    channels Score-CAM / Ablation-CAM score (each layer's: all, or ``max_channels``; summed
+    over the fused layers)."""
 
     size: tuple[int, int]
     channels: int
@@ -167,16 +168,19 @@ class ModelRuntime:
         return ex
 
     def geometry(self, ex: Explainer) -> LayerGeometry:
-        """The explained layer's (h, w) and scored channels (cached per explainer)."""
+        """The explained layer's (h, w) (the first layer's when several are fused: the raw
+        map's size) and the channels Score-CAM / Ablation-CAM score, summed over the layers
+        (cached per explainer)."""
         found = self._geometry.get(ex)
         if found is None:
-            shape = _output_shape(ex)
-            if ex.sites[0].grid is not None:  # a token layer (N, T, C) laid on its grid
-                (h, w), k = ex.sites[0].grid, int(shape[-1] or 1)
+            first = ex.sites[0]
+            if first.grid is not None:  # a token layer (N, T, C) laid on its grid
+                h, w = first.grid
             else:
-                h, w, k = (int(v) if v else 1 for v in shape[1:4])
+                h, w = (int(v) if v else 1 for v in _output_shape(first.layer)[1:3])
             cap = self.settings.max_channels
-            found = self._geometry[ex] = LayerGeometry((h, w), min(k, cap) if cap else k)
+            channels = [int(_output_shape(site.layer)[-1] or 1) for site in ex.sites]
+            found = self._geometry[ex] = LayerGeometry((h, w), sum(min(k, cap) if cap else k for k in channels))
         return found
 
     def _make_explainer(self, layer: str | None) -> Explainer:
@@ -264,10 +268,10 @@ def layer_key(layer: str, layers: Sequence[str]) -> str:
     return ",".join(layers)
 
 
-def _output_shape(ex: Explainer) -> tuple:
-    """The explained layer's output shape (N, h, w, K); Nones where unknown."""
+def _output_shape(layer: Any) -> tuple:
+    """A layer's output shape ((N, h, w, K), or (N, T, C) for tokens); Nones where unknown."""
     try:
-        return tuple(ex.layer_path[-1].output.shape)
+        return tuple(layer.output.shape)
     except (AttributeError, ValueError):  # a layer used more than once has no single output
         return (None, None, None, None)
 

@@ -1,5 +1,6 @@
-"""A served transformer's ``prefix_tokens`` (config.toml) reaches its explainers: the token
-layer is laid on the grid that count leaves, and a count that leaves no grid is refused."""
+"""The explainers a served model's runtime builds: a transformer's ``prefix_tokens``
+(config.toml) reaches them (the token layer is laid on the grid that count leaves, a count
+that leaves no grid is refused), and fused layers' geometry counts every layer's channels."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from camserve.errors import InvalidArgument
 from camserve.explain import Explainer
 from camserve.serving.repository import ModelConfig, ModelEntry
-from camserve.serving.runtime import ModelRuntime
+from camserve.serving.runtime import ExplainerSettings, ModelRuntime
 
 CONFIG = 'class_names = ["a", "b", "c"]\ninput_size = [16, 16]\n'
 
@@ -32,10 +33,10 @@ def vit_with_class_token() -> keras.Model:
     return keras.Model(inp, out)
 
 
-def runtime(tmp_path: Path, model: keras.Model, extra: str) -> ModelRuntime:
+def runtime(tmp_path: Path, model: keras.Model, extra: str = "", **settings) -> ModelRuntime:
     (tmp_path / "config.toml").write_text(CONFIG + extra)
     config = ModelConfig.from_toml(tmp_path / "config.toml")
-    return ModelRuntime(ModelEntry("vit", 1, tmp_path, config, model))
+    return ModelRuntime(ModelEntry("m", 1, tmp_path, config, model), ExplainerSettings(**settings))
 
 
 @pytest.mark.parametrize("value", ["-1", '"one"', "true", "1.5"])
@@ -60,3 +61,27 @@ def test_served_explainers_drop_the_configured_prefix_tokens(tmp_path: Path) -> 
     # 0 prefix tokens leave 17 tokens: no 4 x 4 patch grid, not a square; the setting is obeyed
     with pytest.raises(InvalidArgument, match="dropping 0 prefix tokens leaves no grid"):
         runtime(tmp_path, model, "prefix_tokens = 0\n").explainer("norm1")
+
+
+def two_conv_model() -> keras.Model:
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="narrow")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="wide")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("max_channels", [None, 10])
+@pytest.mark.parametrize("layers", [("narrow", "wide"), ("wide", "narrow")])
+def test_fused_layers_cost_every_layers_channels(tmp_path: Path, layers, max_channels) -> None:
+    """Score-CAM scores each fused layer's channels: the budget's count is their sum (it used
+    to be the first layer's × the layer count, too low when a narrow layer came first); the
+    map's size is the first layer's (the fused raw map's)."""
+    model = two_conv_model()
+    rt = runtime(tmp_path, model, max_channels=max_channels)
+    geo = rt.geometry(rt.explainer(",".join(layers)))
+    shapes = [model.get_layer(name).output.shape for name in layers]
+    assert geo.channels == sum(min(s[-1], max_channels or s[-1]) for s in shapes)
+    assert geo.size == tuple(shapes[0][1:3])
