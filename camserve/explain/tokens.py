@@ -4,10 +4,11 @@
 A token layer's first ``k`` tokens (class / register tokens) are dropped and the other
 T − k are laid out row by row on an h × w grid. The grid is the patch embedding's: the last
 4-D layer before the tokens whose h × w is T − k (non-square images too); without one, the
-smallest k in 0..:data:`MAX_PREFIX` for which T − k is a square. ``prefix_tokens`` fixes k. The automatic choice
-(``layer=None``) is the last 4-D activation before the head, unless token layers come after
-it (a transformer): then the last block's normalised tokens, i.e. the last
-LayerNormalization with token output that feeds an attention layer (its tokens still get
+smallest k in 0..:data:`MAX_PREFIX` for which T − k is a square. ``prefix_tokens`` fixes k.
+
+The automatic choice (``layer=None``) is the last 4-D activation before the head, unless
+token layers come after it (a transformer): then the last block's normalised tokens, i.e. the
+last LayerNormalization with token output that feeds an attention layer (its tokens still get
 gradients when the head reads only the class token), else the last such LayerNormalization,
 else the last token layer.
 
@@ -100,10 +101,11 @@ def token_layers(model: keras.Model) -> list[Any]:
     ]
 
 
-def gridded_token_layers(model: keras.Model) -> list[Any]:
-    """The token layers whose tokens make a square grid once 0..:data:`MAX_PREFIX` prefix
-    tokens are dropped (the ones that can be named without ``prefix_tokens``)."""
-    return [p for p in token_layers(model) if grid_of(model, p) is not None]
+def gridded_token_layers(model: keras.Model, prefix_tokens: int | None = None) -> list[Any]:
+    """The token layers that lie on a grid (the patch embedding's, or a square) once
+    ``prefix_tokens`` tokens are dropped (None: some count in 0..:data:`MAX_PREFIX`): the
+    token layers that can be explained."""
+    return [p for p in token_layers(model) if grid_of(model, p, prefix_tokens) is not None]
 
 
 def _patch_grid(model: keras.Model, path: Any, tokens: int, prefix_tokens: int | None) -> tuple | None:
@@ -139,8 +141,8 @@ def token_site(path: Any, prefix_tokens: int | None, model: keras.Model | None =
     if found is None:
         given = f"{prefix_tokens} prefix tokens" if prefix_tokens is not None else f"0..{MAX_PREFIX} prefix tokens"
         raise InvalidArgument(
-            f"layer {graph.layer_path_name(path)!r} has {tokens} tokens: dropping {given} leaves no grid (neither a patch embedding's h × w nor a square); "
-            "give prefix_tokens= (the class / register tokens before the patch tokens)"
+            f"layer {graph.layer_path_name(path)!r} has {tokens} tokens: dropping {given} leaves no grid "
+            "(neither a patch embedding's h × w nor a square); give prefix_tokens= (the class / register tokens before the patch tokens)"
         )
     k, h, w = found
     return Site(path, k, (h, w))
@@ -169,11 +171,12 @@ def auto_site(model: keras.Model, prefix_tokens: int | None = None) -> Site:
         conv: Any = graph.resolve_layer(model, None)
     except graph.UnknownLayer:
         conv = None
-    tokens = [p for p in token_layers(model) if grid_of(model, p, prefix_tokens)]
+    tokens = gridded_token_layers(model, prefix_tokens)
     if not tokens or (conv is not None and order[tuple(map(id, conv))] > order[tuple(map(id, tokens[-1]))]):
         if conv is None:
             raise graph.UnknownLayer(
-                f"model {model.name!r} has no layer with a 4-D (N, h, w, C) or square-gridded (N, T, C) output"
+                f"model {model.name!r} has no layer with a 4-D (N, h, w, C) output, nor a token (N, T, C) output "
+                "that lies on a grid (see prefix_tokens)"
             )
         return Site(conv)
     norms = [p for p in tokens if isinstance(p[-1], keras.layers.LayerNormalization)]

@@ -219,7 +219,9 @@ class ModelRuntime:
         self.methods = tuple(usable)
         from camserve.explain.tokens import gridded_token_layers
 
-        found = graph.candidate_layers(self.entry.model) + gridded_token_layers(self.entry.model)
+        found = graph.candidate_layers(self.entry.model) + gridded_token_layers(
+            self.entry.model, self.entry.config.prefix_tokens
+        )
         self.layers = tuple(graph.layer_path_name(p) for p in found)  # 4-D, then token layers
         warm = [m for m in self.settings.warmup_methods if m in usable]
         ex.warm_up(methods=tuple(warm) or ("gradcam",))
