@@ -121,7 +121,7 @@ class ExplainActor:
             # job's own targets and options, so a bad target is the job's error here, not an
             # error row for every image.
             blank = np.zeros((*self.folder.entry.config.input_size, 3), np.uint8)
-            self._explain([blank] * size)
+            self.explain_rgbs([blank] * size)
             if settings.dense:  # likewise a head that cannot be made fully convolutional
                 from camserve.dense import dense_scores
 
@@ -132,7 +132,9 @@ class ExplainActor:
             self.setup_error = e
         self.ready_at = time.time()  # the job's start-up ends when its first actor is ready
 
-    def _explain(self, rgbs: list[np.ndarray]) -> list[list[Any]]:
+    def explain_rgbs(self, rgbs: list[np.ndarray]) -> list[list[Any]]:
+        """The explanations of decoded RGB images with the job's methods, targets and options:
+        per image, targets outer, methods inner (as :meth:`Explainer.explain`)."""
         s = self.settings
         return self.folder.explain_rgbs(
             rgbs, s.methods, self.targets, s.top_k, aug_smooth=s.aug_smooth, eigen_smooth=s.eigen_smooth
@@ -182,15 +184,16 @@ def explain_images(
         except CamserveError as e:
             rows_of[image] = [output.error_row(image, _message(e))]
     good = list(read)
+    explained: list[list[Any] | CamserveError]
     try:
-        explained = actor._explain([read[i] for i in good]) if good else []
+        explained = list(actor.explain_rgbs([read[i] for i in good])) if good else []
     except CamserveError:  # one image the model cannot take: explain them one by one
         explained = []
         for image in good:
             try:
-                explained.append(actor._explain([read[image]])[0])
+                explained.append(actor.explain_rgbs([read[image]])[0])
             except CamserveError as e:
-                explained.append(e)  # type: ignore[arg-type]
+                explained.append(e)
     for image, result in zip(good, explained):
         rgb = read[image]
         if isinstance(result, CamserveError):

@@ -109,7 +109,7 @@ def read_table_paths(location: str, column: str = DEFAULT_PATH_COLUMN) -> list[s
         raise NotFound(f"{location}: no such table") from None
     except (ValueError, OSError) as e:  # pyarrow.lib.ArrowInvalid (a ValueError) for a bad file
         raise InvalidArgument(
-            f"{location}: not a readable {'CSV' if location.endswith('.csv') else 'Parquet'} table ({e})"
+            f"{location}: not a readable {'CSV' if location.lower().endswith('.csv') else 'Parquet'} table ({e})"
         ) from None
     if column not in table.column_names:
         raise InvalidArgument(

@@ -85,7 +85,12 @@ def join(location: str, *names: str) -> str:
 
 
 def row(image: str, **values: Any) -> dict[str, Any]:
-    """One output row: ``image`` and the given columns, the others null."""
+    """One output row: ``image`` and the given columns, the others null.
+
+    >>> r = row("a.png", method="cam", score=0.5)
+    >>> r["method"], r["score"], r["box"], list(r) == list(COLUMNS)
+    ('cam', 0.5, None, True)
+    """
     out: dict[str, Any] = dict.fromkeys(COLUMNS)
     out.update(values, image=image)
     return out
@@ -102,7 +107,11 @@ def raw_map(r: dict[str, Any]) -> np.ndarray:
 
 
 def map_columns(raw: np.ndarray) -> dict[str, Any]:
-    """``raw`` and ``raw_shape`` of a float32 map."""
+    """``raw`` and ``raw_shape`` of a map, as little-endian float32.
+
+    >>> map_columns(np.zeros((2, 3)))["raw_shape"], len(map_columns(np.zeros((2, 3)))["raw"])
+    ([2, 3], 24)
+    """
     a = np.ascontiguousarray(raw, "<f4")
     return {"raw": a.tobytes(), "raw_shape": list(a.shape)}
 
@@ -167,7 +176,11 @@ def write_file(location: str, data: bytes) -> None:
 
 
 def unique_images(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """The ``image`` of rows, in order, each once."""
+    """The ``image`` of rows, in order, each once.
+
+    >>> unique_images([{"image": "b"}, {"image": "a"}, {"image": "b"}])
+    ['b', 'a']
+    """
     return list(dict.fromkeys(r["image"] for r in rows))
 
 
