@@ -110,3 +110,18 @@ def test_one_gpu_actor_per_gpu_worker_and_no_actors_on_the_head(rayjob: dict[str
     assert args.max_actors == gpu["maxReplicas"] >= gpu["minReplicas"] >= 1
     images = {c["image"] for t in pod_templates(rayjob).values() for c in t["spec"]["containers"]}
     assert len(images) == 1, f"head and workers must run the same image (camserve and Ray versions): {images}"
+
+
+def test_the_documented_image_build_matches_the_manifest(rayjob: dict[str, Any]) -> None:
+    """deploy/README.md builds the image the pods run: the Dockerfile with the bulk extra, then
+    Ray's dashboard at the manifest's rayVersion."""
+    import re
+
+    readme = (REPO / "deploy" / "README.md").read_text()
+    (base_tag,) = re.findall(r"docker build --build-arg CAMSERVE_EXTRAS=bulk -t (\S+) \.", readme)
+    (image_tag,) = re.findall(r"docker build -t (\S+) - <<'DOCKERFILE'\n\s*FROM (\S+)", readme)
+    assert image_tag[1] == base_tag
+    (pinned,) = re.findall(r'"ray\[default\]==([0-9.]+)"', readme)
+    assert pinned == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
+    images = {c["image"] for t in pod_templates(rayjob).values() for c in t["spec"]["containers"]}
+    assert images == {image_tag[0]}
