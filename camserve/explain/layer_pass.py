@@ -36,8 +36,17 @@ def select_channels(activations: tf.Tensor, cap: int | None) -> tf.Tensor:
     return tf.math.top_k(spread, k=cap).indices
 
 
-def _target_columns(classes: tf.Tensor, values: tf.Tensor, image_index: tf.Tensor) -> tf.Tensor:
-    return tf.gather(values, tf.gather(classes, image_index), batch_dims=1)
+def explained_scores(
+    ex: Explainer, classes, logits, outputs, scorer=None, rows=None, probability: bool = False
+) -> tf.Tensor:
+    """(S, T) what the targets of S inputs explain: the class logit (``probability``: the
+    class probability) of class targets, ``scorer``'s values for any other target (the pass's
+    :mod:`camserve.targets` scalars). ``rows`` (S,): each input's row of ``classes`` (B, T)
+    (None: row i for input i)."""
+    if scorer is not None:
+        return scorer(classes, logits, outputs, rows, probability)
+    values = ex._probabilities(logits) if probability else logits
+    return tf.gather(values, classes if rows is None else tf.gather(classes, rows), batch_dims=1)
 
 
 def masked_input_chunk(
@@ -54,9 +63,7 @@ def masked_input_chunk(
     masks = (maps - low) / tf.maximum(high - low, 1e-7)
     masked = tf.gather(images, image_index) * tf.cast(masks, images.dtype)
     _, logits, outputs = passes.forward(ex, masked, need_activations=False)
-    if scorer is not None:
-        return scorer(classes, logits, outputs, image_index, True)
-    return _target_columns(classes, ex._probabilities(logits), image_index)
+    return explained_scores(ex, classes, logits, outputs, scorer, image_index, probability=True)
 
 
 def ablated_chunk(
@@ -69,9 +76,7 @@ def ablated_chunk(
     ablated = a * keep[:, None, None, :]
     # The ablated activations replace the layer's output (tokens: its grid part).
     _, logits, outputs = passes.forward(ex, tf.gather(images, image_index), replace={site: lambda raw: ablated})
-    if scorer is not None:
-        return scorer(classes, logits, outputs, image_index, False)
-    return _target_columns(classes, logits, image_index)
+    return explained_scores(ex, classes, logits, outputs, scorer, image_index)
 
 
 ChunkFn = Callable[..., tf.Tensor]

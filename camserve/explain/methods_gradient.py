@@ -86,11 +86,8 @@ def _hessian_products(shared: lp.SharedPass) -> tf.Tensor:
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as inner:
             inner.watch(a)
             logits, outputs = head_rerun(shared, a, outputs=True)
-            if shared.scorer is None:  # class targets: the logit
-                ys = [tf.reduce_sum(tf.gather(logits, shared.classes_all[:, t], batch_dims=1)) for t in range(width)]
-            else:  # any other target: its value (camserve.targets)
-                values = shared.scorer(shared.classes_all, logits, outputs, None, False)
-                ys = [tf.reduce_sum(values[:, t]) for t in range(width)]
+            values = lp.explained_scores(shared.ex, shared.classes_all, logits, outputs, shared.scorer)
+            ys = [tf.reduce_sum(values[:, t]) for t in range(width)]
         grads = [inner.gradient(y, a) for y in ys]
     zero = tf.UnconnectedGradients.ZERO
     return tf.stack([outer.gradient(g, a, output_gradients=a, unconnected_gradients=zero) for g in grads], axis=1)

@@ -82,30 +82,21 @@ def guided_hooks(ex: Explainer) -> dict[int, graph.Hook]:
     return {id(layer): gate for layer in relu_layers(ex.model)}
 
 
-def target_scores(logits: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
-    """(S,) the score each input is explained for: its target class's logit."""
-    return tf.gather(logits, classes, batch_dims=1)
-
-
 def input_gradients(ex: Explainer, inputs, classes, weight=None, hooks=None, scorer=None, rows=None) -> list[tf.Tensor]:
-    """Per target column t of ``classes`` (S, T): d Σ_s weight_s · score_s / d inputs, (S, H, W, C).
-    The score is the class's logit, or ``scorer``'s value for targets that are not classes (the
-    pass's :class:`~camserve.explain.layer_pass.SharedPass` ``scorer``; ``rows``: each input's row)."""
+    """Per target column t of ``classes`` (B, T): d Σ_s weight_s · score_s / d inputs, (S, H, W, C),
+    score_s the target's :func:`~camserve.explain.layer_pass.explained_scores` of input s
+    (``rows`` (S,): each input's row of ``classes``; None: row s)."""
     with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
         tape.watch(inputs)
         _, logits, outputs = ex._forward(inputs, need_activations=False, hooks=hooks)
-        if scorer is None:
-            scores = [target_scores(logits, classes[:, t]) for t in range(classes.shape[1])]
-        else:
-            values = scorer(classes, logits, outputs, rows, False)
-            scores = [values[:, t] for t in range(classes.shape[1])]
-        ys = [tf.reduce_sum(s if weight is None else s * weight) for s in scores]
+        values = lp.explained_scores(ex, classes, logits, outputs, scorer, rows)
+        ys = [tf.reduce_sum(values[:, t] if weight is None else values[:, t] * weight) for t in range(classes.shape[1])]
     return [tape.gradient(y, inputs) for y in ys]
 
 
 def guided_gradients(shared: lp.SharedPass) -> tf.Tensor:
     """(B, T, H, W, C) guided-backprop gradients of every target (one gated pass)."""
-    ex, scorer = shared.ex, getattr(shared, "scorer", None)
+    ex, scorer = shared.ex, shared.scorer
     grads = input_gradients(ex, shared.images, shared.classes_all, hooks=guided_hooks(ex), scorer=scorer)
     return tf.stack(grads, axis=1)
 
@@ -181,7 +172,7 @@ def sampled_chunk(ex: Explainer, read: str, images, classes, image_index, sample
     gradients, (B, T, H, W, C); ``weight`` 0 marks padding pairs."""
     ex.trace_count += 1
     inputs = SAMPLING[read].copies(tf.gather(images, image_index), sample)
-    grads = input_gradients(ex, inputs, tf.gather(classes, image_index), weight, scorer=scorer, rows=image_index)
+    grads = input_gradients(ex, inputs, classes, weight, scorer=scorer, rows=image_index)
     b = tf.shape(images)[0]
     return tf.stack([tf.math.unsorted_segment_sum(g, image_index, b) for g in grads], axis=1)
 
@@ -194,7 +185,7 @@ def all_samples(read: str) -> Callable[[lp.SharedPass], tf.Tensor]:
 
     def compute(shared: lp.SharedPass) -> tf.Tensor:
         spec, images, classes = SAMPLING[read], shared.images, shared.classes_all
-        scorer, size = getattr(shared, "scorer", None), shared.ex.chunk_size
+        scorer, size = shared.scorer, shared.ex.chunk_size
         if images.shape[0] is not None:  # never pad a small job up to a full chunk
             size = min(size, images.shape[0] * spec.samples)
         total = tf.shape(images)[0] * spec.samples
@@ -267,11 +258,11 @@ def split_maps(maps: Sequence[Sequence[tf.Tensor]], methods: Sequence[Method], a
 def pixel_heatmaps(heat: tf.Tensor, pixel_raw) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
     """The layer methods' heatmaps (B, T, M', H, W) with the pixel maps', each scaled to peak 1,
     appended; and the outputs to add (``pixel_raw``)."""
+    from camserve.explain.smoothing import normalise  # smoothing -> methods -> methods_pixel -> pixel
+
     if pixel_raw is None:
         return heat, {}
-    peak = tf.reduce_max(pixel_raw, axis=(3, 4), keepdims=True)
-    scaled = tf.where(peak > 0.0, pixel_raw / tf.where(peak > 0.0, peak, 1.0), 0.0)
-    return tf.concat([heat, scaled], axis=2), {"pixel_raw": pixel_raw}
+    return tf.concat([heat, normalise(pixel_raw)], axis=2), {"pixel_raw": pixel_raw}
 
 
 def raw_map(out: dict[str, np.ndarray], i: int, t: Any, m: int) -> np.ndarray:
