@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from camserve import imaging
-from camserve.dense.detections import NMS_MODES, Box, Candidates, Detection, _detection, candidates, suppress
+from camserve.dense.detections import NMS_MODES, Box, Candidates, Detection, candidates, suppress
 from camserve.dense.scores import DenseResult, _resize, dense_scores
 from camserve.errors import InvalidArgument
 
@@ -227,16 +227,12 @@ def tight_boxes(
             origins[row] = (y - m, x - m)
     wanted = [int(c) for c in found.classes] if targets is None else list(targets)
     todo = [n for n, t in enumerate(wanted) if t is not None]
-    explained = dict(
-        zip(
-            todo,
-            explainer.explain(
-                crops[todo], methods=(method,), targets=[[wanted[n]] for n in todo], checkpoint=checkpoint
-            ),
+    explained = {}
+    if todo:
+        results = explainer.explain(
+            crops[todo], methods=(method,), targets=[[wanted[n]] for n in todo], checkpoint=checkpoint
         )
-        if todo
-        else []
-    )
+        explained = dict(zip(todo, results))
     out: list[Box | None] = []
     for n in range(len(found)):
         level = scores[int(found.levels[n])]
@@ -344,7 +340,7 @@ def detect(
         points = np.stack([centres, tight_centres], axis=1)
     keep = suppress(found.classes, found.scores, boxes, settings.iou, settings.nms, points)[: settings.max_detections]
     h, w = image.shape[:2]
-    dets = [_clipped(_detection(found, k, scores, class_names, tight[k]), w, h) for k in keep]
+    dets = [_clipped(found.detection(k, scores, class_names, tight[k]), w, h) for k in keep]
     return DetectionResult(scores, dets, settings)
 
 

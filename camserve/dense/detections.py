@@ -67,6 +67,20 @@ class Candidates:
         i = np.asarray(index, np.int64)
         return Candidates(self.classes[i], self.scores[i], self.boxes[i], self.levels[i], self.cells[i])
 
+    def detection(
+        self,
+        k: int,
+        results: DenseResult | Sequence[DenseScores],
+        class_names: Sequence[str] | None,
+        tight_box: Box | None = None,
+    ) -> Detection:
+        """Candidate ``k`` as a :class:`Detection` (its label from ``class_names``, else its index)."""
+        c = int(self.classes[k])
+        x0, y0, x1, y1 = (float(v) for v in self.boxes[k])
+        label = class_names[c] if class_names is not None else str(c)
+        scale = float(results[int(self.levels[k])].scale)
+        return Detection(c, label, float(self.scores[k]), (x0, y0, x1, y1), scale, tight_box)
+
 
 def _check_mode(mode: str) -> None:
     if mode not in NMS_MODES:
@@ -201,21 +215,7 @@ def detections(
         raise InvalidArgument(f"{len(class_names)} class names for {n_classes} classes")
     found = candidates(results, threshold, classes, background, one_per_window=nms_mode == "agnostic")
     keep = suppress(found.classes, found.scores, found.boxes, iou_threshold, nms_mode)
-    return [_detection(found, k, results, class_names) for k in keep[:max_detections]]
-
-
-def _detection(
-    found: Candidates,
-    k: int,
-    results: DenseResult | Sequence[DenseScores],
-    class_names: Sequence[str] | None,
-    tight_box: Box | None = None,
-) -> Detection:
-    c = int(found.classes[k])
-    x0, y0, x1, y1 = (float(v) for v in found.boxes[k])
-    label = class_names[c] if class_names is not None else str(c)
-    scale = float(results[int(found.levels[k])].scale)
-    return Detection(c, label, float(found.scores[k]), (x0, y0, x1, y1), scale, tight_box)
+    return [found.detection(k, results, class_names) for k in keep[:max_detections]]
 
 
 def score_map(

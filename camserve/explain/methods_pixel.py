@@ -1,9 +1,10 @@
 """Pixel-level methods (they register into :data:`camserve.explain.methods.METHODS` with
 ``pixel=True``): maps at the input's resolution from gradients with respect to the image,
-computed by :mod:`camserve.explain.pixel`. :func:`register_sampled` adds SmoothGrad / Integrated
-Gradients methods with other sample counts, noise or baselines. Gradients become a map by the largest absolute
-value over the colour channels (Simonyan et al. 2014); Integrated Gradients' attributions are
-summed over the channels (its completeness: they add up to the score's change).
+computed by :mod:`camserve.explain.pixel`. :func:`register_sampled` adds SmoothGrad /
+Integrated Gradients methods with other sample counts, noise or baselines. Gradients become a
+map by the largest absolute value over the colour channels (Simonyan et al. 2014); Integrated
+Gradients' attributions are summed over the channels (its completeness: they add up to the
+score's change).
 
 >>> from camserve.explain.methods import METHODS
 >>> [(m, METHODS[m].samples) for m in ("smoothgrad", "integrated_gradients")]
