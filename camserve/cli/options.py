@@ -30,13 +30,15 @@ TARGET_FORMS = (
 def add_model_options(p: argparse.ArgumentParser, model_help: str = MODEL_HELP, group: Any = None) -> None:
     """``--model DIR`` (a Path; required, unless it goes into the required mutually exclusive
     ``group``) and ``--version N``."""
-    (group or p).add_argument("--model", type=Path, required=group is None, help=model_help)
-    p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
+    (group or p).add_argument("--model", type=Path, required=group is None, metavar="DIR", help=model_help)
+    p.add_argument("--version", type=int, default=None, metavar="N", help="model version (default: newest)")
 
 
 def add_method_option(p: argparse.ArgumentParser) -> None:
     """``--method M`` (repeatable; :func:`methods_of` gives gradcam when none is given)."""
-    p.add_argument("--method", dest="methods", action="append", help="method (repeatable); default gradcam")
+    p.add_argument(
+        "--method", dest="methods", action="append", metavar="M", help="method (repeatable); default gradcam"
+    )
 
 
 def add_explain_options(p: argparse.ArgumentParser) -> None:
@@ -44,20 +46,21 @@ def add_explain_options(p: argparse.ArgumentParser) -> None:
     ``--aug-smooth``, ``--eigen-smooth`` and ``--max-channels`` (read back by :func:`explain_choices`)."""
     add_method_option(p)
     choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--top-k", type=int, default=1, help="explain the K best classes (default 1)")
+    choice.add_argument("--top-k", type=int, default=1, metavar="K", help="explain the K best classes (default 1)")
     choice.add_argument(
-        "--target", dest="targets", action="append", help=f"what to explain: {TARGET_FORMS} (repeatable)"
+        "--target", dest="targets", action="append", metavar="T", help=f"what to explain: {TARGET_FORMS} (repeatable)"
     )
     p.add_argument(
         "--layer",
         dest="layers",
         action="append",
+        metavar="L",
         help="layer to explain at (outer/inner for nested models; token layers of transformers too); several "
         "(repeated or comma-separated) are fused; default: the model's config, else automatic",
     )
     p.add_argument("--aug-smooth", action="store_true", help="average 6 augmented views (flips x brightness)")
     p.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations")
-    p.add_argument("--max-channels", type=int, default=None, help="Score-CAM / Ablation-CAM channel cap")
+    p.add_argument("--max-channels", type=int, default=None, metavar="N", help="Score-CAM / Ablation-CAM channel cap")
 
 
 @dataclasses.dataclass(frozen=True)
