@@ -59,10 +59,14 @@ def box_containment(window: Box, obj: Box) -> float:
     return float(w * h / area)
 
 
-def _criterion(match: str) -> tuple[float, str]:
+def _threshold(match: str, threshold: float | None) -> float:
+    """``threshold``, or ``match``'s default (0.5 for IoU, 0.8 for containment)."""
     if match not in MATCHES:
         raise InvalidArgument(f"unknown match {match!r}; allowed: {', '.join(MATCHES)}")
-    return (0.5, "IoU") if match == "iou" else (0.8, "containment")
+    limit = (0.5 if match == "iou" else 0.8) if threshold is None else float(threshold)
+    if not 0.0 < limit <= 1.0:
+        raise InvalidArgument(f"threshold must be in (0, 1], got {threshold}")
+    return limit
 
 
 def match_detections(
@@ -77,10 +81,7 @@ def match_detections(
     >>> match_detections([("a", 0.9, (0, 0, 10, 10)), ("a", 0.8, (0, 0, 10, 10))], [("a", (0, 0, 10, 9))])
     [0, -1]
     """
-    default, _ = _criterion(match)
-    limit = default if threshold is None else float(threshold)
-    if not 0.0 < limit <= 1.0:
-        raise InvalidArgument(f"threshold must be in (0, 1], got {threshold}")
+    limit = _threshold(match, threshold)
     measure = box_iou if match == "iou" else box_containment
     taken = [False] * len(truth)
     out = [-1] * len(found)
@@ -174,8 +175,7 @@ def detection_metrics(
     """
     if len(found) != len(truth):
         raise InvalidArgument(f"{len(found)} images of detections but {len(truth)} of ground truth")
-    default, _ = _criterion(match)
-    limit = default if threshold is None else float(threshold)
+    limit = _threshold(match, threshold)
     matches = [match_detections(f, t, match, limit) for f, t in zip(found, truth)]
     ranked: dict[Hashable, list[tuple[float, bool]]] = {}
     counts: dict[Hashable, int] = {}
