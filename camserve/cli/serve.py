@@ -1,6 +1,7 @@
-"""``camserve serve``: run the gRPC server over a model repository.
+"""``camserve serve``: serve a model repository over gRPC and HTTP (camserve.v1, Open Inference
+Protocol v2, v1 REST, the web viewer).
 
-    camserve serve --models models --port 8500 --metrics-port 8501 --max-batch-size 32 --batch-timeout-ms 5
+    camserve serve --models models --port 8500 --http-port 8080 --metrics-port 8501 --max-batch-size 32
 
 Every flag is also a ``CAMSERVE_*`` environment variable and a key of the ``--config`` TOML
 file; flags win over the environment, which wins over the file. SIGTERM drains then exits 0.
@@ -19,7 +20,12 @@ from camserve.serving import config as server_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "serve", "serve a model repository over gRPC (dynamic batching, health, metrics)", __doc__)
+    p = add_command(
+        sub,
+        "serve",
+        "serve a model repository over gRPC and HTTP (dynamic batching, OIP v2, viewer, health, metrics)",
+        __doc__,
+    )
     server_config.add_arguments(p)
     p.set_defaults(func=run)
 
