@@ -200,13 +200,9 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
 def _tight_box_explainer(args: argparse.Namespace, entry: Any, settings: Any) -> Any:
     """The Explainer whose CAM gives the tight boxes: of the model itself, or of the config's
     ``tight_box_model`` from the same repository folder."""
-    if not settings.tight_boxes:
-        return None
-    from camserve.explain import Explainer
-    from camserve.serving.repository import load_model_dir
+    from camserve.dense.detect import tight_box_explainer
 
-    source = load_model_dir(args.model.parent / settings.tight_box_model) if settings.tight_box_model else entry
-    return Explainer(source.model, layer=settings.tight_box_layer, class_names=source.config.class_names)
+    return tight_box_explainer(args.model, entry, settings)
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

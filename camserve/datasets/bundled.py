@@ -503,9 +503,9 @@ def train_bundled(
         if tight_model and not (Path(out_dir) / tight_model).is_dir():
             print(f"{name}: no detection figures: its tight-box model {tight_model!r} is not in {out_dir}")
         elif recipe.dense:  # measured as `camserve dense` runs: with the config just written
-            from camserve.datasets.detection_figures import detection_metrics
+            from camserve.datasets.detection_figures import recorded_detection_metrics
 
-            metrics.update(detection_metrics(folder))
+            metrics.update(recorded_detection_metrics(folder))
             write_config(folder / "config.toml", recipe, metrics, seed, command)
         results[name] = metrics
     return results

@@ -14,7 +14,13 @@ from typing import Any
 
 from camserve.datasets import shapes
 
-__all__ = ["DETECTION_SEED", "dense_detection_figures", "detection_metrics", "load_detector", "scene_detections"]
+__all__ = [
+    "DETECTION_SEED",
+    "dense_detection_figures",
+    "load_detector",
+    "recorded_detection_metrics",
+    "scene_detections",
+]
 
 #: Scenes for the recorded figures; train-bundled uses 1000 * seed + 0..4 and + 500..504.
 DETECTION_SEED = 130_013
@@ -26,18 +32,12 @@ def load_detector(model_dir: str | Path) -> tuple[Any, Any, Any]:
 
     >>> entry, settings, explainer = load_detector("models/shapes_fc")   # doctest: +SKIP
     """
-    from camserve.dense.detect import DetectionSettings
-    from camserve.explain import Explainer
+    from camserve.dense.detect import DetectionSettings, tight_box_explainer
     from camserve.serving.repository import load_model_dir
 
-    folder = Path(model_dir)
-    entry = load_model_dir(folder)
+    entry = load_model_dir(model_dir)
     settings = DetectionSettings.from_config(entry.config)
-    explainer = None
-    if settings.tight_boxes:
-        source = load_model_dir(folder.parent / settings.tight_box_model) if settings.tight_box_model else entry
-        explainer = Explainer(source.model, layer=settings.tight_box_layer, class_names=source.config.class_names)
-    return entry, settings, explainer
+    return entry, settings, tight_box_explainer(model_dir, entry, settings)
 
 
 def scene_detections(entry: Any, settings: Any, explainer: Any, scenes: Sequence[shapes.Scene]) -> list[list[Any]]:
@@ -72,7 +72,7 @@ def dense_detection_figures(
     return window_and_tight_report(found, truth)
 
 
-def detection_metrics(folder: Path, n_scenes: int = 30) -> dict[str, Any]:
+def recorded_detection_metrics(folder: Path, n_scenes: int = 30) -> dict[str, Any]:
     """Flat ``[metrics]`` keys of :func:`~camserve.datasets.detection_figures.dense_detection_figures`
     on 256 px four-shape scenes of the generator's default sizes and of 15-60 px."""
     out: dict[str, Any] = {}
@@ -91,6 +91,6 @@ def detection_metrics(folder: Path, n_scenes: int = 30) -> dict[str, Any]:
             }
         )
     out["detection_scenes"] = (
-        f"{n_scenes} x 256 px, 4 shapes, seed 130013 (windows by containment >= 0.8, tight boxes by IoU)"
+        f"{n_scenes} x 256 px, 4 shapes, seed {DETECTION_SEED} (windows by containment >= 0.8, tight boxes by IoU)"
     )
     return out

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,6 +191,28 @@ def is_softmax(model: Any) -> bool:
     last = model.layers[-1] if getattr(model, "layers", None) else None
     activation = getattr(last, "activation", None)
     return type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax"
+
+
+def tight_box_explainer(model_dir: str | Path, entry: Any, settings: DetectionSettings) -> Any:
+    """The Explainer whose CAM gives the tight boxes of the model loaded from ``model_dir``
+    (``entry``): its own, or the ``tight_box_model``'s of the same repository folder (layer
+    ``tight_box_layer``, the source model's class names and ``prefix_tokens``); None when
+    tight boxes are off.
+
+    >>> tight_box_explainer("models/shapes_fc", None, DetectionSettings(tight_boxes=False)) is None
+    True
+    """
+    if not settings.tight_boxes:
+        return None
+    from camserve.explain import Explainer
+    from camserve.serving.repository import load_model_dir
+
+    folder = Path(model_dir)
+    source = load_model_dir(folder.parent / settings.tight_box_model) if settings.tight_box_model else entry
+    cfg = source.config
+    return Explainer(
+        source.model, layer=settings.tight_box_layer, class_names=cfg.class_names, prefix_tokens=cfg.prefix_tokens
+    )
 
 
 def tight_boxes(
