@@ -9,7 +9,9 @@ the class for class targets, else the target's weights. Several sites: each site
 normalised to a peak of 1, resized to the input and averaged (raw: the normalised maps
 averaged at the first site's resolution), then rescaled to a peak of 1.
 
->>> select_output(model, "age").output_shape          # doctest: +SKIP
+>>> inp = keras.Input((4,))
+>>> two = keras.Model(inp, [keras.layers.Dense(1, name="age")(inp), keras.layers.Dense(3, name="kind")(inp)])
+>>> select_output(two, "age").output_shape
 (None, 1)
 """
 

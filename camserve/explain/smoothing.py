@@ -29,7 +29,12 @@ VIEWS: tuple[tuple[bool, float], ...] = tuple((flip, scale) for flip in (False, 
 
 
 def augmented(images: tf.Tensor) -> tf.Tensor:
-    """(V·B, H, W, C): every view of the batch, view-major (view v of image i at v·B + i)."""
+    """(V·B, H, W, C): every view of the batch, view-major (view v of image i at v·B + i).
+
+    >>> x = augmented(tf.constant([[[[1.0], [2.0]]]]))  # one 1 × 2 image
+    >>> [[round(float(v), 2) for v in tf.reshape(x[i], [-1])] for i in (0, 1, 3)]
+    [[1.0, 2.0], [1.1, 2.2], [2.0, 1.0]]
+    """
     views = []
     for flip, scale in VIEWS:
         x = tf.reverse(images, axis=[2]) if flip else images
@@ -43,7 +48,12 @@ def tiled(value: tf.Tensor) -> tf.Tensor:
 
 
 def views_mean(maps: tf.Tensor) -> tf.Tensor:
-    """(V·B, ..., h, w) → (B, ..., h, w): flipped views flipped back, views averaged."""
+    """(V·B, ..., h, w) → (B, ..., h, w): flipped views flipped back, views averaged.
+
+    >>> maps = augmented(tf.constant([[[[1.0], [2.0]]]]))[..., 0]  # each view as its own map
+    >>> [round(float(v), 4) for v in tf.reshape(views_mean(maps), [-1])]  # brightness 1, 1.1, 0.9 average to 1
+    [1.0, 2.0]
+    """
     v = len(VIEWS)
     per_view = tf.reshape(maps, tf.concat([[v, -1], tf.shape(maps)[1:]], axis=0))
     unflipped = [tf.reverse(per_view[i], axis=[-1]) if flip else per_view[i] for i, (flip, _) in enumerate(VIEWS)]
@@ -56,7 +66,11 @@ def deaugment(raw: tf.Tensor, heat: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def normalise(maps: tf.Tensor) -> tf.Tensor:
-    """Maps (..., H, W) divided by their peak (all-zero maps stay zero)."""
+    """Maps (..., H, W) divided by their peak (all-zero maps stay zero).
+
+    >>> normalise(tf.constant([[[1.0, 4.0]], [[0.0, 0.0]]])).numpy().tolist()
+    [[[0.25, 1.0]], [[0.0, 0.0]]]
+    """
     peak = tf.reduce_max(maps, axis=(-2, -1), keepdims=True)
     return tf.where(peak > 0.0, maps / tf.where(peak > 0.0, peak, 1.0), 0.0)
 
