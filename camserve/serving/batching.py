@@ -11,7 +11,9 @@ as a worker is free and the device idle. With several workers, a free worker wai
 company while another batch computes: it starts when ``max_batch_size`` units wait, when the
 oldest request has waited ``batch_timeout`` seconds, or when the device goes idle. So a lone
 request never waits for ``batch_timeout``, and under load batches are as large as the load
-allows.
+allows. Given the ``batch_sizes`` compute runs without padding (the Explainer's buckets), a
+batch that padding would grow by more than it leaves behind is cut to the size below: of 17
+waiting, 16 go now and one with the next batch, rather than 17 padded to 32.
 
 The queue is bounded: :meth:`Batcher.submit` raises :class:`QueueFull` at once when
 ``max_queued`` requests are waiting. A request whose deadline has passed is dropped before
@@ -142,7 +144,8 @@ class Batcher(Generic[K, T]):
     ``max_batch_size``: units of work per batch (a request of ``size`` n counts n; a single
     request larger than the limit runs alone). ``batch_timeout``: seconds a free worker waits
     for company while another batch computes. ``max_queued``: waiting requests before
-    :class:`QueueFull`. ``workers``: batches computed concurrently (threads).
+    :class:`QueueFull`. ``workers``: batches computed concurrently (threads). ``batch_sizes``:
+    the sizes compute runs without padding (see :meth:`batch_units`; None: any size).
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class Batcher(Generic[K, T]):
         workers: int = 1,
         metrics: BatcherMetrics[K] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queued < 1 or workers < 1 or batch_timeout < 0:
             raise ValueError(
@@ -166,6 +170,7 @@ class Batcher(Generic[K, T]):
         self.batch_timeout = batch_timeout
         self.max_queued = max_queued
         self.workers = workers
+        self.batch_sizes = tuple(sorted(set(batch_sizes))) if batch_sizes else ()
         self.metrics: BatcherMetrics[K] = metrics or BatcherMetrics()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="camserve-batch")
@@ -326,14 +331,31 @@ class Batcher(Generic[K, T]):
         if self._idle is not None and not self.busy:
             self._idle.set()
 
+    def batch_units(self, waiting: int) -> int:
+        """The units the next batch takes when ``waiting`` units wait: at most
+        ``max_batch_size``; cut to the largest of ``batch_sizes`` below when padding up to the
+        next one would add more than the cut leaves for the next batch.
+
+        >>> b = Batcher(lambda key, items: items, batch_sizes=(1, 2, 4, 8, 16, 32))
+        >>> [b.batch_units(n) for n in (3, 16, 17, 20, 24, 40)]
+        [3, 16, 16, 16, 24, 32]
+        """
+        n = min(waiting, self.max_batch_size)
+        below = [s for s in self.batch_sizes if s < n]
+        above = [s for s in self.batch_sizes if s > n]
+        if n in self.batch_sizes or not below or not above:
+            return n
+        return below[-1] if n - below[-1] < above[0] - n else n
+
     def _take(self, key: K, now: float) -> list[_Entry[K, T]]:
         q = self._pending[key]
         batch: list[_Entry[K, T]] = []
         units = taken = 0
         entries = q.entries
+        limit = self.batch_units(q.units) if self.batch_sizes else self.max_batch_size
         while entries:
             e = entries[0]
-            if batch and units + e.size > self.max_batch_size:
+            if batch and units + e.size > limit:
                 break
             entries.popleft()
             taken += 1

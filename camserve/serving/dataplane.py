@@ -101,6 +101,8 @@ class DataPlane:
         self._pool = pool
         self._draining = False
         self._stop_at: float | None = None
+        from camserve.explain.graphs import bucket_sizes  # the sizes the Explainer pads a batch to
+
         self.batcher: Batcher[BatchKey, Job] = Batcher(
             self.compute,
             max_batch_size=config.max_batch_size,
@@ -108,6 +110,7 @@ class DataPlane:
             max_queued=config.max_queued,
             workers=config.workers,
             metrics=metrics,
+            batch_sizes=bucket_sizes(config.max_batch_size),
         )
 
     async def start(self) -> None:

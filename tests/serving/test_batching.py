@@ -88,6 +88,45 @@ def test_batch_closes_at_max_size_without_waiting_for_timeout() -> None:
     assert [len(items) for _, items in rec.batches] == [1, 4, 4]
 
 
+@pytest.mark.parametrize(
+    ("waiting", "sizes", "expected"),
+    [
+        (17, (1, 2, 4, 8, 16, 32), [16, 1]),  # 17 padded to 32 wastes 15; the cut leaves 1
+        (20, (1, 2, 4, 8, 16, 32), [16, 4]),
+        (24, (1, 2, 4, 8, 16, 32), [24]),  # padding adds 8, the cut would leave 8: no cut
+        (13, (1, 2, 4, 8, 16, 32), [13]),
+        (16, (1, 2, 4, 8, 16, 32), [16]),
+        (17, None, [17]),  # no sizes given: as many as wait, up to max_batch_size
+    ],
+)
+def test_batch_sizes_cut_a_batch_that_padding_would_grow_more_than_it_leaves(
+    waiting: int, sizes: tuple[int, ...] | None, expected: list[int]
+) -> None:
+    """Requests wait while a batch computes; when it ends, the next batch takes them all unless
+    padding up to the next allowed size would add more images than cutting down to the size
+    below leaves for the batch after (the oldest go first)."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main():
+        b = Batcher(rec, max_batch_size=32, batch_timeout=30.0, batch_sizes=sizes)
+        busy = asyncio.create_task(b.submit("k", "busy"))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit("k", i)) for i in range(waiting)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        out = await asyncio.wait_for(asyncio.gather(busy, *rest), 10)
+        await b.close()
+        return out
+
+    out = run(main())
+    assert out == [("k", "busy")] + [("k", i) for i in range(waiting)]
+    assert [items for _, items in rec.batches[1:]] == [
+        list(range(sum(expected[:j]), sum(expected[: j + 1]))) for j in range(len(expected))
+    ]
+
+
 def test_sizes_count_units_and_oversize_request_runs_alone() -> None:
     rec = Recorder()
 
