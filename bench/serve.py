@@ -429,11 +429,11 @@ def run_load(
         ready = json.loads(proc.stdout.readline() or "{}")  # type: ignore[union-attr]
         if not ready.get("ready"):
             raise RuntimeError(f"load generator failed to start ({method} {target})")
-        cpu0, fine0 = process_cpu_seconds(pid), threads_cpu_seconds(pid)
+        cpu0, fine0, main0 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         proc.stdin.write("go\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        cpu1, fine1 = process_cpu_seconds(pid), threads_cpu_seconds(pid)
+        cpu1, fine1, main1 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         res = json.loads(line)
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
@@ -443,11 +443,21 @@ def run_load(
     n = max(res["count"], 1)
     res["cpu_ticks_ms_per_request"] = (cpu1 - cpu0) / n * 1000
     res["cpu_ms_per_request"] = (fine1 - fine0) / n * 1000
+    res["main_cpu_ms_per_request"] = (main1 - main0) / n * 1000
     if abs((fine1 - fine0) - (cpu1 - cpu0)) > 0.03 + 0.05 * (cpu1 - cpu0):
         print(f"  (threads' CPU {fine1 - fine0:.3f} s, process ticks {cpu1 - cpu0:.2f} s: using the ticks)", flush=True)
         res["cpu_ms_per_request"] = res["cpu_ticks_ms_per_request"]
     res["warmup_errors"] = ready.get("warmup_errors", {})
     return res
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process's main thread (for a server: its event loop, gRPC's Python
+    side included), from its schedstat; 0 when unreadable."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 # ------------------------------------------------------------------ servers
@@ -729,9 +739,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-only", action="store_true", help="only the --profile run (no results file)")
     p.add_argument("--rest", action="store_true", help="only REST vs gRPC on the batching server (label 'rest')")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.md")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="BASE",
+        help="only server CPU per request at --clients, batching servers from BASE (before) and from "
+        "--code or this checkout (after) beside the bare one, alternated --rounds times (label 'compare')",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="with --compare: alternations per model and op (median)")
     args = p.parse_args(argv)
     if args.rest and args.label == "latest":
         args.label = "rest"
+    if args.compare and args.label == "latest":
+        args.label = "compare"
     if args.quick:
         args.count, args.latency_count, args.repeats = 200, 50, 3
     models = [m for m in args.models.split(",") if m] + (["resnet50"] if args.resnet else [])
@@ -756,6 +776,13 @@ def main(argv: list[str] | None = None) -> int:
                 work.append((name, op, f))
         calls = [(OPS[op], f.read_bytes()) for _, op, f in work]
 
+        if args.compare:
+            base = args.compare.resolve()
+            rows = measure_compare(args, work, calls, root, responses, work_dir, base, code)
+            body = compare_report(args, argv, notes, rows, base, code, started)
+            write_section(args.out, args.label, body)
+            print(f"## {args.label}{body}")
+            return 0
         if args.rest:
             rows = measure_rest(args, models, ops, calls, root, work_dir, env, code)
             body = rest_report(args, argv, notes, rows, code)
@@ -852,6 +879,109 @@ def measure_rest(args, models, ops, calls, root, work_dir, env, code) -> list[di
     finally:
         server.stop()
     return rows
+
+
+def measure_compare(args, work, calls, root, responses, work_dir, base: Path, code: Path) -> list[dict]:
+    """Server CPU per request at ``args.clients`` clients: the bare server, a batching server
+    from ``base`` and one from ``code``, all three up at once and loaded in turn, ``args.rounds``
+    times per (model, op) (the median of each); the model's in-process cost from ``code``."""
+    print("in-process model cost ...", flush=True)
+    models = sorted({n for n, _, _ in work}, key=[n for n, _, _ in work].index)
+    ops = sorted({o for _, o, _ in work}, key=[o for _, o, _ in work].index)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_inproc", "--root", str(root), "--models"]
+    cmd += [",".join(models), "--ops", ",".join(ops), "--batch", str(args.max_batch_size)]
+    cmd += ["--repeats", str(args.repeats)]
+    done = subprocess.run(cmd, cwd=work_dir, env=code_env(code), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError("in-process measurement failed:\n" + done.stderr[-3000:])
+    inproc = json.loads(done.stdout.strip().splitlines()[-1])["models"]
+    extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms)]
+    extra += ["--max-batch-size", str(args.max_batch_size)]
+    servers: dict[str, BenchServer] = {}
+    try:
+        # The bare server answers with camserve's real answers: save them from one camserve call each.
+        for label, where in (("before", base), ("after", code)):
+            servers[label] = BenchServer("camserve", work_dir, code_env(where), extra)
+            checked_import(servers[label], where)
+            servers[label].wait_answering(calls)
+        for name, op, request in work:
+            save = responses / f"{OPS[op]}__{name}.bin"
+            run_load(servers["after"].pid, servers["after"].target, OPS[op], request, 1, 1, 0, save)
+        servers["bare"] = BenchServer("bare", work_dir, code_env(code), ["--responses", str(responses)])
+        servers["bare"].wait_answering(calls)
+        rows = []
+        for name, op, request in work:
+            cpu: dict[str, list[float]] = {k: [] for k in servers}
+            main: dict[str, list[float]] = {k: [] for k in servers}
+            for _ in range(args.rounds):
+                for label, server in servers.items():
+                    warm = args.warmup or 2 * args.clients
+                    r = run_load(server.pid, server.target, OPS[op], request, args.clients, args.count, warm)
+                    if r["errors"]:
+                        raise RuntimeError(f"{label} {name} {op}: errors {r['errors']} ({r['first_error']})")
+                    cpu[label].append(r["cpu_ms_per_request"])
+                    main[label].append(r["main_cpu_ms_per_request"])
+            row = {k: statistics.median(v) for k, v in cpu.items()}
+            row.update(model=name, op=op, model_ms=inproc[name][op]["cpu_ms_per_image"], runs=cpu)
+            row["main"] = {k: statistics.median(v) for k, v in main.items()}
+            rows.append(row)
+            print(f"  {name} {op}: " + ", ".join(f"{k} {v}" for k, v in cpu.items()), flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return rows
+
+
+def compare_report(args, argv, notes, rows: list[dict], base: Path, code: Path, started: str) -> str:
+    ms = lambda v: f"{v:.3f} ms"
+    table_rows = []
+    for r in rows:
+        floor = r["bare"]
+        beyond = {k: r[k] - r["model_ms"] for k in ("before", "after")}
+        table_rows.append(
+            [
+                r["model"],
+                r["op"],
+                f"{ms(r['before'])} / {ms(r['after'])}",
+                ms(r["model_ms"]),
+                f"{ms(beyond['before'])} / **{ms(beyond['after'])}**",
+                ms(floor),
+                f"{beyond['before'] / floor:.1f}× / **{beyond['after'] / floor:.1f}×**",
+                f"{ms(r['main']['before'])} / {ms(r['main']['after'])} ({ms(r['main']['bare'])})",
+                " ".join(f"{v:.3f}" for v in r["runs"]["before"])
+                + " / "
+                + " ".join(f"{v:.3f}" for v in r["runs"]["after"]),
+            ]
+        )
+    lines = [
+        f" — before {git_describe(base)} (`{base}`) vs after {git_describe(code)} (`{code}`), run {started}",
+        f"Command: `{shlex.join(['python', 'bench/serve.py', *argv])}`.",
+        f"Machine: {machine()}; shared 2-core CPU, no GPU, other jobs running. "
+        + (args.note + " " if args.note else "")
+        + f"Three servers up at once (bare, before, after: batching, max_batch_size={args.max_batch_size}, "
+        f"batch_timeout_ms={args.batch_timeout_ms:g}), loaded in turn by a separate load-generator process "
+        f"({args.clients} requests in flight, {args.count} counted after a warm-up), {args.rounds} rounds per "
+        "model and op; figures are the medians. Main thread: the server process's main thread alone "
+        "(the asyncio loop with gRPC's Python side and camserve's handlers; the batch worker, TensorFlow's "
+        "threads and gRPC's C++ threads are the rest). Server CPU per request, model CPU (in-process, batch "
+        f"{args.max_batch_size}, from the after code) and the bare floor as in the sections above. "
+        "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
+        table(
+            [
+                "model",
+                "op",
+                "server CPU / request, before / after",
+                "model CPU / image",
+                "beyond model, before / after",
+                "bare grpc.aio floor",
+                "beyond / floor, before / after (target ≤ 1.5×)",
+                "main thread (event loop) CPU / request, before / after (bare)",
+                "every round, before / after (ms)",
+            ],
+            table_rows,
+        ),
+    ]
+    return lines[0] + "\n\n" + "\n\n".join(lines[1:])
 
 
 def rest_report(args, argv, notes, rows: list[dict], code: Path) -> str:
