@@ -106,15 +106,22 @@ def test_gradcam_on_tokens_matches_hand_computation(vit, images, layer):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * want.max())
 
 
-def test_every_method_runs_on_tokens_and_gives_a_map_per_image(vit, images):
-    _, model = vit
-    ex = Explainer(model, layer="block1_norm1", chunk_size=4)
+def test_every_method_on_tokens_equals_the_method_on_the_grid_they_reshape(images):
+    """The patch tokens (the Reshape of the patch embedding's 4 × 4 × 8 output) laid on their
+    grid are that 4-D output: every method (gradients, masked inputs, ablations, head re-runs,
+    pixel maps) gives the same map on either layer (a class token comes after them)."""
+    model = tiny_vit(True, blocks=1)
+    reshape = next(layer.name for layer in model.layers if isinstance(layer, keras.layers.Reshape))
     names = [m for m in METHODS if m != "cam"]  # cam needs a GlobalAveragePooling2D → Dense head
-    out = ex.explain(images[:2], methods=names, targets=[1, 1])
-    for per_image in out:
-        assert [e.method for e in per_image] == names
-        for e in per_image:
-            assert np.isfinite(e.heatmap).all() and e.heatmap.shape == (16, 16)
+    on_tokens = Explainer(model, layer=reshape, chunk_size=4)
+    assert (on_tokens.sites[0].prefix, on_tokens.sites[0].grid) == (0, (4, 4))
+    got = on_tokens.explain(images[:1], methods=names, targets=[[0, 1, 2]])
+    want = Explainer(model, layer="patches", chunk_size=4).explain(images[:1], methods=names, targets=[[0, 1, 2]])
+    for name in names:
+        g = np.stack([e.raw for image in got for e in image if e.method == name])
+        w = np.stack([e.raw for image in want for e in image if e.method == name])
+        assert len(w) == 3 and w.max() > 0, name  # 3 classes; some maps are all zero after ReLU
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * w.max(), err_msg=name)
 
 
 def test_ablationcam_on_tokens_matches_zeroed_tokens(vit, images):
