@@ -134,6 +134,18 @@ def test_guided_backprop_and_guided_gradcam(setup):
     assert_close(got["guided_gradcam"], ref_gb * per_target(gradcam), 1e-4, "guided_gradcam")
 
 
+def noisy_copies(x: np.ndarray, level: float):
+    """SmoothGrad's copy s of the images, written out: + level × (max − min of each image) ×
+    the stateless normal draw of seed (SEED, s)."""
+    spread = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
+
+    def noisy(images, s):
+        noise = tf.random.stateless_normal(images.shape[1:], seed=tf.constant([pixel.SEED, s], tf.int32)).numpy()
+        return images + level * spread * noise[None]
+
+    return noisy
+
+
 def sampled_reference(model, x, copies, finish, count=16) -> np.ndarray:
     logits = logits_of(model)
 
@@ -148,13 +160,7 @@ def sampled_reference(model, x, copies, finish, count=16) -> np.ndarray:
 
 def test_smoothgrad(setup):
     model, x = setup
-    spread = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
-
-    def noisy(images, s):
-        noise = tf.random.stateless_normal(images.shape[1:], seed=tf.constant([pixel.SEED, s], tf.int32)).numpy()
-        return images + 0.15 * spread * noise[None]
-
-    ref = sampled_reference(model, x, noisy, saliency)
+    ref = sampled_reference(model, x, noisy_copies(x, 0.15), saliency)
     assert_close(ours(model, x, ("smoothgrad",), chunk_size=5)["smoothgrad"], ref, 1e-4, "smoothgrad")
 
 
@@ -239,18 +245,12 @@ def test_registered_sampled_methods_use_their_own_counts_noise_and_baseline(setu
     from camserve.serving import budget
 
     model, x = setup
-    spread = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
-
-    def noisy(images, s):
-        noise = tf.random.stateless_normal(images.shape[1:], seed=tf.constant([pixel.SEED, s], tf.int32)).numpy()
-        return images + 0.3 * spread * noise[None]
-
     register_sampled("smoothgrad_5", "smoothgrad", samples=5, noise=0.3)
     register_sampled("ig_8_half", "integrated_gradients", samples=8, baseline=0.5)
     try:
         assert budget.samples("smoothgrad_5") == 5 and budget.samples("ig_8_half") == 8
         got = ours(model, x, ("smoothgrad_5", "ig_8_half"), chunk_size=6)
-        ref = sampled_reference(model, x, noisy, saliency, count=5)
+        ref = sampled_reference(model, x, noisy_copies(x, 0.3), saliency, count=5)
         assert_close(got["smoothgrad_5"], ref, 1e-4, "smoothgrad, 5 copies")
         ref = sampled_reference(
             model,
