@@ -485,8 +485,9 @@ import camserve
 print("camserve from " + camserve.__file__, file=sys.stderr, flush=True)
 sys.argv = ["camserve"] + sys.argv[1:]
 if os.environ.get("BENCH_PROFILE"):
-    import cProfile
-    _prof = cProfile.Profile()
+    import cProfile, time
+    # BENCH_PROFILE_CLOCK=cpu: the thread's CPU time (GIL waits and sleeps not counted), else wall time.
+    _prof = cProfile.Profile(time.thread_time) if os.environ.get("BENCH_PROFILE_CLOCK") == "cpu" else cProfile.Profile()
     signal.signal(signal.SIGUSR1, lambda *_: _prof.enable())
 
     def _dump(*_):
@@ -737,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bare", action="store_true", help="skip the bare grpc.aio server")
     p.add_argument("--profile", type=Path, help="also profile the batching server (cProfile) into this .md")
     p.add_argument("--profile-only", action="store_true", help="only the --profile run (no results file)")
+    p.add_argument(
+        "--profile-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cProfile's clock: wall time, or the main thread's CPU time (GIL waits not counted)",
+    )
     p.add_argument("--rest", action="store_true", help="only REST vs gRPC on the batching server (label 'rest')")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.md")
     p.add_argument(
@@ -1044,6 +1051,7 @@ def profile_server(args, argv, work, calls, root, work_dir, env, code, started):
     print("profiled batching server ...", flush=True)
     prof = work_dir / "server.prof"
     extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms)]
+    env = dict(env, BENCH_PROFILE_CLOCK=args.profile_clock)
     server = BenchServer("camserve", work_dir, env, [*extra, "--max-batch-size", str(args.max_batch_size)], prof)
     try:
         checked_import(server, code)
@@ -1066,7 +1074,7 @@ def profile_server(args, argv, work, calls, root, work_dir, env, code, started):
         args.profile,
         f"Profile of the `camserve serve` process under load ({args.label}: code {git_describe(code)})\n\n"
         f"cProfile of the server's main thread (the asyncio event loop; executor threads are not "
-        f"seen; the profiler adds its own overhead, and every resumption of a coroutine counts as a call) while it answered {args.count} single-image requests at {args.clients} clients for each "
+        f"seen; clock: {'the thread CPU time, GIL waits not counted' if args.profile_clock == 'cpu' else 'wall time, GIL waits counted'}; the profiler adds its own overhead, and every resumption of a coroutine counts as a call) while it answered {args.count} single-image requests at {args.clients} clients for each "
         f"of {', '.join(f'{n} {o}' for n, o, _ in work)} (after start-up and a warm-up, which are not in the profile); "
         f"max_batch_size={args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g}. "
         f"Run {started}; machine: {machine()} (cores shared with the load generator and other jobs). "
