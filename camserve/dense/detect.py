@@ -193,6 +193,11 @@ def is_softmax(model: Any) -> bool:
     return type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax"
 
 
+#: Candidate windows explained per call for their tight boxes: what the crops and their maps
+#: hold in memory at once, however many candidates an image has.
+TIGHT_BOX_CHUNK = 256
+
+
 def tight_box_explainer(model_dir: str | Path, entry: Any, settings: DetectionSettings) -> Any:
     """The Explainer whose CAM gives the tight boxes of the model loaded from ``model_dir``
     (``entry``): its own, or the ``tight_box_model``'s of the same repository folder (layer
@@ -237,37 +242,37 @@ def tight_boxes(
     if not len(found):
         return []
     h0, w0 = image.shape[:2]
-    crops = np.zeros((len(found), *scores.window, image.shape[2]), np.float32)
-    origins = np.zeros((len(found), 2))
+    padded = {}  # each level's resized image with its margin, and room for the last window
     for k in (int(v) for v in np.unique(found.levels)):
-        level = scores[k]
-        m = level.margin
-        resized = _resize(image, level.scale)
-        padded = np.pad(resized, ((m, m + level.window[0]), (m, m + level.window[1]), (0, 0)))
-        for row in np.flatnonzero(found.levels == k):
-            y, x = int(found.cells[row, 0]) * level.strides[0], int(found.cells[row, 1]) * level.strides[1]
-            crops[row] = padded[y : y + level.window[0], x : x + level.window[1]]
-            origins[row] = (y - m, x - m)
+        level, m = scores[k], scores[k].margin
+        padded[k] = np.pad(_resize(image, level.scale), ((m, m + level.window[0]), (m, m + level.window[1]), (0, 0)))
+
+    def window_at(n: int) -> tuple[np.ndarray, int, int]:
+        """Candidate ``n``'s crop and its top-left corner (y, x) in its level's resized image."""
+        level = scores[int(found.levels[n])]
+        y, x = int(found.cells[n, 0]) * level.strides[0], int(found.cells[n, 1]) * level.strides[1]
+        crop = padded[int(found.levels[n])][y : y + level.window[0], x : x + level.window[1]]
+        return crop, y - level.margin, x - level.margin
+
     wanted = [int(c) for c in found.classes] if targets is None else list(targets)
     todo = [n for n, t in enumerate(wanted) if t is not None]
-    explained = {}
-    if todo:
-        results = explainer.explain(
-            crops[todo], methods=(method,), targets=[[wanted[n]] for n in todo], checkpoint=checkpoint
+    out: list[Box | None] = [None] * len(found)
+    for c0 in range(0, len(todo), TIGHT_BOX_CHUNK):  # memory: one chunk of crops and maps
+        rows = todo[c0 : c0 + TIGHT_BOX_CHUNK]
+        windows = [window_at(n) for n in rows]
+        crops = np.stack([crop for crop, _, _ in windows]).astype(np.float32)
+        explained = explainer.explain(
+            crops, methods=(method,), targets=[[wanted[n]] for n in rows], checkpoint=checkpoint
         )
-        explained = dict(zip(todo, results))
-    out: list[Box | None] = []
-    for n in range(len(found)):
-        level = scores[int(found.levels[n])]
-        box = imaging.heatmap_box(explained[n][0].heatmap, threshold) if n in explained else None
-        if box is None:
-            out.append(None)
-            continue
-        fy, fx = h0 / level.image_size[0], w0 / level.image_size[1]
-        oy, ox = origins[n]
-        x0, y0 = max((ox + box[0]) * fx, 0.0), max((oy + box[1]) * fy, 0.0)
-        x1, y1 = min((ox + box[2]) * fx, float(w0)), min((oy + box[3]) * fy, float(h0))
-        out.append((float(x0), float(y0), float(x1), float(y1)) if x1 > x0 and y1 > y0 else None)
+        for n, (_, oy, ox), per_crop in zip(rows, windows, explained):
+            box = imaging.heatmap_box(per_crop[0].heatmap, threshold)
+            if box is None:
+                continue
+            level = scores[int(found.levels[n])]
+            fy, fx = h0 / level.image_size[0], w0 / level.image_size[1]
+            x0, y0 = max((ox + box[0]) * fx, 0.0), max((oy + box[1]) * fy, 0.0)
+            x1, y1 = min((ox + box[2]) * fx, float(w0)), min((oy + box[3]) * fy, float(h0))
+            out[n] = (float(x0), float(y0), float(x1), float(y1)) if x1 > x0 and y1 > y0 else None
     return out
 
 

@@ -121,3 +121,54 @@ def test_nms_points_suppress_boxes_looking_at_a_kept_object() -> None:
     # several points per box: any one inside suppresses
     two = np.array([[[10, 10], [10, 10]], [[30, 30], [19, 2]], [[55, 55], [55, 55]]])
     assert nms(boxes, scores, 0.3, two) == [0, 2]
+
+
+def test_tight_boxes_are_each_windows_cam_box_in_image_pixels(monkeypatch) -> None:
+    """Per candidate (two scales, a margin): the window cut by hand from the resized,
+    zero-padded image, explained alone, its CAM box (the CAM paper's 20 % rule) moved to the
+    window's place and scaled back to the image; computed in chunks of 3 candidates."""
+    import importlib
+
+    import cv2
+    import keras
+
+    from camserve import imaging
+    from camserve.dense.detections import candidates
+    from camserve.explain import Explainer
+
+    detect_module = importlib.import_module("camserve.dense.detect")  # the package exports detect()
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x))
+    image = np.random.default_rng(7).random((40, 36, 3), dtype=np.float32)
+    result = dense_scores(model, image, stride=8, scales=(1.0, 0.6), mode="crops", margin=4)
+    found = candidates(result, threshold=0.0)
+    found = found.take(np.linspace(0, len(found) - 1, 8).astype(int))  # both scales, several classes
+    assert set(found.levels.tolist()) == {0, 1}
+    explainer = Explainer(model, layer="conv")
+    monkeypatch.setattr(detect_module, "TIGHT_BOX_CHUNK", 3)
+    got = detect_module.tight_boxes(explainer, image, result, found)
+    want = []
+    for n in range(len(found)):
+        level = result[int(found.levels[n])]
+        rh, rw = level.image_size
+        resized = image if level.scale == 1.0 else cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA)
+        padded = np.pad(resized, ((4, 4 + 16), (4, 4 + 16), (0, 0)))
+        y, x0 = int(found.cells[n, 0]) * level.strides[0], int(found.cells[n, 1]) * level.strides[1]
+        heat = explainer.explain(padded[None, y : y + 16, x0 : x0 + 16], targets=[int(found.classes[n])])[0][0].heatmap
+        box = imaging.heatmap_box(heat, 0.2)
+        if box is None:
+            want.append(None)
+            continue
+        fy, fx = 40 / rh, 36 / rw
+        edges = ((x0 - 4 + box[0]) * fx, (y - 4 + box[1]) * fy, (x0 - 4 + box[2]) * fx, (y - 4 + box[3]) * fy)
+        clipped = (max(edges[0], 0.0), max(edges[1], 0.0), min(edges[2], 36.0), min(edges[3], 40.0))
+        want.append(clipped if clipped[2] > clipped[0] and clipped[3] > clipped[1] else None)
+    assert sum(b is not None for b in want) >= 4
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            np.testing.assert_allclose(g, w, atol=1e-4)
