@@ -198,6 +198,29 @@ def is_softmax(model: Any) -> bool:
 TIGHT_BOX_CHUNK = 256
 
 
+def resolved_nms(settings: DetectionSettings, model: Any) -> str:
+    """The NMS mode that runs: ``"auto"`` is ``"agnostic"`` for a softmax head, else ``"per_class"``.
+
+    >>> resolved_nms(DetectionSettings(nms="per_class"), None)
+    'per_class'
+    """
+    if settings.nms != "auto":
+        return settings.nms
+    return "agnostic" if is_softmax(model) else "per_class"
+
+
+def candidates_per_window(settings: DetectionSettings, model: Any, classes: int) -> int:
+    """The most candidates one window gives (each is explained for its tight box): one with
+    class-agnostic NMS, else one per class but the background.
+
+    >>> candidates_per_window(DetectionSettings(nms="per_class", background_class="bg"), None, 5)
+    4
+    """
+    if resolved_nms(settings, model) == "agnostic":
+        return 1
+    return max(1, classes - (settings.background_class is not None))
+
+
 def tight_box_explainer(model_dir: str | Path, entry: Any, settings: DetectionSettings) -> Any:
     """The Explainer whose CAM gives the tight boxes of the model loaded from ``model_dir``
     (``entry``): its own, or the ``tight_box_model``'s of the same repository folder (layer
@@ -305,8 +328,7 @@ def detect(
     [('star', (40.0, 12.0, 66.0, 37.0))]
     """
     settings = settings or DetectionSettings()
-    if settings.nms == "auto":
-        settings = dataclasses.replace(settings, nms="agnostic" if is_softmax(model) else "per_class")
+    settings = dataclasses.replace(settings, nms=resolved_nms(settings, model))
     scores = dense_scores(
         model,
         image,

@@ -148,11 +148,22 @@ def windows(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, i
 
 
 def dense_units(
-    size: tuple[int, int], *, window: tuple[int, int], stride: tuple[int, int], scales: Sequence[float]
+    size: tuple[int, int],
+    *,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    scales: Sequence[float],
+    explained_per_window: int = 0,
 ) -> int:
     """Windows scored over every scale: at ``stride`` (the shifted passes of shift-and-stitch
-    included)."""
-    return sum(windows(scaled_size(size, s), window, stride) for s in scales)
+    included); with detection's tight boxes, each window also counts the candidates it can give
+    (``explained_per_window``: one with class-agnostic NMS, else one per class), each explained
+    on its crop.
+
+    >>> dense_units((64, 64), window=(32, 32), stride=(32, 32), scales=(1.0,), explained_per_window=1)
+    8
+    """
+    return (1 + explained_per_window) * sum(windows(scaled_size(size, s), window, stride) for s in scales)
 
 
 @dataclasses.dataclass(frozen=True)

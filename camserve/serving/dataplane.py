@@ -336,9 +336,9 @@ class DataPlane:
         rt = self.runtime(model, version)
         if image is None:
             raise InvalidArgument("image is required: one image at least the model's input size")
-        settings, tight_rt, margin = None, None, 0
+        settings, tight_rt, margin, explained = None, None, 0, 0
         if detection is not None:
-            from camserve.dense.detect import DetectionSettings
+            from camserve.dense.detect import DetectionSettings, candidates_per_window
 
             settings = DetectionSettings.from_config(rt.entry.config).with_overrides(**detection)
             scales = tuple(float(x) for x in scales) or settings.scales
@@ -347,6 +347,7 @@ class DataPlane:
             margin = settings.margin
             if settings.tight_boxes:
                 tight_rt = self.runtime(settings.tight_box_model, 0) if settings.tight_box_model else rt
+                explained = candidates_per_window(settings, rt.entry.model, len(rt.entry.config.class_names))
         if stride < 0:
             raise InvalidArgument(f"stride must be >= 0 (0: the network's total stride), got {stride}")
         scales = tuple(float(x) for x in scales) or (1.0,)
@@ -362,7 +363,7 @@ class DataPlane:
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
         pad = int(np.ceil(2 * margin / min(scales))) if margin else 0  # the margin's windows, counted
         detections = settings.max_detections if settings is not None else 0
-        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales, detections)
+        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales, detections, explained)
         with self.budget.reserve(cost):
             x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
             key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
@@ -376,17 +377,30 @@ class DataPlane:
         )
 
     def _dense_cost(
-        self, rt: ModelRuntime, size: tuple[int, int], stride: int, scales: tuple[float, ...], detections: int = 0
+        self,
+        rt: ModelRuntime,
+        size: tuple[int, int],
+        stride: int,
+        scales: tuple[float, ...],
+        detections: int = 0,
+        explained_per_window: int = 0,
     ) -> tuple[Cost, int]:
-        """The windows a DenseScores request scores (checked against the budget) and its
-        answer's estimated size with at most ``detections`` objects (checked); 0 and 0 when
-        the model's geometry is unknown (the engine then decides)."""
+        """The windows a DenseScores request scores and the tight-box explanations of up to
+        ``explained_per_window`` candidates each (checked against the budget) and its answer's
+        estimated size with at most ``detections`` objects (checked); 0 and 0 when the model's
+        geometry is unknown (the engine then decides)."""
         geo = rt.dense
         total = geo.stride if geo is not None else None
         step = (stride, stride) if stride else total
         if geo is None or step is None:
             return Cost(0, "geometry unknown", ""), 0
-        units = budget.dense_units(size, window=geo.window, stride=step, scales=scales)
+        units = budget.dense_units(
+            size, window=geo.window, stride=step, scales=scales, explained_per_window=explained_per_window
+        )
+        windows = units // (1 + explained_per_window)
+        tight = ""
+        if explained_per_window:
+            tight = f", each with up to {_plural(explained_per_window, 'candidate')} explained for its tight box"
         shifts = ""
         if total is not None and all(t % s == 0 for t, s in zip(total, step)):
             n_shifts = (total[0] // step[0]) * (total[1] // step[1])
@@ -395,10 +409,11 @@ class DataPlane:
         cost = Cost(
             units,
             lambda: (
-                f"{units} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
-                f"{_plural(len(scales), 'scale')}{shifts}"
+                f"{windows} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
+                f"{_plural(len(scales), 'scale')}{shifts}{tight}"
             ),
-            "use a coarser stride, fewer or smaller scales, or a smaller image",
+            "use a coarser stride, fewer or smaller scales, or a smaller image"
+            + (" (or turn tight boxes off)" if explained_per_window else ""),
         )
         self.budget.check(cost)
         answer_bytes = budget.dense_response_bytes(

@@ -143,7 +143,22 @@ def test_dense_request_over_the_budget_alone_is_invalid_argument_naming_it(budge
     assert "4 shifted passes at the total stride 2" in details
     assert "max_work_units=200" in details and "coarser stride" in details
     assert counted.jobs == 0
-    assert _code(stub.DenseScores, _dense(40, stride=2), timeout=30)[0] == "OK"  # 45 windows fit
+    assert _code(stub.DenseScores, _dense(40, stride=2), timeout=30)[0] == "OK"  # 5 x 5 = 25 windows fit
+
+
+def test_dense_detection_counts_the_candidates_explained_for_tight_boxes(budgeted) -> None:
+    """With tight boxes each window may give one candidate per class (per-class NMS; fc has 4
+    classes, no background), each explained on its crop: windows x (1 + 4) units; without tight
+    boxes, or with class-agnostic NMS (one candidate a window), fewer."""
+    rs, stub = budgeted
+    answer = stub.DenseScores(_dense(48, stride=2, detect=True, nms="per_class", tight_boxes=False), timeout=30)
+    windows = sum(s.scores.shape[0] * s.scores.shape[1] for s in answer.scales)
+    assert 200 < windows * 5 and windows * 2 <= 200  # refused per class, admitted agnostic
+    code, details = _code(stub.DenseScores, _dense(48, stride=2, detect=True, nms="per_class"), timeout=30)
+    assert code == "INVALID_ARGUMENT", details
+    assert details.startswith(f"this request needs {windows * 5} work units ({windows} windows of 32x32"), details
+    assert "each with up to 4 candidates explained for its tight box" in details and "tight boxes off" in details
+    assert _code(stub.DenseScores, _dense(48, stride=2, detect=True, nms="agnostic"), timeout=30)[0] == "OK"
 
 
 def test_score_cam_counts_the_layers_channels(budgeted) -> None:
