@@ -6,9 +6,11 @@ The data plane checks both before anything is queued (issue 9, "bounded by const
   one classifier pass over one image or window each: Predict counts its images; Explain
   counts images × targets × methods, where Score-CAM and Ablation-CAM count the layer's
   (selected) channels instead, once per image (they run one masked pass per channel, shared
-  by the targets), and SmoothGrad / Integrated Gradients add their copies per target; DenseScores counts the windows it scores: per scale, the windows of one
-  pass at the network's total stride × the shifted passes (total stride / stride)², which is
-  the number of windows at the requested stride. The :class:`WorkBudget` admits a request
+  by the targets), and SmoothGrad / Integrated Gradients add their copies per target;
+  DenseScores counts the windows it scores: per scale, the windows of one pass at the
+  network's total stride × the shifted passes (total stride / stride)², which is the number
+  of windows at the requested stride; with detection's tight boxes, × (1 + the candidates a
+  window can give, each explained on its crop). The :class:`WorkBudget` admits a request
   when its units fit ``max_work_units`` together with those of the requests in progress:
   a request that can never fit is INVALID_ARGUMENT (naming the budget, its cost and what
   to change), one that could fit later is RESOURCE_EXHAUSTED.
