@@ -11,10 +11,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer
+from helpers_serving import RunningServer, local_config
 
 from camserve.client import Client
-from camserve.serving.config import ServerConfig
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 pytestmark = pytest.mark.skipif(
@@ -32,18 +31,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(repo: Path):
-    config = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            http_port=0,
-            log_format="text",
-            max_message_mb=8.0,
-        ),
-    )
+    config = local_config(repo, max_message_mb=8.0)
     with RunningServer(config) as rs, Client(rs.target, timeout=120) as c:
         yield c
 

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers_serving import RunningServer, make_repository, metric_value
+from helpers_serving import RunningServer, local_config, make_repository, metric_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import load
 from test_server_ops import Gate, _wait
 
 from camserve.proto import pb_grpc
-from camserve.serving.config import ServerConfig
 
 CLIENTS = 16
 
@@ -48,20 +47,12 @@ def workload(repo: Path) -> load.Workload:
 
 @pytest.fixture(scope="module")
 def served(repo: Path):
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            http_port=0,
-            max_batch_size=8,
-            batch_timeout_ms=5,
-            warmup_methods=["gradcam", "gradcam++", "layercam"],
-            log_format="text",
-            log_level="WARNING",
-        ),
+    cfg = local_config(
+        repo,
+        max_batch_size=8,
+        batch_timeout_ms=5,
+        warmup_methods=["gradcam", "gradcam++", "layercam"],
+        log_level="WARNING",
     )
     with RunningServer(cfg) as rs:
         yield rs

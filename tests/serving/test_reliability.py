@@ -22,7 +22,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import CLASSES, RunningServer, make_repository, metric_value
+from helpers_serving import CLASSES, RunningServer, local_config, make_repository, metric_value
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +33,6 @@ import load
 from camserve import wire
 from camserve.imaging import encode_png
 from camserve.proto import pb, pb_grpc
-from camserve.serving.config import ServerConfig
 
 TOKEN = "reliability-token"
 MAX_IMAGES = 4
@@ -66,24 +65,16 @@ def workload(repo: Path) -> load.Workload:
 
 @pytest.fixture(scope="module")
 def served(repo: Path):
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo),
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            http_port=0,
-            max_batch_size=4,
-            batch_timeout_ms=2,
-            max_images=MAX_IMAGES,
-            max_pixels=MAX_PIXELS,
-            max_message_mb=MAX_MESSAGE_MB,
-            max_work_units=MAX_WORK_UNITS,
-            token=TOKEN,
-            log_format="text",
-            log_level="ERROR",
-        ),
+    cfg = local_config(
+        repo,
+        max_batch_size=4,
+        batch_timeout_ms=2,
+        max_images=MAX_IMAGES,
+        max_pixels=MAX_PIXELS,
+        max_message_mb=MAX_MESSAGE_MB,
+        max_work_units=MAX_WORK_UNITS,
+        token=TOKEN,
+        log_level="ERROR",
     )
     with RunningServer(cfg) as rs:
         yield rs

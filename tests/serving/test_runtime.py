@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers_serving import RunningServer, save_model, tiny_gap
+from helpers_serving import RunningServer, local_config, save_model, tiny_gap
 
 from camserve import errors
 from camserve.client import Client
@@ -80,12 +80,7 @@ def test_failed_warm_up_makes_only_that_version_unavailable(repo_root: Path, mon
         real(self)
 
     monkeypatch.setattr(ModelRuntime, "warm_up", warm_up)
-    cfg = ServerConfig.load(
-        env={},
-        overrides=dict(
-            models=str(repo_root), host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, log_format="text"
-        ),
-    )
+    cfg = local_config(repo_root, metrics_port=-1, http_port=-1)
     with RunningServer(cfg) as rs, Client(rs.target, retries=0, timeout=30) as c:
         info = c.model("gap")
         assert info["available"] and info["available_versions"] == ["2"]
