@@ -7,7 +7,8 @@ Each image is explained for its predicted class. Columns: localization accuracy 
 box, IoU ≥ 0.5 with a ground-truth box of that class) and the pointing game (needs
 ``--boxes``, a JSON ``{"file.png": {"labels": [...], "boxes": [[x0, y0, x1, y1], ...]}}`` in
 image pixels, as ``samples/ground_truth.json``); deletion / insertion AUC; ROAD (combined,
-higher is better); average drop / increase in confidence; the model-randomization sanity check
+higher is better; left out, with a warning, where SciPy is not installed: ``pip install
+'camserve[eval]'``); average drop / increase in confidence; the model-randomization sanity check
 (mean Spearman correlation with the maps of the model with its top layer re-initialised: lower
 passes). Writes ``curves.png`` (the mean deletion and insertion curves of every method, drawn
 with OpenCV: no plotting dependency) and ``evaluation.json`` to ``--out``.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,11 @@ def _scaled(boxes: list, image_shape: tuple[int, ...], size: tuple[int, int]) ->
     return np.array([[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in boxes], np.float64).reshape(-1, 4)
 
 
+def road_available() -> bool:
+    """Whether ROAD can run: its imputation needs SciPy's sparse solver (the ``eval`` extra)."""
+    return importlib.util.find_spec("scipy") is not None
+
+
 def evaluate_method(ex: Any, model: Any, method: str, batch: np.ndarray, truth, args, bar) -> dict[str, Any]:
     """Every measure of ``method`` on ``batch`` (preprocessed images), with curves for the plot."""
     from camserve import Explainer
@@ -118,13 +126,15 @@ def evaluate_method(ex: Any, model: Any, method: str, batch: np.ndarray, truth, 
         for mode in ("deletion", "insertion"):
             x, y = perturbation_curve(functools.partial(scores, c=c), image, heat, mode, steps=args.steps)
             out[mode].append(y)
-        road_scores.append(road(functools.partial(scores, c=c), image, heat).combined)
+        if args.road:
+            road_scores.append(road(functools.partial(scores, c=c), image, heat).combined)
         bar.update(1)
     out["fractions"] = x
     for mode in ("deletion", "insertion"):
         out[mode] = mean = np.mean(out[mode], axis=0)
         out[f"{mode}_auc"] = float(np.sum((mean[1:] + mean[:-1]) * np.diff(x)) / 2.0)  # trapezoid, as the AUCs
-    out["road"] = float(np.mean(road_scores))
+    if args.road:
+        out["road"] = float(np.mean(road_scores))
     conf = confidence_change(lambda b: scores(b, classes), batch, list(heatmaps), [e.score for e in explained])
     out["average_drop"], out["increase_in_confidence"] = conf.average_drop, conf.increase_in_confidence
     if truth is not None:
@@ -197,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{args.model}: config.toml lists no class_names; evaluate needs them")
     methods = methods_of(args)
     ex.check_methods(methods)
+    args.road = road_available()
+    if not args.road:
+        logging.getLogger("camserve.cli.evaluate").warning(
+            "ROAD left out: it needs SciPy for its sparse solve (pip install 'camserve[eval]')"
+        )
     rgbs = [imaging.read_image(p) for p in args.images]
     batch = np.stack([imaging.model_input(rgb, cfg) for rgb in rgbs])
     truth = None  # per image: ({class name: boxes in image pixels}, image shape)

@@ -92,6 +92,24 @@ def test_evaluate_without_boxes_leaves_localization_out(scenes, tmp_path, capsys
     assert capsys.readouterr().out.splitlines()[2].split()[1:3] == ["-", "-"]
 
 
+def test_evaluate_without_scipy_leaves_road_out_and_says_so(scenes, tmp_path, capsys, monkeypatch, caplog):
+    """A core install has no SciPy: the table comes without ROAD ('-') and a warning says how
+    to add it, instead of the whole command failing."""
+    from camserve.cli import evaluate
+
+    paths, _, model_dir = scenes
+    out = tmp_path / "out"
+    monkeypatch.setattr(evaluate, "road_available", lambda: False)
+    argv = ["evaluate", str(paths[0]), "--model", str(model_dir), "--steps", "4", "--no-sanity", "--out", str(out)]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    result = json.loads((out / "evaluation.json").read_text())["results"][0]
+    assert "road" not in result and "deletion_auc" in result
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert row.split()[header.split().index("ROAD↑")] == "-"
+    assert "camserve[eval]" in caplog.text
+
+
 def test_evaluate_errors_are_clear(scenes, tmp_path, capsys):
     paths, truth_file, model_dir = scenes
     other = tmp_path / "other.png"
