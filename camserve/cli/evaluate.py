@@ -101,9 +101,9 @@ def road_available() -> bool:
     return importlib.util.find_spec("scipy") is not None
 
 
-def evaluate_method(ex: Any, model: Any, method: str, batch: np.ndarray, truth, args, bar) -> dict[str, Any]:
-    """Every measure of ``method`` on ``batch`` (preprocessed images), with curves for the plot."""
-    from camserve import Explainer
+def evaluate_method(folder: Any, method: str, batch: np.ndarray, truth, args, bar) -> dict[str, Any]:
+    """Every measure of ``method`` on ``batch`` (preprocessed images), with curves for the plot;
+    ``folder``: the model folder's :class:`~camserve.explain.folder.FolderExplainer`."""
     from camserve.evaluation import (
         confidence_change,
         localization_hits,
@@ -113,6 +113,7 @@ def evaluate_method(ex: Any, model: Any, method: str, batch: np.ndarray, truth, 
         sanity_check,
     )
 
+    ex, model = folder.explainer, folder.entry.model
     explained = [r[0] for r in ex.explain(batch, methods=(method,))]
     classes = np.array([e.class_index for e in explained])
     heatmaps = np.stack([e.heatmap for e in explained])
@@ -145,7 +146,7 @@ def evaluate_method(ex: Any, model: Any, method: str, batch: np.ndarray, truth, 
     if args.sanity:
 
         def explain_fn(m: Any, images: np.ndarray) -> np.ndarray:
-            e = ex if m is model else Explainer(m, layer=ex.layer_name, class_names=ex.class_names)
+            e = ex if m is model else folder.explainer_for(m)
             return np.stack([r[0].heatmap for r in e.explain(images, methods=(method,), targets=classes.tolist())])
 
         out["sanity"] = sanity_check(model, explain_fn, batch).mean
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     with tqdm(total=len(methods) * len(batch), unit="img", desc="evaluate") as bar:
         for method in methods:
-            results.append(evaluate_method(ex, folder.entry.model, method, batch, truth, args, bar))
+            results.append(evaluate_method(folder, method, batch, truth, args, bar))
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curves.png").write_bytes(imaging.encode_png(plot_curves(results)))

@@ -51,6 +51,18 @@ class FolderExplainer:
         )
         return cls(entry, explainer)
 
+    def explainer_for(self, model: Any) -> Explainer:
+        """An Explainer of ``model`` (e.g. a randomised copy of the folder's) at the same layer,
+        with the same class names and prefix tokens."""
+        ex = self.explainer
+        layers = list(ex.layer_names)
+        return Explainer(
+            model,
+            layer=layers if len(layers) > 1 else layers[0],
+            class_names=ex.class_names,
+            prefix_tokens=self.entry.config.prefix_tokens,
+        )
+
     def explain_rgbs(
         self,
         rgbs: Sequence[np.ndarray],

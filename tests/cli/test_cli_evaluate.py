@@ -119,3 +119,15 @@ def test_evaluate_errors_are_clear(scenes, tmp_path, capsys):
     assert "has no entry for ['other.png']" in capsys.readouterr().err
     assert main(["evaluate", str(paths[0]), "--method", "nosuch", *base]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_randomised_model_is_explained_at_the_same_layers_with_the_same_prefix_tokens(tmp_path):
+    """The sanity check explains the randomised copy like the folder's model: same (fused) layers,
+    class names and prefix tokens (a config.toml setting)."""
+    from camserve.explain.folder import FolderExplainer
+
+    folder = FolderExplainer.load("models/shapes_gap", layer=["conv3b", "last_conv"])
+    copy = folder.explainer_for(folder.entry.model)
+    assert copy.layer_names == folder.explainer.layer_names == ("conv3b", "last_conv")
+    assert copy.class_names == folder.explainer.class_names
+    assert [s.prefix for s in copy.sites] == [s.prefix for s in folder.explainer.sites]
