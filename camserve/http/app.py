@@ -13,7 +13,8 @@ gRPC and HTTP). Middlewares (:mod:`camserve.http.middleware`), outermost first:
    ``http_status`` (400/401/404/413/429/503/504) with the JSON body
    ``{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}`` (or the route's own shape,
    see :func:`error_body`); anything else is a bug: 500 naming a request id, logged with the
-   traceback. aiohttp's own 404/405 get the same JSON shape.
+   traceback. aiohttp's own 404/405/413 take the same path (JSON body naming the paths that
+   exist or the methods allowed, ``X-Request-Id``, logged).
 4. **limits and auth** – ``Content-Length`` over ``max_message_mb`` is 413 before the body is
    read (a chunked body is cut off at the same size while reading, also 413); then, when the
    server has a token, exactly one ``Authorization: Bearer <token>`` header (scheme in any case,

@@ -84,6 +84,59 @@ def request_id(request: web.Request) -> str:
     return rid
 
 
+def _error_answer(
+    request: web.Request, shape: Callable[[str, str], Any], code: str, status: int, text: str, error: Exception
+) -> web.Response:
+    """The JSON error answer (``shape(code, message)``) with ``X-Request-Id``, logged as the
+    gRPC StatusInterceptor logs a failed call; for camserve errors and aiohttp's own refusals."""
+    message = clip_message(text)
+    response = web.json_response(shape(code, message), status=status)
+    rid = response.headers["X-Request-Id"] = request_id(request)
+    log.info(
+        "request failed",
+        extra={
+            "method": f"{request.method} {route_of(request)}",
+            "code": code,
+            "status": status,
+            "error": message,
+            "peer": request.remote,
+            "request_id": rid,
+        },
+    )
+    if isinstance(error, Unauthenticated):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="camserve"'
+    if isinstance(error, web.HTTPException) and "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    if isinstance(error, PayloadTooLarge) or status == 413:
+        response.force_close()  # the body was not read: do not read it to reuse the connection
+    return response
+
+
+def _own_message(request: web.Request, e: web.HTTPException, limit: int) -> str:
+    """What one of aiohttp's own refusals (no route, wrong method, body too long) says: what
+    exists or what is allowed."""
+    if e.status == 413:
+        return too_large_message(None, limit)
+    if e.status == 404 and route_of(request) == "unmatched":
+        prefixes = sorted({"/" + _first_segment(r.canonical) for r in request.app.router.resources()})
+        return (
+            f"no route {request.method} {clip_message(request.path, 200)}; paths start with {prefixes} "
+            "(see the README's HTTP API section)"
+        )
+    if e.status == 405:
+        return f"{request.method} is not allowed here; allowed: {e.headers.get('Allow', '')}"
+    return e.text or e.reason
+
+
+def _first_segment(path: str) -> str:
+    """The first segment of a route pattern, up to its first variable or verb.
+
+    >>> _first_segment("/v1/models/{name}"), _first_segment("/"), _first_segment("/camserve.v1.CamService/{method}")
+    ('v1', '', 'camserve.v1.CamService')
+    """
+    return path.lstrip("/").split("/")[0].split("{")[0].split(":")[0]
+
+
 def middlewares(ctx: HttpContext) -> list[Middleware]:
     """The middlewares for ``ctx``, outermost first."""
     metrics = HttpMetrics.of(ctx.registry) if ctx.registry is not None else None
@@ -125,42 +178,11 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
         try:
             return await handler(request)
         except CamserveError as e:
-            message = clip_message(str(e.args[0]) if e.args else str(e))
-            response = web.json_response(shape(e.code, message), status=e.http_status)
-            rid = response.headers["X-Request-Id"] = request_id(request)
-            log.info(  # as the gRPC StatusInterceptor logs a failed call
-                "request failed",
-                extra={
-                    "method": f"{request.method} {route_of(request)}",
-                    "code": e.code,
-                    "status": e.http_status,
-                    "error": message,
-                    "peer": request.remote,
-                    "request_id": rid,
-                },
-            )
-            if isinstance(e, Unauthenticated):
-                response.headers["WWW-Authenticate"] = 'Bearer realm="camserve"'
-            if isinstance(e, PayloadTooLarge):
-                response.force_close()  # the body was not read: do not read it to reuse the connection
-            return response
+            return _error_answer(request, shape, e.code, e.http_status, str(e.args[0]) if e.args else str(e), e)
         except web.HTTPException as e:
             if e.status not in _OWN_CODES or e.content_type == "application/json":
                 raise
-            if e.status == 413:
-                response = web.json_response(shape("RESOURCE_EXHAUSTED", too_large_message(None, limit)), status=413)
-                response.force_close()
-                return response
-            text = e.text or e.reason
-            if e.status == 404 and route_of(request) == "unmatched":
-                text = f"no route {request.method} {clip_message(request.path, 200)}; see the README's HTTP API section"
-            if e.status == 405:
-                text = f"{request.method} is not allowed here; allowed: {e.headers.get('Allow', '')}"
-            response = web.json_response(shape(_OWN_CODES[e.status], text), status=e.status)
-            for key in ("Allow",):
-                if key in e.headers:
-                    response.headers[key] = e.headers[key]
-            return response
+            return _error_answer(request, shape, _OWN_CODES[e.status], e.status, _own_message(request, e, limit), e)
         except Exception as e:  # a bug: 500 naming the request id, logged
             rid = request_id(request)
             log.error(

@@ -116,6 +116,35 @@ def test_route_error_shapes_public_pages_csp_and_request_ids() -> None:
     _run(check)
 
 
+def test_unknown_routes_and_wrong_methods_take_the_error_path_with_request_ids() -> None:
+    async def check(client: TestClient, registry: CollectorRegistry) -> None:
+        # No token needed to learn that a route does not exist (as gRPC's UNIMPLEMENTED).
+        r = await client.get("/nowhere/x", headers={"X-Request-Id": "nf-1"})
+        assert r.status == 404 and r.headers["X-Request-Id"] == "nf-1" and r.content_type == "application/json"
+        # The paths this app registered in _app(): /raise/{kind}, /oip, /, /bug, /echo.
+        expected = ["/", "/bug", "/echo", "/oip", "/raise"]
+        assert await r.json() == {
+            "error": {
+                "code": "NOT_FOUND",
+                "message": f"no route GET /nowhere/x; paths start with {expected} (see the README's HTTP API section)",
+            }
+        }
+        r = await client.get("/echo", headers=AUTH)  # /echo takes POST only
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+        assert re.fullmatch(r"[0-9a-f]{12}", r.headers["X-Request-Id"])  # none sent: a new one
+        assert await r.json() == {
+            "error": {"code": "UNIMPLEMENTED", "message": "GET is not allowed here; allowed: POST"}
+        }
+        r = await client.post("/echo", data=b"1" * (int(0.01 * 2**20) + 1), headers={**AUTH, "X-Request-Id": "big"})
+        assert r.status == 413 and r.headers["X-Request-Id"] == "big"
+        sample = registry.get_sample_value(
+            "camserve_http_requests_total", {"method": "GET", "route": "unmatched", "status": "404"}
+        )
+        assert sample == 1.0
+
+    _run(check)
+
+
 def test_body_limit_json_errors_and_the_timeout_header() -> None:
     async def check(client: TestClient, _: Any) -> None:
         limit = int(0.01 * 2**20)
