@@ -25,7 +25,8 @@ x1, y1; -1 where a map is all zero), for T targets and M methods. Request parame
 ``prob:CLASS``, ``regression:INDEX[:-1]`` and ``multilabel[:THRESHOLD]`` as in
 :func:`camserve.targets.from_text`; default: the ``top_k`` best classes), ``top_k``,
 ``layer`` (several separated by commas are fused), ``aug_smooth`` and ``eigen_smooth``
-(booleans). No outputs requested means
+(booleans). Triton's ``timeout`` (microseconds, an integer >= 0; 0: none) sets the request's
+deadline, the sooner of it and the transport's (:func:`request_deadline`). No outputs requested means
 ``scores``, plus every explanation output when an explanation parameter is given.
 
 >>> parse_version(""), parse_version("2")
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +70,7 @@ __all__ = [
     "model_metadata",
     "model_ready",
     "parse_version",
+    "request_deadline",
     "server_metadata",
     "server_ready",
 ]
@@ -88,8 +91,11 @@ EXPLAIN_OUTPUTS = frozenset(OUTPUTS[1:])
 EXPLAIN_PARAMETERS = ("method", "target", "top_k", "layer", "aug_smooth", "eigen_smooth")
 #: Request parameters of Triton's clients that camserve accepts and ignores.
 IGNORED_PARAMETERS = frozenset(
-    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "headers", "binary_data_output"}
 )
+#: Triton's request timeout parameter, in microseconds (0: none).
+TIMEOUT_PARAMETER = "timeout"
+KNOWN_PARAMETERS = frozenset({*EXPLAIN_PARAMETERS, TIMEOUT_PARAMETER, *IGNORED_PARAMETERS})
 #: Requested-output parameters: the classification extension's (``classification`` on the
 #: wire, as Triton's clients send it; ``class_count`` accepted too) and REST's binary data flag.
 OUTPUT_PARAMETERS = ("classification", "class_count", "binary_data")
@@ -219,6 +225,37 @@ def _targets(value: Any) -> list[Any]:
     return out
 
 
+def request_deadline(parameters: dict[str, Any], deadline: float | None, now: float | None = None) -> float | None:
+    """The request's deadline (a ``time.monotonic()`` instant): the sooner of the transport's
+    ``deadline`` and Triton's ``timeout`` parameter (microseconds from ``now``; 0 or absent:
+    none).
+
+    >>> request_deadline({"timeout": 2_000_000}, None, now=10.0), request_deadline({"timeout": 0}, 11.0, now=10.0)
+    (12.0, 11.0)
+    >>> request_deadline({"timeout": 500_000}, 11.0, now=10.0)
+    10.5
+    """
+    if TIMEOUT_PARAMETER not in parameters:
+        return deadline
+    value = parameters[TIMEOUT_PARAMETER]
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, bool) or not (isinstance(value, int) or (text and text.isascii() and text.isdigit())):
+        raise InvalidArgument(
+            f"parameter {TIMEOUT_PARAMETER!r} must be an integer number of microseconds >= 0 (0: no timeout), "
+            f"got {value!r:.80}"
+        )
+    micros = int(value)
+    if micros < 0:
+        raise InvalidArgument(
+            f"parameter {TIMEOUT_PARAMETER!r} must be an integer number of microseconds >= 0 (0: no timeout), "
+            f"got {micros}"
+        )
+    if micros == 0:
+        return deadline
+    own = (time.monotonic() if now is None else now) + micros / 1e6
+    return own if deadline is None else min(own, deadline)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Explanation:
     methods: tuple[str, ...] = ("gradcam",)
@@ -231,10 +268,11 @@ class _Explanation:
 
 def _explanation(parameters: dict[str, Any]) -> _Explanation | None:
     """The explanation the request parameters ask for (None: none asked)."""
-    unknown = sorted(k for k in parameters if k not in EXPLAIN_PARAMETERS and k not in IGNORED_PARAMETERS)
+    unknown = sorted(k for k in parameters if k not in KNOWN_PARAMETERS)
     if unknown:
         raise InvalidArgument(
-            f"unknown request parameters {unknown}; camserve takes {list(EXPLAIN_PARAMETERS)} (and ignores Triton's "
+            f"unknown request parameters {unknown}; camserve takes {[*EXPLAIN_PARAMETERS, TIMEOUT_PARAMETER]} (and "
+            f"ignores Triton's "
             f"{sorted(IGNORED_PARAMETERS)})"
         )
     if not any(k in parameters for k in EXPLAIN_PARAMETERS):
@@ -324,6 +362,7 @@ def _explanation_tensors(result: ExplainResult, methods: tuple[str, ...]) -> dic
 
 async def infer(plane: DataPlane, request: InferRequest, deadline: float | None = None) -> InferResult:
     """Answer one inference request (scores and/or explanations) through ``plane``."""
+    deadline = request_deadline(request.parameters, deadline)
     version = parse_version(request.version)
     rt = plane.runtime(request.model, version)  # NOT_FOUND / UNAVAILABLE before anything else
     class_names = rt.entry.config.class_names

@@ -215,6 +215,19 @@ def test_bad_bodies_and_unknown_model(base: str, pixels) -> None:
     assert _json(f"{base}/v2/models/gap/infer", {"inputs": [_tensor(pixels)]})[0] == 200  # still serving
 
 
+def test_triton_timeout_parameter(base: str, pixels) -> None:
+    """``timeout`` (microseconds): 1 µs is over before the batcher sees the request (504 with
+    the protocol's error body); a long one answers; bad values are 400 naming the parameter."""
+    body = {"inputs": [_tensor(pixels)]}
+    status, doc = _json(f"{base}/v2/models/gap/infer", {**body, "parameters": {"timeout": 1}})
+    assert status == 504 and set(doc) == {"error"} and "deadline" in doc["error"]
+    status, doc = _json(f"{base}/v2/models/gap/infer", {**body, "parameters": {"timeout": 60_000_000}})
+    assert status == 200 and [o["name"] for o in doc["outputs"]] == ["scores"]
+    for bad in (-1, 1.5, "soon", True):
+        status, doc = _json(f"{base}/v2/models/gap/infer", {**body, "parameters": {"timeout": bad}})
+        assert status == 400 and "parameter 'timeout'" in doc["error"] and "microseconds >= 0" in doc["error"], bad
+
+
 def test_unsupported_triton_routes_answer_501(base: str) -> None:
     for path, body in [("/v2/models/gap/config", None), ("/v2/models/stats", None), ("/v2/repository/index", b"{}")]:
         status, _, data = _call(f"{base}{path}", body)

@@ -287,6 +287,39 @@ def test_bad_requests_get_their_codes(stub, request_args: dict, code: str, words
     assert words in e.value.details()
 
 
+def test_triton_timeout_parameter_sets_the_deadline(served, stub, pixels, monkeypatch) -> None:
+    """``timeout`` (microseconds) reaches the data plane as the deadline, the sooner of it and
+    the call's own; a tiny one is DEADLINE_EXCEEDED; bad values name the parameter."""
+    import time
+
+    plane = served.server.dataplane
+    seen: list[float | None] = []
+    predict = plane.predict
+
+    async def recording(*args, deadline=None, **kw):
+        seen.append(deadline)
+        return await predict(*args, deadline=deadline, **kw)
+
+    monkeypatch.setattr(plane, "predict", recording)
+    t0 = time.monotonic()
+    stub.ModelInfer(_request(pixels, timeout=50_000_000))  # 50 s, no call deadline
+    t1 = time.monotonic()
+    assert t0 + 50 <= seen[-1] <= t1 + 50
+    t0 = time.monotonic()
+    stub.ModelInfer(_request(pixels, timeout=50_000_000), timeout=20)  # the call's 20 s are sooner
+    assert t0 + 19 < seen[-1] < t0 + 30  # about 20 s (gRPC rounds timeouts up a little), not 50
+    stub.ModelInfer(_request(pixels, timeout=0))  # 0: no timeout
+    assert seen[-1] is None
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(_request(pixels, timeout=1))  # 1 µs: over before the batcher sees it
+    assert _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in e.value.details()
+    for bad in (-5, "soon"):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(_request(pixels, timeout=bad))
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "parameter 'timeout'" in e.value.details()
+        assert "microseconds >= 0" in e.value.details()
+
+
 def test_malformed_message_and_unsupported_calls(channel, stub, pixels) -> None:
     infer = channel.unary_unary(f"/{SERVICE_NAME}/ModelInfer")
     with pytest.raises(grpc.RpcError) as e:
