@@ -8,14 +8,18 @@ gRPC and HTTP). Middlewares (:mod:`camserve.http.middleware`), outermost first:
    ``camserve_http_request_latency_seconds{route}`` in the server's registry (``route`` is the
    route's pattern, e.g. ``/v1/models/{name}``: bounded label values); in-flight count.
 2. **headers** – ``X-Content-Type-Options: nosniff`` everywhere, and the strict
-   :data:`CONTENT_SECURITY_POLICY` on every ``text/html`` answer; no CORS headers at all.
-3. **errors** – a :class:`~camserve.errors.CamserveError` raised by a handler becomes its
+   :data:`CONTENT_SECURITY_POLICY` on every ``text/html`` answer.
+3. **cors** (only when ``http_cors_origins`` is set) – for a request whose ``Origin`` is listed
+   (or ``*``), ``Access-Control-Allow-Origin: <that origin>`` and ``Vary: Origin`` on the answer,
+   errors included; its ``OPTIONS`` preflight answered 204 without the token. Other origins,
+   and every origin by default, get no CORS headers.
+4. **errors** – a :class:`~camserve.errors.CamserveError` raised by a handler becomes its
    ``http_status`` (400/401/404/413/429/503/504) with the JSON body
    ``{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}`` (or the route's own shape,
    see :func:`error_body`); anything else is a bug: 500 naming a request id, logged with the
    traceback. aiohttp's own 404/405/413 take the same path (JSON body naming the paths that
    exist or the methods allowed, ``X-Request-Id``, logged).
-4. **limits and auth** – ``Content-Length`` over ``max_message_mb`` is 413 before the body is
+5. **limits and auth** – ``Content-Length`` over ``max_message_mb`` is 413 before the body is
    read (a chunked body is cut off at the same size while reading, also 413); then, when the
    server has a token, exactly one ``Authorization: Bearer <token>`` header (scheme in any case,
    :func:`~camserve.serving.auth.check_bearer`) or 401 — except for handlers marked

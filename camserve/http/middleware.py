@@ -1,5 +1,6 @@
-"""The middlewares of the HTTP application: metrics, security headers, error answers, body
-limits and bearer-token auth (in that order, outermost first; see :mod:`camserve.http.app`).
+"""The middlewares of the HTTP application: metrics, security headers, CORS (only with
+``http_cors_origins``), error answers, body limits and bearer-token auth (in that order,
+outermost first; see :mod:`camserve.http.app`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from aiohttp.typedefs import Middleware
 from camserve.errors import CamserveError, Unauthenticated
 from camserve.http.app import (
     CONTENT_SECURITY_POLICY,
+    TIMEOUT_HEADER,
     HttpContext,
     PayloadTooLarge,
     default_error_body,
     too_large_message,
 )
+from camserve.http.oip import HEADER_LENGTH
 from camserve.serving.auth import check_bearer
 from camserve.serving.observability import LATENCY_BUCKETS
 from camserve.serving.status import clip_message, new_request_id, request_id_from
@@ -31,6 +34,27 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: aiohttp's own refusals (no route, wrong method, body too long) and their status code names.
 _OWN_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 400: "INVALID_ARGUMENT"}
+
+
+#: A CORS preflight's answer for an allowed origin (no token needed: browsers send none).
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST",
+    "Access-Control-Allow-Headers": f"Authorization, Content-Type, {TIMEOUT_HEADER}, {HEADER_LENGTH}, X-Request-Id",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """The CORS headers of any answer to a page of the allowed ``origin``.
+
+    >>> cors_headers("https://a.example")["Access-Control-Allow-Origin"]
+    'https://a.example'
+    """
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Vary": "Origin",
+        "Access-Control-Expose-Headers": f"X-Request-Id, {HEADER_LENGTH}",
+    }
 
 
 class HttpMetrics:
@@ -142,6 +166,7 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
     metrics = HttpMetrics.of(ctx.registry) if ctx.registry is not None else None
     limit = ctx.config.max_message_bytes
     token = ctx.token
+    allowed = frozenset(ctx.config.http_cors_origins)
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -170,6 +195,21 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
             response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
             response.headers.setdefault("X-Frame-Options", "DENY")
             response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or not (origin in allowed or "*" in allowed):
+            return await handler(request)  # no CORS headers: the browser keeps the answer from the page
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return web.Response(status=204, headers={**cors_headers(origin), **PREFLIGHT_HEADERS})
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            e.headers.update(cors_headers(origin))
+            raise
+        response.headers.update(cors_headers(origin))
         return response
 
     @web.middleware
@@ -205,4 +245,4 @@ def middlewares(ctx: HttpContext) -> list[Middleware]:
                     raise Unauthenticated(problem.replace("send metadata", "send the header"))
         return await handler(request)
 
-    return [count, headers, errors, guard]
+    return [count, headers, cors, errors, guard] if allowed else [count, headers, errors, guard]

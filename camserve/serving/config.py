@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ from camserve.accelerator import check_device, check_precision
 from camserve.errors import InvalidArgument
 
 ENV_PREFIX = "CAMSERVE_"
+#: An origin as browsers send it in ``Origin``: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -44,6 +47,11 @@ class ServerConfig:
         8080,
         "HTTP API port: v1 REST, camserve.v1 RPCs as JSON, Open Inference Protocol v2, viewer (-1: off; 0: pick a "
         "free one; KServe's 8080, TF Serving's REST 8501 is camserve's metrics port)",
+    )
+    http_cors_origins: list[str] = _field(
+        [],
+        "origins (scheme://host[:port], exact) whose browser pages may call the HTTP API (CORS; empty: no CORS "
+        "headers ever; '*': any origin, not for a server with a token)",
     )
     max_batch_size: int = _field(32, "images per merged batch (Triton max_batch_size)")
     batch_timeout_ms: float = _field(
@@ -142,6 +150,12 @@ class ServerConfig:
                 "ports must be in 0..65535 (metrics_port and http_port -1: off); got "
                 f"port={self.port}, metrics_port={self.metrics_port}, http_port={self.http_port}"
             )
+        for origin in self.http_cors_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise InvalidArgument(
+                    f"http_cors_origins: {origin[:80]!r} is not an origin; give scheme://host[:port] exactly as "
+                    "browsers send it (no path, no trailing slash), or '*'"
+                )
         if self.metrics_auth and not (self.token or self.token_file):
             raise InvalidArgument("metrics_auth needs a token (token_file or token)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -29,8 +29,8 @@ from camserve.serving.config import ServerConfig, add_arguments, from_args
 TOKEN = "t0k"
 
 
-def _app(max_message_mb: float = 0.01) -> tuple[web.Application, CollectorRegistry]:
-    cfg = ServerConfig.load(env={}, overrides={"max_message_mb": max_message_mb})
+def _app(max_message_mb: float = 0.01, cors: tuple[str, ...] = ()) -> tuple[web.Application, CollectorRegistry]:
+    cfg = ServerConfig.load(env={}, overrides={"max_message_mb": max_message_mb, "http_cors_origins": list(cors)})
     registry = CollectorRegistry()
     ctx = HttpContext(dataplane=types.SimpleNamespace(config=cfg), servicer=None, registry=registry, token=TOKEN)  # type: ignore[arg-type]
     app = make_app(ctx, route_modules=())
@@ -61,9 +61,9 @@ def _app(max_message_mb: float = 0.01) -> tuple[web.Application, CollectorRegist
     return app, registry
 
 
-def _run(check: Any) -> None:
+def _run(check: Any, cors: tuple[str, ...] = ()) -> None:
     async def main() -> None:
-        app, registry = _app()
+        app, registry = _app(cors=cors)
         async with TestClient(TestServer(app)) as client:
             await check(client, registry)
 
@@ -179,3 +179,72 @@ def test_http_port_is_a_flag_an_environment_variable_and_a_toml_key(tmp_path) ->
     assert ServerConfig.load(toml, env={}).http_port == 9090
     with pytest.raises(errors.InvalidArgument, match=r"http_port=70000"):
         ServerConfig.load(env={}, overrides={"http_port": 70000})
+
+
+PAGE = "https://viewer.example:8443"
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+
+
+def test_cors_is_off_by_default() -> None:
+    async def check(client: TestClient, _: Any) -> None:
+        r = await client.post("/echo", data=b"[1]", headers={**AUTH, "Origin": PAGE})
+        assert r.status == 200 and not [k for k in r.headers if k.lower().startswith("access-control-")]
+        r = await client.options("/echo", headers={"Origin": PAGE, **PREFLIGHT})
+        assert r.status == 405 and not [k for k in r.headers if k.lower().startswith("access-control-")]
+
+    _run(check)
+
+
+def test_cors_for_allowed_origins_only() -> None:
+    async def check(client: TestClient, _: Any) -> None:
+        # A preflight from an allowed page: answered without the token (browsers send none).
+        r = await client.options("/echo", headers={"Origin": PAGE, **PREFLIGHT})
+        assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == PAGE and r.headers["Vary"] == "Origin"
+        assert [m.strip() for m in r.headers["Access-Control-Allow-Methods"].split(",")] == ["GET", "POST"]
+        sent = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+        assert {"authorization", "content-type", "connect-timeout-ms", "inference-header-content-length"} <= sent
+        assert int(r.headers["Access-Control-Max-Age"]) > 0
+        # Its requests: answers and errors (401 without the token, 404) carry the origin.
+        r = await client.post("/echo", data=b"[1]", headers={**AUTH, "Origin": PAGE})
+        assert r.status == 200 and await r.json() == {"got": [1], "deadline": False}
+        assert r.headers["Access-Control-Allow-Origin"] == PAGE and r.headers["Vary"] == "Origin"
+        assert "X-Request-Id" in r.headers["Access-Control-Expose-Headers"]
+        r = await client.post("/echo", data=b"[1]", headers={"Origin": PAGE})
+        assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == PAGE
+        r = await client.get("/raise/NotFound", headers={**AUTH, "Origin": PAGE})
+        assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == PAGE
+        # Another origin (another port or scheme is another origin): no CORS headers, no preflight.
+        for other in ("https://evil.example", "https://viewer.example", "http://viewer.example:8443"):
+            r = await client.post("/echo", data=b"[1]", headers={**AUTH, "Origin": other})
+            assert r.status == 200 and not [k for k in r.headers if k.lower().startswith("access-control-")]
+            r = await client.options("/echo", headers={"Origin": other, **PREFLIGHT})
+            assert r.status == 405 and "Access-Control-Allow-Origin" not in r.headers
+
+    _run(check, cors=(PAGE, "http://localhost:3000"))
+
+
+def test_cors_wildcard_allows_any_origin() -> None:
+    async def check(client: TestClient, _: Any) -> None:
+        r = await client.get("/raise/NotFound", headers={**AUTH, "Origin": "https://any.example"})
+        assert r.headers["Access-Control-Allow-Origin"] == "https://any.example" and r.headers["Vary"] == "Origin"
+        r = await client.get("/raise/NotFound", headers=AUTH)  # no Origin: not a cross-origin call
+        assert "Access-Control-Allow-Origin" not in r.headers
+
+    _run(check, cors=("*",))
+
+
+def test_http_cors_origins_is_a_flag_an_environment_variable_and_a_toml_key(tmp_path) -> None:
+    import argparse
+
+    assert ServerConfig().http_cors_origins == []
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--http-cors-origins", "https://a.example,http://localhost:3000"])
+    assert from_args(args, env={}).http_cors_origins == ["https://a.example", "http://localhost:3000"]
+    assert ServerConfig.load(env={"CAMSERVE_HTTP_CORS_ORIGINS": "*"}).http_cors_origins == ["*"]
+    toml = tmp_path / "serve.toml"
+    toml.write_text('[serve]\nhttp_cors_origins = ["https://b.example:8443"]\n')
+    assert ServerConfig.load(toml, env={}).http_cors_origins == ["https://b.example:8443"]
+    for bad in ("https://a.example/", "a.example", "https://a.example/viewer"):
+        with pytest.raises(errors.InvalidArgument, match=r"http_cors_origins: .* is not an origin"):
+            ServerConfig.load(env={}, overrides={"http_cors_origins": [bad]})
