@@ -11,14 +11,18 @@ from collections.abc import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def machine() -> str:
-    """A one-line description of the machine the figures come from."""
-    cpu = platform.processor() or "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows; no TensorFlow."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """A one-line description of the machine the figures come from."""
+    cpu = cpu_name()
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -41,6 +45,20 @@ def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_per_call(fn: Callable[[], object], count: int, repeats: int, warmup: int = 1) -> float:
+    """Median over ``repeats`` of the process CPU time of ``count`` calls, per call, in µs, after
+    ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for _ in range(count):
+            fn()
+        runs.append((time.process_time() - t0) / count * 1e6)
+    return statistics.median(runs)
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:

@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import cpu_name, cpu_per_call
 
 from camserve import wire
 from camserve.http import oip as rest
@@ -36,17 +35,6 @@ from camserve.serving.results import PredictResult
 
 MAX_PIXELS = 16 * 2**20
 CLASSES = ("circle", "square", "triangle", "star", "cross")
-
-
-def cpu_per_call(fn: Callable[[], Any], count: int, repeats: int) -> float:
-    """Median over ``repeats`` of the CPU time of ``count`` calls, per call, in µs."""
-    runs = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        for _ in range(count):
-            fn()
-        runs.append((time.process_time() - t0) / count * 1e6)
-    return statistics.median(runs)
 
 
 def paths(size: int) -> dict[str, Callable[[], Any]]:
@@ -95,12 +83,8 @@ def paths(size: int) -> dict[str, Callable[[], Any]]:
 
 
 def machine() -> str:
-    """The CPU's model name and core count (Linux), else what platform knows."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
+    """The CPU's model name and core count, without importing TensorFlow."""
+    return f"{cpu_name()}, {os.cpu_count()} cores visible"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in paths(size).items():
             fn()  # warm
             count = max(10, args.count // 20) if "JSON" in name and size > 64 else args.count
-            table.setdefault(name, []).append(cpu_per_call(fn, count, args.repeats))
+            table.setdefault(name, []).append(cpu_per_call(fn, count, args.repeats, warmup=0))
     for name, values in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     text = "\n".join(lines)

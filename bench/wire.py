@@ -19,33 +19,19 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from common import cpu_per_call
 
 CASES = {  # name: (input size, layer size)
     "64 px (shapes_gap)": (64, 16),
     "224 px (gap224)": (224, 14),
 }
 PREDICT_CLASSES = (5, 10, 1000)
-
-
-def cpu_per_call(fn: Callable[[], Any], count: int, repeats: int) -> float:
-    """Median over ``repeats`` of the process CPU time of ``count`` calls, per call, in µs."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        for _ in range(count):
-            fn()
-        runs.append((time.process_time() - t0) / count * 1e6)
-    return statistics.median(runs)
 
 
 def main(argv: list[str] | None = None) -> int:
