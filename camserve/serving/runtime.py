@@ -155,8 +155,9 @@ class ModelRuntime:
         if layer not in self.layers:
             from camserve.explain.tokens import resolve_sites
 
-            names = layer.split(",") if "," in layer else layer
-            resolve_sites(self.entry.model, names, self.entry.config.prefix_tokens)  # UnknownLayer lists the choices
+            resolve_sites(
+                self.entry.model, layers_of_key(layer), self.entry.config.prefix_tokens
+            )  # UnknownLayer lists the choices
         with self._lock:
             ex = self.explainers.get(layer)
             if ex is None:
@@ -189,7 +190,7 @@ class ModelRuntime:
         s = self.settings
         return Explainer(
             self.entry.model,
-            layer=(layer.split(",") if "," in layer else layer) if layer else None,
+            layer=layers_of_key(layer) if layer else None,
             class_names=self.entry.config.class_names,
             prefix_tokens=self.entry.config.prefix_tokens,
             chunk_size=s.chunk_size,
@@ -268,6 +269,15 @@ def layer_key(layer: str, layers: Sequence[str]) -> str:
     if len(set(layers)) != len(layers):
         raise InvalidArgument(f"layer names repeat in {list(layers)}; give each layer once")
     return ",".join(layers)
+
+
+def layers_of_key(key: str) -> str | list[str]:
+    """What :func:`layer_key` joined, as the Explainer takes it: one name, or the fused list.
+
+    >>> layers_of_key("block3,block4"), layers_of_key("conv")
+    (['block3', 'block4'], 'conv')
+    """
+    return key.split(",") if "," in key else key
 
 
 def _output_shape(layer: Any) -> tuple:
