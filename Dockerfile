@@ -7,6 +7,9 @@
 # Accelerator settings (GPU memory growth is on by default, the model runs on /GPU:0 when the
 # container sees a GPU), e.g. half precision and XLA on GPUs with tensor cores:
 #   docker run --gpus all -e CAMSERVE_PRECISION=mixed_float16 -e CAMSERVE_XLA=true camserve
+# TensorFlow's thread pools (0: TensorFlow's choice); on small CPU hosts one thread per op and one
+# op at a time leave the other cores to the server's event loop:
+#   docker run -e CAMSERVE_INTRA_OP_THREADS=1 -e CAMSERVE_INTER_OP_THREADS=1 camserve
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -1,5 +1,5 @@
-"""Accelerator settings of a serving process: precision, the device models run on, and GPU
-memory growth.
+"""Accelerator settings of a serving process: precision, the device models run on, GPU
+memory growth and TensorFlow's thread pools.
 
 Importing this module does not import TensorFlow; the functions that need it do.
 
@@ -7,6 +7,8 @@ Importing this module does not import TensorFlow; the functions that need it do.
 ('float32', '/GPU:1')
 >>> set_memory_growth([])   # no GPU: nothing to do
 []
+>>> set_threads(0, 0)       # 0: TensorFlow's choice, nothing set
+{}
 """
 
 from __future__ import annotations
@@ -94,9 +96,58 @@ def set_memory_growth(devices: Sequence[Any] | None = None, enable: bool = True)
     return done
 
 
-def configure(gpu_memory_growth: bool = True, devices: Sequence[Any] | None = None) -> list[str]:
-    """What a serving process does at start-up, before any model is loaded: GPU memory growth
-    (when asked) for every visible GPU; the names of the GPUs set."""
+#: The thread-pool settings and TensorFlow's names for them (tf.config.threading.get_/set_<name>).
+_POOLS = (
+    ("intra_op_threads", "intra_op_parallelism_threads"),
+    ("inter_op_threads", "inter_op_parallelism_threads"),
+)
+
+
+def set_threads(intra_op_threads: int = 0, inter_op_threads: int = 0) -> dict[str, int]:
+    """TensorFlow's thread pools (TF Serving's ``--tensorflow_intra_op_parallelism`` /
+    ``--tensorflow_inter_op_parallelism``): threads one op may use, ops run at once; 0 leaves
+    TensorFlow's choice. They must be set before TensorFlow's runtime starts: a value TensorFlow
+    then refuses is logged (a WARNING naming the setting, the value asked for and the one in
+    effect) unless it is already the one in effect, and never raised. Returns the values set.
+    """
+    wishes = {"intra_op_threads": intra_op_threads, "inter_op_threads": inter_op_threads}
+    if not any(wishes.values()):
+        return {}
+    import tensorflow as tf
+
+    done = {}
+    for name, pool in _POOLS:
+        wish = wishes[name]
+        if not wish:
+            continue
+        try:
+            getattr(tf.config.threading, f"set_{pool}")(wish)
+        except RuntimeError:  # the runtime already started
+            current = getattr(tf.config.threading, f"get_{pool}")()
+            if current != wish:
+                shown = f"{current} (TensorFlow's choice)" if current == 0 else str(current)
+                log.warning(
+                    f"{name} = {wish} not applied: TensorFlow already started with {shown}; set it before "
+                    "TensorFlow starts (the flag or environment variable at start-up)",
+                    extra={"setting": name, "asked": wish, "in_effect": current},
+                )
+            continue
+        done[name] = wish
+    return done
+
+
+def configure(
+    gpu_memory_growth: bool = True,
+    devices: Sequence[Any] | None = None,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> list[str]:
+    """What a serving process does at start-up, before any model is loaded: TensorFlow's thread
+    pools (:func:`set_threads`; 0: TensorFlow's choice), then GPU memory growth (when asked) for
+    every visible GPU; the names of the GPUs set."""
+    threads = set_threads(intra_op_threads, inter_op_threads)
+    if threads:
+        log.info("TensorFlow thread pools set", extra=threads)
     if not gpu_memory_growth:
         return []
     done = set_memory_growth(devices)
@@ -113,4 +164,5 @@ __all__ = [
     "gpus",
     "resolve_device",
     "set_memory_growth",
+    "set_threads",
 ]

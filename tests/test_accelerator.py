@@ -1,10 +1,16 @@
 """Accelerator settings of the server (issue 9 item 7): GPU memory growth at start-up for every
 visible GPU (fake GPUs here: a no-op on this CPU machine), device names, and the precision /
 XLA / device / memory-growth settings as flags, environment and TOML, down to the explainers
-the server builds."""
+the server builds; TensorFlow's thread pools (intra_op_threads / inter_op_threads, TF Serving's
+--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism) set before TensorFlow
+starts, and a warning, not a crash, when it already has."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +145,99 @@ def test_the_runtime_builds_explainers_with_the_settings(tmp_path: Path) -> None
     assert (ex.precision, ex.jit_compile, ex.device, ex.max_graphs) == ("mixed_float16", True, "/CPU:0", 5)
     assert ex.model is not runtime.entry.model and ex.source_model is runtime.entry.model
     assert runtime.dense is not None and runtime.dense.stride is not None  # DenseScores warmed up in half
+
+
+def test_thread_settings_from_flags_environment_and_toml(tmp_path: Path) -> None:
+    default = server_config.ServerConfig()
+    assert (default.intra_op_threads, default.inter_op_threads) == (0, 0)
+    args = build_parser().parse_args(["serve", "--intra-op-threads", "1", "--inter-op-threads", "2"])
+    cfg = server_config.from_args(args, env={})
+    assert (cfg.intra_op_threads, cfg.inter_op_threads) == (1, 2)
+    cfg = server_config.ServerConfig.load(env={"CAMSERVE_INTRA_OP_THREADS": "3", "CAMSERVE_INTER_OP_THREADS": "4"})
+    assert (cfg.intra_op_threads, cfg.inter_op_threads) == (3, 4)
+    toml = tmp_path / "serve.toml"
+    toml.write_text("intra_op_threads = 5\ninter_op_threads = 6\n")
+    cfg = server_config.ServerConfig.load(toml, env={"CAMSERVE_INTER_OP_THREADS": "7"})
+    assert (cfg.intra_op_threads, cfg.inter_op_threads) == (5, 7)  # the environment wins over the file
+    with pytest.raises(InvalidArgument, match=r"intra_op_threads must be >= 0 \(0: TensorFlow's choice\), got -1"):
+        server_config.ServerConfig.load(env={"CAMSERVE_INTRA_OP_THREADS": "-1"})
+    with pytest.raises(InvalidArgument, match=r"inter_op_threads must be >= 0 \(0: TensorFlow's choice\), got -2"):
+        server_config.from_args(build_parser().parse_args(["serve", "--inter-op-threads", "-2"]), env={})
+    with pytest.raises(InvalidArgument, match="CAMSERVE_INTER_OP_THREADS: 'two' is not a valid int"):
+        server_config.ServerConfig.load(env={"CAMSERVE_INTER_OP_THREADS": "two"})
+
+
+def test_serve_help_lists_the_thread_settings(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag, tf_serving in (
+        ("--intra-op-threads", "--tensorflow_intra_op_parallelism"),
+        ("--inter-op-threads", "--tensorflow_inter_op_parallelism"),
+    ):
+        assert flag in shown and tf_serving in shown
+
+
+def test_thread_pools_are_set_before_tensorflow_starts() -> None:
+    """A fresh process: configure() before any op, then TensorFlow runs with those pools."""
+    code = (
+        "from camserve import accelerator\n"
+        "assert accelerator.configure(gpu_memory_growth=False, intra_op_threads=1, inter_op_threads=2) == []\n"
+        "import tensorflow as tf\n"
+        "tf.reduce_sum(tf.ones((4, 4))).numpy()\n"  # the runtime starts with them
+        "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "2"]
+
+
+@pytest.fixture
+def accelerator_log(monkeypatch, caplog):
+    """camserve.accelerator's records (configure_logging elsewhere may stop camserve.* propagating)."""
+    monkeypatch.setattr(logging.getLogger("camserve"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="camserve.accelerator")
+    return caplog
+
+
+def test_a_thread_setting_refused_after_start_is_a_warning(accelerator_log) -> None:
+    tf.reduce_sum(tf.ones((2, 2))).numpy()  # TensorFlow's runtime has started in this process
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    wish = current + 3
+    assert accelerator.configure(gpu_memory_growth=False, intra_op_threads=wish) == []
+    assert tf.config.threading.get_intra_op_parallelism_threads() == current
+    (record,) = [r for r in accelerator_log.records if r.levelno == logging.WARNING]
+    message = record.getMessage()
+    assert f"intra_op_threads = {wish} not applied" in message and f"started with {current}" in message
+    assert "before TensorFlow starts" in message
+    assert (record.setting, record.asked, record.in_effect) == ("intra_op_threads", wish, current)
+
+
+def test_a_refused_setting_already_in_effect_is_silent(monkeypatch, accelerator_log) -> None:
+    def refuse(n):
+        raise RuntimeError("Inter op parallelism cannot be modified after initialization.")
+
+    monkeypatch.setattr(tf.config.threading, "set_inter_op_parallelism_threads", refuse)
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 2)
+    assert accelerator.set_threads(inter_op_threads=2) == {}
+    assert not [r for r in accelerator_log.records if r.levelno >= logging.WARNING]
+    assert accelerator.set_threads(inter_op_threads=1) == {}
+    (record,) = [r for r in accelerator_log.records if r.levelno == logging.WARNING]
+    assert "inter_op_threads = 1 not applied: TensorFlow already started with 2" in record.getMessage()
+
+
+def test_the_server_sets_the_thread_pools_from_its_config(monkeypatch, tmp_path: Path) -> None:
+    from camserve.serving.server import CamServer
+
+    calls: list[tuple[str, int]] = []
+    for pool in ("intra", "inter"):
+        name = f"set_{pool}_op_parallelism_threads"
+        monkeypatch.setattr(tf.config.threading, name, lambda n, name=name: calls.append((name, n)))
+    cfg = dict(models=str(tmp_path), port=0, metrics_port=-1, gpu_memory_growth=False)
+    CamServer(server_config.ServerConfig(**cfg, intra_op_threads=1, inter_op_threads=3))
+    assert calls == [("set_intra_op_parallelism_threads", 1), ("set_inter_op_parallelism_threads", 3)]
+    calls.clear()
+    CamServer(server_config.ServerConfig(**cfg))  # 0 and 0: TensorFlow's choice, nothing set
+    assert calls == []

@@ -357,7 +357,7 @@ def test_client_accepts_the_readmes_dns_target() -> None:
     assert "dns:///camserve-headless.default.svc.cluster.local:8500" in (DEPLOY / "README.md").read_text()
 
 
-ACCELERATOR_KEYS = ("precision", "xla", "device", "gpu_memory_growth")
+ACCELERATOR_KEYS = ("precision", "xla", "device", "gpu_memory_growth", "intra_op_threads", "inter_op_threads")
 
 
 def accelerator_problems(configmap: Manifest, deployment: Manifest, tmp: Path) -> list[str]:

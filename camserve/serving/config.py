@@ -93,6 +93,14 @@ class ServerConfig:
     gpu_memory_growth: bool = _field(
         True, "allocate GPU memory as it is needed, not all of it at start-up (tf.config set_memory_growth)"
     )
+    intra_op_threads: int = _field(
+        0,
+        "threads one TensorFlow op may use (0: TensorFlow's choice, one per core); TF Serving "
+        "--tensorflow_intra_op_parallelism",
+    )
+    inter_op_threads: int = _field(
+        0, "TensorFlow ops run concurrently (0: TensorFlow's choice); TF Serving --tensorflow_inter_op_parallelism"
+    )
     tls_cert: str = _field("", "PEM certificate chain: serve TLS when set (with --tls-key)")
     tls_key: str = _field("", "PEM private key for --tls-cert")
     token: str = _field(
@@ -145,6 +153,9 @@ class ServerConfig:
             raise InvalidArgument(f"max_layers_cached must be >= 0, got {self.max_layers_cached}")
         if self.max_channels < 0:
             raise InvalidArgument(f"max_channels must be >= 0 (0: all), got {self.max_channels}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0 (0: TensorFlow's choice), got {getattr(self, name)}")
         if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536 or not -1 <= self.http_port < 65536:
             raise InvalidArgument(
                 "ports must be in 0..65535 (metrics_port and http_port -1: off); got "

@@ -68,7 +68,8 @@ class CamServer:
 
     def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
         self.config = config.validate()
-        accelerator.configure(config.gpu_memory_growth)  # before any model touches a GPU
+        # before any model is loaded: GPU memory growth and thread pools are fixed once TensorFlow starts
+        accelerator.configure(config.gpu_memory_growth, None, config.intra_op_threads, config.inter_op_threads)
         self.repository = repository or ModelRepository(config.models, version_policy=config.version_policy)
         self.metrics = ServerMetrics()
         self.health = HealthServicer()
