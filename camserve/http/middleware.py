@@ -112,7 +112,7 @@ def _error_answer(
     request: web.Request, shape: Callable[[str, str], Any], code: str, status: int, text: str, error: Exception
 ) -> web.Response:
     """The JSON error answer (``shape(code, message)``) with ``X-Request-Id``, logged as the
-    gRPC StatusInterceptor logs a failed call; for camserve errors and aiohttp's own refusals."""
+    gRPC CallStatus wrapper logs a failed call; for camserve errors and aiohttp's own refusals."""
     message = clip_message(text)
     response = web.json_response(shape(code, message), status=status)
     rid = response.headers["X-Request-Id"] = request_id(request)

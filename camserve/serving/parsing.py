@@ -1,9 +1,9 @@
 """Request parsing under camserve's control: the handlers of a service get the request's bytes
 from gRPC and parse them here, so that a malformed message is the client's error
 (INVALID_ARGUMENT, naming the RPC and the message type expected) rather than gRPC's UNKNOWN,
-and so that the :class:`~camserve.serving.auth.TokenAuthInterceptor` placed before this one
-refuses a call before its bytes are parsed. Streamed requests are parsed one by one as they
-are read. Other services (health, reflection) keep gRPC's own parsing.
+and so that a call without the token is refused before its bytes are parsed. Streamed requests are parsed one by one as they
+are read. Other services (health, reflection) keep gRPC's own parsing. The
+:class:`~camserve.serving.gate.ServiceGate` checks the token before it hands the bytes here.
 
 >>> from camserve.proto import pb
 >>> parse = request_parser("Predict", pb.PredictRequest.FromString)
@@ -24,7 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from camserve.errors import InvalidArgument
-from camserve.serving.status import ServiceInterceptor, behavior_of, with_behavior
+from camserve.serving.status import behavior_of, with_behavior
 
 
 def request_parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable[..., Any]:
@@ -47,50 +47,35 @@ def request_parser(method: str, deserialize: Callable[[bytes], Any]) -> Callable
     return parse
 
 
-class ParsingInterceptor(ServiceInterceptor):
-    """For every method of ``service``: the handler's deserializer is replaced by none (gRPC
-    hands over the bytes) and its behaviour parses them first (:func:`request_parser`). Put it
-    last, after authentication. The wrapped handlers are made once per method."""
+def parsing(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with no deserializer (gRPC hands over the bytes) and a behaviour that parses
+    them first (:func:`request_parser`), message by message for streamed requests; a handler
+    that already takes bytes is returned as it is. ``method``: the short name, for errors."""
+    if handler.request_deserializer is None:  # already bytes
+        return handler
+    parse = request_parser(method, handler.request_deserializer)
+    behavior = behavior_of(handler)
+    if handler.request_streaming:
 
-    def __init__(self, service: str | tuple[str, ...]) -> None:
-        super().__init__(service)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        async def messages(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            index = 0
+            async for data in raw:
+                index += 1
+                yield parse(data, index)
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.request_deserializer is None:  # already bytes
-            return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self._parsing(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        def streamed(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            return behavior(messages(request_iterator), context)
 
-    @staticmethod
-    def _parsing(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        parse = request_parser(method, handler.request_deserializer)
-        behavior = behavior_of(handler)
-        if handler.request_streaming:
+        return with_behavior(handler, streamed, request_deserializer=None)
 
-            async def messages(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-                index = 0
-                async for data in raw:
-                    index += 1
-                    yield parse(data, index)
+    if handler.response_streaming:
 
-            def streamed(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                return behavior(messages(request_iterator), context)
+        def unary_stream(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return behavior(parse(data), context)
 
-            return with_behavior(handler, streamed, request_deserializer=None)
+        return with_behavior(handler, unary_stream, request_deserializer=None)
 
-        if handler.response_streaming:
+    async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(parse(data), context)
 
-            def unary_stream(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-                return behavior(parse(data), context)
-
-            return with_behavior(handler, unary_stream, request_deserializer=None)
-
-        async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(parse(data), context)
-
-        return with_behavior(handler, unary, request_deserializer=None)
+    return with_behavior(handler, unary, request_deserializer=None)

@@ -39,17 +39,16 @@ from camserve.http.server import HttpServer
 from camserve.oip import grpc_service as oip_grpc_service
 from camserve.oip import inference as oip_inference
 from camserve.proto import pb_grpc
-from camserve.serving.auth import TokenAuthInterceptor
 from camserve.serving.batching import Batcher
 from camserve.serving.config import ServerConfig
 from camserve.serving.dataplane import DataPlane
+from camserve.serving.gate import Registrar, ServiceGate
 from camserve.serving.jobs import BatchKey, Job
 from camserve.serving.observability import ServerMetrics, configure_logging
-from camserve.serving.parsing import ParsingInterceptor
 from camserve.serving.repository import ModelRepository
 from camserve.serving.runtime import ExplainerSettings, ModelRuntimes
 from camserve.serving.servicer import SERVICE_NAME, CamServicer
-from camserve.serving.status import StatusInterceptor
+from camserve.serving.status import CallStatus
 
 __all__ = ["SERVICE_NAME", "CamServer", "configure_logging", "serve"]
 
@@ -81,8 +80,8 @@ class CamServer:
         self.dataplane = DataPlane(config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks())
         self.servicer = CamServicer(self.dataplane)
         self.oip_servicer = oip_grpc_service.InferenceServicer(self.dataplane, ready=self.serving)
-        self._services = (SERVICE_NAME, oip_grpc_service.SERVICE_NAME)  # both behind the same interceptors
-        self._status = StatusInterceptor(self._services, record=self.metrics.record)
+        self._services = (SERVICE_NAME, oip_grpc_service.SERVICE_NAME)  # both behind the same gate
+        self._status = CallStatus(record=self.metrics.record)
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.http: HttpServer | None = None  # the HTTP API (camserve.http), when http_port >= 0
@@ -113,16 +112,15 @@ class CamServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors: list[grpc.aio.ServerInterceptor] = [self._status]  # first: it answers what the others raise
         token = cfg.bearer_token()
-        if token:
-            interceptors.append(TokenAuthInterceptor(token))
-        interceptors.append(ParsingInterceptor(self._services))  # last: parses only what auth let through
-        server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_CamServiceServicer_to_server(self.servicer, server)
-        oip_grpc_service.add_to_server(self.oip_servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        server = grpc.aio.server(options=options)
+        behind_gate = Registrar()  # everything but health: token, parsing, status (camserve.serving.gate)
+        pb_grpc.add_CamServiceServicer_to_server(self.servicer, behind_gate)
+        oip_grpc_service.add_to_server(self.oip_servicer, behind_gate)
+        reflection.enable_server_reflection((*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), behind_gate)
+        gate = ServiceGate(behind_gate.handlers, status=self._status, services=self._services, token=token)
+        server.add_generic_rpc_handlers((gate,))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)  # probes send no token
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"

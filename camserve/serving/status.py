@@ -3,7 +3,7 @@
 :func:`status_for` maps an exception to a gRPC status through :func:`camserve.errors.kind_of`:
 a :class:`~camserve.errors.CamserveError` kind carries its code; anything else is a server
 bug, answered ``INTERNAL`` with a message that names a request id, and logged (with the
-traceback) under that same id. The :class:`StatusInterceptor` applies it around every call
+traceback) under that same id. The :class:`CallStatus` wrapper applies it around every call
 of a service, and also records the call's metrics, logs failed calls and counts the calls
 in flight (what a draining server waits for).
 
@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -86,9 +86,6 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     return grpc.StatusCode[kind.code], clip_message(str(exc.args[0]) if exc.args else str(exc))
 
 
-#: What an interceptor calls for the next one's handler (or the service's own).
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
 _MAKE_HANDLER = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -139,7 +136,7 @@ class _Call:
 
     __slots__ = ("_request_id", "code", "context", "message", "method", "owner", "t0")
 
-    def __init__(self, owner: StatusInterceptor, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, owner: CallStatus, method: str, context: grpc.aio.ServicerContext) -> None:
         self.owner = owner
         self.method = method
         self.context = context
@@ -196,48 +193,26 @@ class _Call:
         return code, message
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor for the methods of one ``service`` or several (full service names, e.g.
-    ``camserve.v1.CamService`` and ``inference.GRPCInferenceService``): :meth:`wrap` gets each
-    of their handlers; other services (health, reflection) pass through untouched."""
-
-    def __init__(self, service: str | tuple[str, ...]) -> None:
-        services = (service,) if isinstance(service, str) else service
-        self._prefixes = tuple(f"/{s}/" for s in services)
-
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefixes):
-            return handler
-        return self.wrap(details.method.rpartition("/")[2], handler)
-
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler that answers ``method`` (its short name) instead of ``handler``."""
-        raise NotImplementedError
-
-
-class StatusInterceptor(ServiceInterceptor):
-    """Around every call of ``service`` (a full service name; other services, like health
-    and reflection, pass through untouched): maps exceptions to status codes by kind
-    (:func:`status_for`), logs INTERNAL errors with their traceback and every failed call
-    ("request failed"), records ``record(method, code_name, seconds)`` and counts the calls
-    in flight (:attr:`inflight`). Cancelled calls are CANCELLED, or DEADLINE_EXCEEDED when
-    their deadline had passed. Put it first, so that it also answers what later
-    interceptors raise (:class:`~camserve.serving.auth.TokenAuthInterceptor`,
-    :class:`~camserve.serving.parsing.ParsingInterceptor`).
+class CallStatus:
+    """Around every call of the handlers it wraps (:meth:`wrap`, once per method; the
+    :class:`~camserve.serving.gate.ServiceGate` wraps camserve's services, not health or
+    reflection): maps exceptions to status codes by kind (:func:`status_for`), logs INTERNAL
+    errors with their traceback and every failed call ("request failed"), records
+    ``record(method, code_name, seconds)`` and counts the calls in flight (:attr:`inflight`).
+    Cancelled calls are CANCELLED, or DEADLINE_EXCEEDED when their deadline had passed. It
+    wraps the parsing too, so that it also answers malformed requests and refused tokens.
 
     A failed call keeps nothing of its request: the exception's tracebacks are dropped
     (:func:`forget_tracebacks`) and the request let go before the abort.
     """
 
-    def __init__(self, service: str | tuple[str, ...], record: Callable[[str, str, float], None] | None = None) -> None:
-        super().__init__(service)
+    def __init__(self, record: Callable[[str, str, float], None] | None = None) -> None:
         self._record = record
         self.inflight = 0
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler answering ``method`` (its short name, for metrics and logs) in place of
+        ``handler``, of the same kind."""
         around = self._streaming if handler.response_streaming else self._unary
         return with_behavior(handler, around(method, behavior_of(handler)))
 

@@ -165,3 +165,19 @@ def test_models_command_reads_the_token_from_a_file_or_the_environment(served, t
     monkeypatch.setenv("CAMSERVE_TOKEN_FILE", str(token_file))
     assert main(["models", "--server", target, "--json", "--timeout", "10"]) == 0
     assert {m["name"] for m in json.loads(capsys.readouterr().out)} == names and names
+
+
+def test_reflection_needs_the_token_and_is_refused_as_unauthenticated(served) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(served.target) as ch:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+        with pytest.raises(grpc.RpcError) as e:
+            list(reflect(iter([ask]), timeout=30))
+        assert (
+            e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            and e.value.details() == "missing bearer token: send metadata 'authorization: Bearer <token>'"
+        )
+        (answer,) = reflect(iter([ask]), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        assert "camserve.v1.CamService" in {s.name for s in answer.list_services_response.service}
