@@ -20,7 +20,9 @@ Figures:
   ticks) across a fixed number of requests at 32 clients, read just before the first and just
   after the last (the load generator connects and warms up first, then waits for a go);
 - **model CPU per image**: ``process_time`` of ``Explainer.predict`` / ``.explain(gradcam)`` on
-  a batch of 32 preprocessed images, the median of several calls, divided by 32;
+  a batch of 32 images (uint8 pixels preprocessed in the graph, as the server computes a raw
+  uint8 request; float32 model input for code before that path), the median of several calls,
+  divided by 32;
 - **camserve beyond the model** = the first minus the second; **bare floor** = the CPU per
   request of ``bench/bare_grpc.py`` under the same load: it parses each request into its
   message and answers with a canned copy of camserve's real answer (same size on the wire).
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import inspect
 import json
 import os
 import re
@@ -260,9 +263,17 @@ def inproc_main(argv: list[str]) -> int:
         with open(args.root / name / "config.toml", "rb") as f:
             cfg = tomllib.load(f)
         model = keras.models.load_model(args.root / name / "1" / "model.keras", compile=False)
-        ex = Explainer(model, layer=cfg.get("default_layer"), class_names=cfg["class_names"], max_batch_size=args.batch)
         h, w = cfg["input_size"]
-        x = np.random.default_rng(0).random((args.batch, h, w, 3), dtype=np.float32)
+        options = {"layer": cfg.get("default_layer"), "class_names": cfg["class_names"], "max_batch_size": args.batch}
+        if "preprocessing" in inspect.signature(Explainer).parameters:
+            # What the server computes for a raw uint8 request: pixels -> scores, preprocessed in the graph.
+            ex = Explainer(model, preprocessing=cfg.get("preprocessing", "scale_0_1"), **options)
+            x = np.random.default_rng(0).integers(0, 256, (args.batch, h, w, 3), dtype=np.uint8)
+            out["input"] = "uint8 pixels, preprocessed in the graph"
+        else:  # code before the pixel path: preprocessed float input (the server's preprocessing not counted)
+            ex = Explainer(model, **options)
+            x = np.random.default_rng(0).random((args.batch, h, w, 3), dtype=np.float32)
+            out["input"] = "float32 model input"
         fns = {
             "predict": lambda ex=ex, x=x: ex.predict(x),
             "explain": lambda ex=ex, x=x: ex.explain(x, methods=("gradcam",)),
@@ -754,7 +765,21 @@ def main(argv: list[str] | None = None) -> int:
         "--code or this checkout (after) beside the bare one, alternated --rounds times (label 'compare')",
     )
     p.add_argument("--rounds", type=int, default=3, help="with --compare: alternations per model and op (median)")
+    p.add_argument(
+        "--tf-threads",
+        metavar="INTRA,INTER",
+        help="TensorFlow's thread pools in every server and the in-process measurement (TF_NUM_INTRAOP_THREADS, "
+        "TF_NUM_INTEROP_THREADS: what camserve serve --intra-op-threads / --inter-op-threads set); default TF's choice",
+    )
     args = p.parse_args(argv)
+    if args.tf_threads:
+        intra, _, inter = args.tf_threads.partition(",")
+        os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"] = intra, inter or intra
+        args.note = (
+            f"TensorFlow threads: intra-op {intra}, inter-op {inter or intra} in the servers and the in-process "
+            "measurement (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; camserve serve's --intra-op-threads / "
+            "--inter-op-threads set the same). " + args.note
+        ).strip()
     if args.rest and args.label == "latest":
         args.label = "rest"
     if args.compare and args.label == "latest":
@@ -901,7 +926,8 @@ def measure_compare(args, work, calls, root, responses, work_dir, base: Path, co
     done = subprocess.run(cmd, cwd=work_dir, env=code_env(code), capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError("in-process measurement failed:\n" + done.stderr[-3000:])
-    inproc = json.loads(done.stdout.strip().splitlines()[-1])["models"]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    inproc, args.inproc_input = answer["models"], answer.get("input", "float32 model input")
     extra = ["--models", str(root), "--batch-timeout-ms", str(args.batch_timeout_ms)]
     extra += ["--max-batch-size", str(args.max_batch_size)]
     servers: dict[str, BenchServer] = {}
@@ -971,7 +997,7 @@ def compare_report(args, argv, notes, rows: list[dict], base: Path, code: Path, 
         "model and op; figures are the medians. Main thread: the server process's main thread alone "
         "(the asyncio loop with gRPC's Python side and camserve's handlers; the batch worker, TensorFlow's "
         "threads and gRPC's C++ threads are the rest). Server CPU per request, model CPU (in-process, batch "
-        f"{args.max_batch_size}, from the after code) and the bare floor as in the sections above. "
+        f"{args.max_batch_size}, from the after code: {args.inproc_input}) and the bare floor as in the sections above. "
         "Models: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + ".",
         table(
             [
@@ -1157,8 +1183,8 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
         f"### Host path: server CPU per request at {args.clients} clients (batching server)",
         "Server CPU = CPU time of the server's threads (/proc/<pid>/task/*/schedstat; checked against "
         "the process's utime + stime in clock ticks) over the counted requests / their number; "
-        f"model CPU = in-process `Explainer` on a batch of {args.max_batch_size}, process CPU time / "
-        f"{args.max_batch_size} (median of {args.repeats} calls); beyond = server − model; bare "
+        f"model CPU = in-process `Explainer` on a batch of {args.max_batch_size} ({inproc.get('input', 'float32 model input')}), "
+        f"process CPU time / {args.max_batch_size} (median of {args.repeats} calls); beyond = server − model; bare "
         "floor = bench/bare_grpc.py's CPU per request under the same load. The batches the server "
         "forms at this load are not always full, so a part of 'beyond' can be the model's own extra cost "
         "at smaller batches.",

@@ -38,7 +38,7 @@ from camserve.explain import layer_pass as lp
 from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, bucket_sizes, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
-from camserve.imaging import heatmap_box
+from camserve.imaging import PREPROCESSORS, heatmap_box
 
 Target = tg.TargetKind
 Targets = Target | Sequence[Target | Sequence[Target]] | None
@@ -77,6 +77,10 @@ class Explainer:
     Keras policy, its output layer kept float32). ``jit_compile``: XLA-compile the graphs.
     ``device``: where the graphs run (``"/GPU:0"``, ``"/CPU:0"``, ``"auto"``: the first GPU when
     one is visible; None: TensorFlow's choice).
+    ``preprocessing``: a name of :data:`camserve.imaging.PREPROCESSORS`; given, :meth:`explain`
+    and :meth:`predict` also take uint8 RGB pixels (N, H, W, 3) at the model's size and turn
+    them into model input inside the compiled graphs (what :func:`camserve.imaging.model_input`
+    does, on the device: a quarter of the bytes to copy, no host pass over the floats).
 
     >>> ex = Explainer(keras.applications.ResNet50(weights=None))            # doctest: +SKIP
     >>> ex.layer_name                                                        # doctest: +SKIP
@@ -99,6 +103,7 @@ class Explainer:
         device: str | None = None,
         output: str | None = None,
         prefix_tokens: int | None = None,
+        preprocessing: str | None = None,
     ):
         if len(model.inputs) != 1:
             raise InvalidArgument(
@@ -136,6 +141,9 @@ class Explainer:
         self.max_channels = max_channels
         self.buckets = bucket_sizes(max_batch_size)
         self.input_shape = tuple(model.input_shape[1:])
+        if preprocessing is not None and preprocessing not in PREPROCESSORS:
+            raise InvalidArgument(f"unknown preprocessing {preprocessing!r}; allowed: {sorted(PREPROCESSORS)}")
+        self.preprocessing = preprocessing
         self.head = graph.head_after(model, self.layer_path)
         self.trace_count = 0  # graphs traced so far: a test checks that buckets stop retracing
         self._cam: heads.GapDense | None | bool = False  # False: not looked for yet
@@ -177,6 +185,8 @@ class Explainer:
         with self._placement():
             for start, batch, n in self._batches(images):
                 check()
+                if batch.dtype == tf.uint8 and split and any(r in lp.SCORED or r in pixel.SAMPLING for r in reads):
+                    batch = self._graph(("input",))(batch)  # the chunked passes take model input
                 batch_spec = {k: tf.constant(self._pad(v[start : start + n], len(batch))) for k, v in spec.items()}
                 batch_targets = batch_spec["targets"]
                 scored = {}
@@ -206,18 +216,23 @@ class Explainer:
 
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
         """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic; a
-        model with dense outputs (no predicted classes to explain) compiles prediction only."""
+        model with dense outputs (no predicted classes to explain) compiles prediction only.
+        With ``preprocessing``, the graphs for uint8 pixels (what a server feeds), else for
+        float input."""
         shape = tuple(image_shape or self.input_shape)
         if None in shape:
             raise InvalidArgument(f"warm_up needs a concrete image shape; the model takes {shape}")
+        pixels = self.preprocessing is not None
         for size in self.buckets:
-            zeros = np.zeros((size,) + shape, np.float32)
+            zeros = np.zeros((size, *shape[:2], 3), np.uint8) if pixels else np.zeros((size, *shape), np.float32)
             self.predict(zeros)
             if len(self.output_shape) == 1:
                 self.explain(zeros, methods=methods, top_k=top_k)
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> np.ndarray:
+        if self.preprocessing is not None and getattr(images, "dtype", None) == np.uint8:
+            return self._check_pixels(np.asarray(images))
         try:
             images = np.asarray(images, dtype=np.float32)
         except (TypeError, ValueError) as exc:
@@ -230,6 +245,13 @@ class Explainer:
         if not np.isfinite(images).all():
             raise InvalidArgument("images contain NaN or Inf values; only finite values are allowed")
         return images
+
+    def _check_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels at the model's size (always finite: no scan)."""
+        h, w = self.input_shape[:2]
+        if pixels.ndim != 4 or any(e is not None and e != s for e, s in zip((h, w, 3), pixels.shape[1:])):
+            raise InvalidArgument(f"uint8 pixels must have shape (N, {h or '*'}, {w or '*'}, 3), got {pixels.shape}")
+        return pixels
 
     def check_methods(self, methods: Sequence[str]) -> tuple[str, ...]:
         """Validated, de-duplicated method names; raises UnknownMethod, or InvalidArgument
@@ -337,12 +359,30 @@ class Explainer:
         """The compiled graph of ``key`` (LRU-cached): ("predict",), ("prepare", width),
         ("chunk", read) or ("explain", methods, width, scored names); keyed by the Method
         objects, so a method replaced in the registry recompiles."""
-        return self._graphs.get(key, lambda: tf.function(self._graph_fn(key), jit_compile=self.jit_compile))
+        return self._graphs.get(
+            key, lambda: tf.function(self._from_pixels(self._graph_fn(key)), jit_compile=self.jit_compile)
+        )
+
+    def _from_pixels(self, fn: Callable) -> Callable:
+        """``fn`` taking uint8 pixels too: preprocessed in the graph (a trace per dtype)."""
+        if self.preprocessing is None:
+            return fn
+        channels, preprocess = self.input_shape[-1], PREPROCESSORS[self.preprocessing]
+
+        def graph(images, *rest):
+            if images.dtype == tf.uint8:
+                images = preprocess(tf.cast(images, tf.float32))
+                images = tf.reduce_mean(images, axis=-1, keepdims=True) if channels == 1 else images
+            return fn(images, *rest)
+
+        return graph
 
     def _graph_fn(self, key: tuple) -> Callable:
         kind = key[0]
         if kind == "predict":
             return self._predict_graph
+        if kind == "input":
+            return lambda images: images  # uint8 pixels preprocessed by _from_pixels
         if kind == "prepare":
             return self._traced(lambda images, targets: lp.prepare_pass(self, images, targets, key[1]))
         if kind == "chunk":

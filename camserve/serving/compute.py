@@ -108,9 +108,10 @@ def pixels_to_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def model_inputs(arrays: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
     """The images of a batch (uint8 pixels or float32 inputs, (n, H, W, C) each) as one
-    float32 model input."""
+    array for the explainer: uint8 pixels stay pixels (the explainer preprocesses them in its
+    graphs), float32 inputs and mixed batches become float32 model input."""
     if all(a.dtype == np.uint8 for a in arrays):
-        return pixels_to_input(arrays[0] if len(arrays) == 1 else np.concatenate(arrays), spec)
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     parts = [pixels_to_input(a, spec) if a.dtype == np.uint8 else a for a in arrays]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

@@ -200,6 +200,7 @@ class ModelRuntime:
             precision=s.precision,
             jit_compile=s.jit_compile,
             device=s.device,
+            preprocessing=self.entry.config.preprocessing,  # uint8 batches preprocessed in the graphs
         )
 
     def warm_up(self) -> None:

@@ -237,19 +237,26 @@ def test_a_bug_in_a_batch_is_not_retried_job_by_job(served, monkeypatch) -> None
     assert calls == [3], "the batch was retried job by job"
 
 
-def test_pixels_are_preprocessed_once_per_batch_like_model_input(served, batches) -> None:
-    """uint8 pixels travel as sent (viewed, resized when needed) and become model input in the
-    worker, for the whole batch at once: the same input as model_input per image."""
+def test_pixels_travel_as_pixels_and_become_model_input_in_the_graph(served, batches) -> None:
+    """uint8 pixels travel as sent (viewed, resized when needed), are batched as uint8, and
+    become model input inside the explainer's compiled graph: the same input as model_input
+    per image, and the same scores as the float path."""
+    import tensorflow as tf
+
+    from camserve.serving.compute import model_inputs
+
     plane = served.server.dataplane
     rt = served.server.runtimes.get("gap")
     msg = wire.image_to_proto(PICTURES[0])
     prepared = plane.prepare(rt, [msg, _pixels(PICTURES[1])])
     assert prepared.inputs.dtype == np.uint8 and prepared.inputs.shape == (2, 32, 32, 3)
-    from camserve.serving.compute import model_inputs
-
     x = model_inputs([prepared.inputs[:1], prepared.inputs[1:]], rt.entry.config)
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x, prepared.inputs)
     want = np.stack([model_input(p, rt.entry.config) for p in PICTURES])
-    np.testing.assert_array_equal(x, want)
+    ex = rt.default_explainer
+    np.testing.assert_allclose(ex._graph(("input",))(tf.constant(x)).numpy(), want, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ex.predict(x), ex.predict(want), rtol=1e-5, atol=1e-7)
 
 
 def test_requests_naming_methods_in_another_order_share_a_batch(served) -> None:
