@@ -511,6 +511,15 @@ runpy.run_module("camserve", run_name="__main__", alter_sys=True)
 """
 
 
+def thread_flags(env: dict[str, str]) -> list[str]:
+    """``--tf-threads``' server flags when the camserve the server imports (PYTHONPATH's first
+    entry, else this checkout) has them."""
+    flags = env.get("BENCH_THREAD_FLAGS", "").split()
+    code = Path(env["PYTHONPATH"].split(os.pathsep)[0]) if env.get("PYTHONPATH") else REPO
+    config = code / "camserve" / "serving" / "config.py"
+    return flags if flags and config.is_file() and "intra_op_threads" in config.read_text() else []
+
+
 class BenchServer:
     """A server process on a free loopback port: ``camserve serve`` (``kind`` "camserve") or
     ``bench/bare_grpc.py`` (``kind`` "bare"), started from a neutral working directory."""
@@ -526,7 +535,7 @@ class BenchServer:
         if kind == "camserve":
             cmd = [sys.executable, "-c", _SERVER_MAIN, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
             cmd += ["--metrics-port", "-1", "--http-port", str(self.http_port), "--max-queued", "4096"]
-            cmd += ["--log-level", "WARNING", *args]
+            cmd += ["--log-level", "WARNING", *args, *thread_flags(env)]
         else:
             cmd = [sys.executable, str(BENCH / "bare_grpc.py"), "--port", str(self.port), *args]
         with open(self.logfile, "w") as log:
@@ -774,11 +783,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tf_threads:
         intra, _, inter = args.tf_threads.partition(",")
+        # The environment reaches every process (code before the flags too); servers whose code
+        # has the flags get them as well (what a user runs).
         os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"] = intra, inter or intra
+        os.environ["OPENCV_FOR_THREADS_NUM"] = intra
+        os.environ["BENCH_THREAD_FLAGS"] = f"--intra-op-threads {intra} --inter-op-threads {inter or intra}"
         args.note = (
-            f"TensorFlow threads: intra-op {intra}, inter-op {inter or intra} in the servers and the in-process "
-            "measurement (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; camserve serve's --intra-op-threads / "
-            "--inter-op-threads set the same). " + args.note
+            f"Threads: TensorFlow intra-op {intra}, inter-op {inter or intra}, OpenCV {intra} in the servers and the "
+            "in-process measurement (`camserve serve --intra-op-threads / --inter-op-threads` where the server's "
+            "code has them, and TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS / OPENCV_FOR_THREADS_NUM). " + args.note
         ).strip()
     if args.rest and args.label == "latest":
         args.label = "rest"

@@ -15,7 +15,9 @@ from camserve.imaging import scale_box
 
 
 class Explanation(NamedTuple):
-    """One heatmap for one (image, target class, method)."""
+    """One heatmap for one (image, target class, method). From :class:`camserve.Explainer`,
+    ``raw`` and ``heatmap`` are read-only views of the batch's results (not copied once
+    more); ``np.array(e.heatmap)`` gives a copy to change."""
 
     method: str
     class_index: int

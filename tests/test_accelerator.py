@@ -179,19 +179,21 @@ def test_serve_help_lists_the_thread_settings(capsys) -> None:
 
 
 def test_thread_pools_are_set_before_tensorflow_starts() -> None:
-    """A fresh process: configure() before any op, then TensorFlow runs with those pools."""
+    """A fresh process: configure() before any op, then TensorFlow runs with those pools (and
+    OpenCV with intra_op_threads threads per call)."""
     code = (
         "from camserve import accelerator\n"
         "assert accelerator.configure(gpu_memory_growth=False, intra_op_threads=1, inter_op_threads=2) == []\n"
         "import tensorflow as tf\n"
         "tf.reduce_sum(tf.ones((4, 4))).numpy()\n"  # the runtime starts with them
+        "import cv2\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),"
-        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+        " tf.config.threading.get_inter_op_parallelism_threads(), cv2.getNumThreads())\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["1", "2"]
+    assert done.stdout.split() == ["1", "2", "1"]  # OpenCV's threads per call follow intra_op_threads
 
 
 @pytest.fixture

@@ -196,7 +196,8 @@ class Explainer:
                     scored |= pixel.sampled_gradients(self, batch, batch_targets, n, width, reads, check, gradients)
                 key = ("explain", canonical, width, tuple(sorted(scored)), tuple(sorted(spec)), aug, eigen)
                 out = self._graph(key)(batch, batch_spec, scored)
-                out = {k: v.numpy() for k, v in out.items()}  # the one copy to the host
+                # Views of the results on the host (Tensor.numpy() would copy each once more).
+                out = {k: np.asarray(v) for k, v in out.items()}
                 for i in range(n):
                     results.append(self._collect(out, i, order, enc.valid[start + i], enc.labels[start + i]))
         return results

@@ -150,7 +150,7 @@ def reshape_head_model(folder: Path) -> Path:
 
     inp = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="last_conv")(inp)
-    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Reshape((6 * 6 * 4,))(x))
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Reshape((6 * 6 * 4,), name="reshape")(x))
     (folder / "1").mkdir(parents=True)
     keras.Model(inp, out).save(folder / "1" / "model.keras")
     (folder / "config.toml").write_text('class_names = ["a", "b", "c"]\ninput_size = [8, 8]\n')
