@@ -43,12 +43,14 @@ def load_responses(folder: Path) -> dict[tuple[str, str], bytes]:
     return found
 
 
-def handler(responses: dict[tuple[str, str], bytes]) -> grpc.GenericRpcHandler:
+def handler(responses: dict[tuple[str, str], bytes], delay: float = 0.0) -> grpc.GenericRpcHandler:
     types = message_types()
     canned = {key: types[key[0]][1].FromString(data) for key, data in responses.items() if key[0] in types}
 
     def unary(method: str, request_type: type, response_type: type) -> grpc.RpcMethodHandler:
         async def answer(request, context: grpc.aio.ServicerContext):
+            if delay:  # a paced floor: answers after a wait, as a server whose model takes that long
+                await asyncio.sleep(delay)
             reply = canned.get((method, request.model.name))
             if reply is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no canned {method} answer for {request.model.name!r}")
@@ -63,12 +65,14 @@ def handler(responses: dict[tuple[str, str], bytes]) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(port: int, responses: dict[tuple[str, str], bytes], host: str = "127.0.0.1") -> None:
+async def serve(
+    port: int, responses: dict[tuple[str, str], bytes], host: str = "127.0.0.1", delay: float = 0.0
+) -> None:
     limit = 64 * 1024 * 1024
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    server.add_generic_rpc_handlers((handler(responses),))
+    server.add_generic_rpc_handlers((handler(responses, delay),))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
@@ -85,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--responses", type=Path, required=True, help="folder of <Method>__<model>.bin responses")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="answer each call after this wait (a paced floor)")
     args = p.parse_args(argv)
     import camserve
 
     print(f"camserve from {camserve.__file__}", file=sys.stderr, flush=True)
-    asyncio.run(serve(args.port, load_responses(args.responses), args.host))
+    asyncio.run(serve(args.port, load_responses(args.responses), args.host, args.delay_ms / 1000))
     return 0
 
 

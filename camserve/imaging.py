@@ -181,12 +181,16 @@ def heatmap_box(heatmap: np.ndarray, threshold: float = 0.2) -> tuple[int, int, 
     if not np.isfinite(peak) or peak <= 0.0:
         return None
     mask = (heatmap >= threshold * peak).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    # Labels alone cost a fifth of labels with statistics (224 px: 40 vs 190 us): the areas
+    # come from the labels, and a single component (the usual CAM) is the mask's own box.
+    n, labels = cv2.connectedComponents(mask, connectivity=8)
     if n <= 1:
         return None
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, w, h = (int(v) for v in stats[best, :4])
-    return (x, y, x + w, y + h)
+    if n > 2:
+        best = 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=n)[1:]))  # first of equal areas
+        mask = labels == best
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
 def scale_box(

@@ -79,3 +79,37 @@ def test_overlay_blends_and_draws_box():
     assert out[1, 1, 0] > out[1, 1, 2] and out[7, 7, 2] > out[7, 7, 0]  # hot red corner, cold blue elsewhere
     assert tuple(out[0, 5]) == (255, 255, 255)  # box edge
     assert decode_image(encode_png(out)).shape == (10, 10, 3)
+
+
+def _box_with_stats(heatmap: np.ndarray, threshold: float = 0.2):
+    """The CAM paper's box the way OpenCV's statistics give it (the reference)."""
+    import cv2
+
+    peak = float(np.max(heatmap))
+    if not np.isfinite(peak) or peak <= 0:
+        return None
+    mask = (heatmap >= threshold * peak).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in stats[best, :4])
+    return (x, y, x + w, y + h)
+
+
+def test_heatmap_box_equals_opencvs_largest_component_statistics() -> None:
+    """Random maps with one to many components, ties of equal areas, diagonal touches, and
+    smooth CAM-like maps: the box equals the one from OpenCV's component statistics."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    maps = [rng.random((s, s)).astype(np.float32) ** 4 for s in (5, 17, 64, 224)]  # many small components
+    maps += [cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), s / 12) for s in (14, 64, 224)]
+    tie = np.zeros((12, 12), np.float32)
+    tie[1:3, 1:3] = 1.0
+    tie[8:10, 7:9] = 1.0  # two components of 4 pixels: the first in label order wins
+    diagonal = np.eye(9, dtype=np.float32)  # one 8-connected component
+    maps += [tie, diagonal, diagonal[::-1].copy()]
+    for m in maps:
+        for threshold in (0.2, 0.5, 0.9):
+            assert heatmap_box(m, threshold) == _box_with_stats(m, threshold)
