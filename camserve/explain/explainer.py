@@ -35,7 +35,7 @@ from camserve.accelerator import resolve_device
 from camserve.errors import InvalidArgument
 from camserve.explain import heads, passes, pixel, tokens
 from camserve.explain import layer_pass as lp
-from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, GraphCache, bucket_sizes, width_bucket
+from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, ByShape, GraphCache, bucket_sizes, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import PREPROCESSORS, heatmap_box
@@ -360,9 +360,12 @@ class Explainer:
         """The compiled graph of ``key`` (LRU-cached): ("predict",), ("prepare", width),
         ("chunk", read) or ("explain", methods, width, scored names); keyed by the Method
         objects, so a method replaced in the registry recompiles."""
-        return self._graphs.get(
-            key, lambda: tf.function(self._from_pixels(self._graph_fn(key)), jit_compile=self.jit_compile)
-        )
+
+        def build():
+            graph = tf.function(self._from_pixels(self._graph_fn(key)), jit_compile=self.jit_compile)
+            return ByShape(graph) if key[0] in ("predict", "explain") else graph
+
+        return self._graphs.get(key, build)
 
     def _from_pixels(self, fn: Callable) -> Callable:
         """``fn`` taking uint8 pixels too: preprocessed in the graph (a trace per dtype)."""

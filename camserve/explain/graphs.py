@@ -82,3 +82,36 @@ class GraphCache:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
+
+
+class ByShape:
+    """A ``tf.function`` called through its concrete functions, looked up by the shapes and
+    dtypes of its tensor arguments (a tensor, then dicts of tensors): the function's own
+    dispatch binds and hashes its arguments on every call (about 180 µs of CPU a call on the
+    bench machine, against a few µs here). Calls whose arguments are not all tensors go to the
+    function. Held by the :class:`GraphCache`, so the traces go when the graph does.
+
+    >>> import tensorflow as tf
+    >>> double = ByShape(tf.function(lambda x, extra: x * 2 + extra["b"]))
+    >>> int(double(tf.constant([1, 2]), {"b": tf.constant(1)})[1]), len(double.concrete)
+    (5, 1)
+    """
+
+    __slots__ = ("__weakref__", "concrete", "function")
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.concrete: dict[tuple, Any] = {}
+
+    def __call__(self, first: Any, *rest: dict[str, Any]) -> Any:
+        try:
+            signature = (first.shape, first.dtype) + tuple(
+                (name, value.shape, value.dtype) for part in rest for name, value in sorted(part.items())
+            )
+            hash(signature)
+        except (AttributeError, TypeError):  # not tensors: the function's own dispatch
+            return self.function(first, *rest)
+        concrete = self.concrete.get(signature)
+        if concrete is None:
+            concrete = self.concrete[signature] = self.function.get_concrete_function(first, *rest)
+        return concrete(first, *rest)
