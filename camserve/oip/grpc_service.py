@@ -1,7 +1,8 @@
 """``inference.GRPCInferenceService`` (Open Inference Protocol v2 over gRPC) on camserve's gRPC
 server, beside ``camserve.v1.CamService``: thin adapters from the protocol's messages to
-:mod:`camserve.oip.inference` and back. It runs behind the same interceptors (status mapping,
-bearer-token auth, request parsing) as camserve.v1.
+:mod:`camserve.oip.inference` and back. It runs behind the same
+:class:`~camserve.serving.gate.ServiceGate` (bearer-token auth, request parsing, status
+mapping) as camserve.v1.
 
 Input tensors come as ``raw_input_contents`` (what tritonclient sends) or as typed
 ``contents``; outputs go back as ``raw_output_contents``. ``ModelStreamInfer`` and the
