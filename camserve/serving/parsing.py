@@ -1,9 +1,9 @@
 """Request parsing under camserve's control: the handlers of a service get the request's bytes
 from gRPC and parse them here, so that a malformed message is the client's error
-(INVALID_ARGUMENT, naming the RPC and the message type expected) rather than gRPC's UNKNOWN,
-and so that a call without the token is refused before its bytes are parsed. Streamed requests are parsed one by one as they
-are read. Other services (health, reflection) keep gRPC's own parsing. The
-:class:`~camserve.serving.gate.ServiceGate` checks the token before it hands the bytes here.
+(INVALID_ARGUMENT, naming the RPC and the message type expected) rather than gRPC's UNKNOWN.
+The :class:`~camserve.serving.gate.ServiceGate` checks the token before it hands the bytes here,
+so a call without it is refused unparsed. Streamed requests are parsed one by one as they are
+read. Other services (health, reflection) keep gRPC's own parsing.
 
 >>> from camserve.proto import pb
 >>> parse = request_parser("Predict", pb.PredictRequest.FromString)

@@ -1,7 +1,8 @@
 """``camserve.v1.CamService`` over gRPC: thin adapters from request messages to
 :class:`~camserve.serving.dataplane.DataPlane` calls and from its results to response
 messages (:mod:`camserve.serving.convert`). Nothing else happens here: errors are raised as
-they come and answered by the :class:`~camserve.serving.status.CallStatus` wrapper (behind the :class:`~camserve.serving.gate.ServiceGate`).
+they come and answered by the :class:`~camserve.serving.status.CallStatus` wrapper (behind the
+:class:`~camserve.serving.gate.ServiceGate`).
 """
 
 from __future__ import annotations
