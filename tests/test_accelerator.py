@@ -196,6 +196,16 @@ def test_thread_pools_are_set_before_tensorflow_starts() -> None:
     assert done.stdout.split() == ["1", "2", "1"]  # OpenCV's threads per call follow intra_op_threads
 
 
+@pytest.fixture(autouse=True)
+def _opencv_threads_restored():
+    """set_threads sets OpenCV's process-wide thread count: give later tests theirs back."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    yield
+    cv2.setNumThreads(before)
+
+
 @pytest.fixture
 def accelerator_log(monkeypatch, caplog):
     """camserve.accelerator's records (configure_logging elsewhere may stop camserve.* propagating)."""

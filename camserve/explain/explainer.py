@@ -218,17 +218,18 @@ class Explainer:
     def warm_up(self, methods: Sequence[str] = ("gradcam",), top_k: int = 1, image_shape=None) -> None:
         """Compile every bucket's graph for ``methods`` (and prediction) ahead of traffic; a
         model with dense outputs (no predicted classes to explain) compiles prediction only.
-        With ``preprocessing``, the graphs for uint8 pixels (what a server feeds), else for
-        float input."""
+        Float input, and with ``preprocessing`` uint8 pixels too (what a server mostly feeds)."""
         shape = tuple(image_shape or self.input_shape)
         if None in shape:
             raise InvalidArgument(f"warm_up needs a concrete image shape; the model takes {shape}")
-        pixels = self.preprocessing is not None
+        inputs = [np.zeros((1, *shape), np.float32)]
+        if self.preprocessing is not None:
+            inputs.append(np.zeros((1, *shape[:2], 3), np.uint8))
         for size in self.buckets:
-            zeros = np.zeros((size, *shape[:2], 3), np.uint8) if pixels else np.zeros((size, *shape), np.float32)
-            self.predict(zeros)
-            if len(self.output_shape) == 1:
-                self.explain(zeros, methods=methods, top_k=top_k)
+            for zeros in (np.repeat(x, size, axis=0) for x in inputs):
+                self.predict(zeros)
+                if len(self.output_shape) == 1:
+                    self.explain(zeros, methods=methods, top_k=top_k)
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> np.ndarray:

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from camserve import accelerator
 from camserve.http import server as http_server
@@ -84,6 +84,7 @@ class CamServer:
         self._status = CallStatus(record=self.metrics.record)
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._gate: ServiceGate | None = None  # every gRPC call but health's (set by start)
         self.http: HttpServer | None = None  # the HTTP API (camserve.http), when http_port >= 0
         self._load_task: asyncio.Task[None] | None = None
 
@@ -117,9 +118,13 @@ class CamServer:
         behind_gate = Registrar()  # everything but health: token, parsing, status (camserve.serving.gate)
         pb_grpc.add_CamServiceServicer_to_server(self.servicer, behind_gate)
         oip_grpc_service.add_to_server(self.oip_servicer, behind_gate)
-        reflection.enable_server_reflection((*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), behind_gate)
-        gate = ServiceGate(behind_gate.handlers, status=self._status, services=self._services, token=token)
-        server.add_generic_rpc_handlers((gate,))
+        # reflection's asyncio servicer (enable_server_reflection would pick the threaded one for a Registrar)
+        described = (*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(described), behind_gate
+        )
+        self._gate = ServiceGate(behind_gate.handlers, status=self._status, services=self._services, token=token)
+        server.add_generic_rpc_handlers((self._gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)  # probes send no token
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)

@@ -83,13 +83,14 @@ def test_pixels_without_preprocessing_are_plain_numbers(model) -> None:
     np.testing.assert_allclose(ex.predict(pixels), ex.predict(pixels.astype(np.float32)), rtol=1e-6)
 
 
-def test_warm_up_compiles_the_pixel_graphs(model) -> None:
+def test_warm_up_compiles_the_pixel_and_the_float_graphs(model) -> None:
     ex = Explainer(model, preprocessing="scale_0_1", max_batch_size=4)
     ex.warm_up(methods=("gradcam",))
     traced = ex.trace_count
     for n in (1, 2, 3, 4):
-        ex.predict(_pixels(n))
-        ex.explain(_pixels(n), methods=("gradcam",))
+        for images in (_pixels(n), _floats(_pixels(n), _spec("scale_0_1"))):
+            ex.predict(images)
+            ex.explain(images, methods=("gradcam",))
     assert ex.trace_count == traced
 
 

@@ -225,6 +225,25 @@ def test_reflection_lists_and_describes_services(served: RunningServer) -> None:
     assert described.file_descriptor_response.file_descriptor_proto
 
 
+def test_every_service_behind_the_gate_answers_on_the_event_loop(served: RunningServer) -> None:
+    """Reflection, CamService and OIP handlers are coroutines or async generators: none holds
+    an executor thread for the length of a stream (grpcurl keeps its reflection stream open)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from camserve.serving.status import behavior_of
+
+    gate = served.server._gate
+    for method in (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/camserve.v1.CamService/Predict",
+        "/camserve.v1.CamService/ExplainStream",
+        "/inference.GRPCInferenceService/ModelInfer",
+    ):
+        behavior = behavior_of(gate.service(SimpleNamespace(method=method, invocation_metadata=())))
+        assert inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior), method
+
+
 # ------------------------------------------------------------------ status codes (SPEC §6)
 
 
