@@ -358,7 +358,7 @@ class Explainer:
         return tf.device(self.device) if self.device else contextlib.nullcontext()
 
     def _graph(self, key: tuple):
-        """The compiled graph of ``key`` (LRU-cached): ("predict",), ("prepare", width),
+        """The compiled graph of ``key`` (LRU-cached): ("predict",), ("input",), ("prepare", width),
         ("chunk", read) or ("explain", methods, width, scored names); keyed by the Method
         objects, so a method replaced in the registry recompiles."""
 

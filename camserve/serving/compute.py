@@ -1,8 +1,9 @@
 """The worker-thread side of the data plane: one batch of equal-keyed jobs → one result per job.
 
 Runs in the :class:`~camserve.serving.batching.Batcher`'s worker threads, never on the event
-loop. The batch's uint8 pixels become model input in one vectorised step
-(:func:`model_inputs`); the engine (:meth:`Explainer.predict <camserve.explain.Explainer.predict>`,
+loop. The batch's uint8 pixels go to the explainer as one uint8 array, preprocessed inside its
+compiled graph; float32 inputs (or a batch mixing both) become one float32 input
+(:func:`model_inputs`). The engine (:meth:`Explainer.predict <camserve.explain.Explainer.predict>`,
 :meth:`~camserve.explain.Explainer.explain`, :func:`camserve.dense.dense_scores`) is given a
 ``checkpoint`` callable (:func:`checkpoint_for`) that it calls between chunks and batches:
 it raises :class:`~camserve.errors.DeadlineExceeded` once every job of the batch is past its

@@ -1,8 +1,8 @@
 """Request images into what a batch takes: decoding (the pixel limit first, from the header),
 resizing to the model's input, and whether that work is cheap enough for the event loop.
 
-Raw uint8 tensors are viewed in the request's bytes, not copied; their preprocessing runs
-later, once per batch, in the worker (:func:`camserve.serving.compute.model_inputs`).
+Raw uint8 tensors are viewed in the request's bytes, not copied; they are batched as uint8
+(:func:`camserve.serving.compute.model_inputs`) and preprocessed inside the explainer's graph.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 A *key* holds everything that must be equal for requests to share one computation (model
 version, operation, input shape and the parameters that change the graph); requests with
 equal keys are merged. A *job* is one request's share of a batch: its images (uint8 pixels
-at the model's input size, preprocessed for the whole batch at once in the worker thread,
-or float32 inputs already preprocessed), its deadline and whether its caller is gone
+at the model's input size, preprocessed for the whole batch at once in the explainer's
+graph, or float32 inputs already preprocessed), its deadline and whether its caller is gone
 (``abandoned``): compute stops between chunks when every job of a batch is past its
 deadline or abandoned. Every key names its ``operation`` ("predict", "explain", "dense"),
 the label of the batch metrics.

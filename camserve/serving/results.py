@@ -34,7 +34,7 @@ def display_pixels(x: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """Images as the batch takes them: ``inputs`` (n, H, W, C), uint8 pixels at the model's
-    input size (preprocessed for the whole batch in the worker) or float32 preprocessed
+    input size (preprocessed for the whole batch in the explainer's graph) or float32 preprocessed
     inputs; and the pixels as sent (None for preprocessed tensors)."""
 
     inputs: np.ndarray
