@@ -1,4 +1,4 @@
-"""Tiny seeded Keras models for the method reference tests (tests/test_methods.py).
+"""Tiny seeded Keras models for the tests (the method references, the layer tests).
 
 Every model names its explained layer ``last_conv`` and the Dense that produces the
 class scores ``logits``; ``head`` chooses what follows that Dense:
@@ -94,6 +94,25 @@ def wide_model(
     x = keras.layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inp, _head(x, classes, head), name=f"wide_{channels}")
+
+
+def two_conv_model(
+    size: int,
+    classes: int,
+    seed: int,
+    names: tuple[str, str] = ("first_conv", "last_conv"),
+    channels: tuple[int, int] = (8, 16),
+    output_name: str | None = None,
+) -> keras.Model:
+    """conv ``names[0]`` → max-pool → conv ``names[1]`` (``channels``, same padding, ReLU) →
+    GAP → Dense(softmax): two layers to explain at two resolutions, for the layer tests."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(channels[0], 3, padding="same", activation="relu", name=names[0])(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(channels[1], 3, padding="same", activation="relu", name=names[1])(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(classes, activation="softmax", name=output_name)(x))
 
 
 def linear_twin(model: keras.Model) -> keras.Model:

@@ -73,15 +73,9 @@ def test_budget_counts_the_augmented_views():
 
 
 def two_layer_model():
-    import keras
+    from models_for_tests import two_conv_model
 
-    keras.utils.set_random_seed(9)
-    inp = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="first_conv")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(x))
+    return two_conv_model(32, len(CLASSES), seed=9, output_name="predictions")
 
 
 @pytest.fixture(scope="module")

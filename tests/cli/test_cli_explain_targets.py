@@ -4,9 +4,9 @@ matches the library's explanations of the same inputs."""
 import json
 
 import cv2
-import keras
 import numpy as np
 import pytest
+from models_for_tests import two_conv_model
 
 from camserve import Explainer, imaging
 from camserve.cli import main
@@ -20,13 +20,7 @@ NAMES = ["a", "b", "c", "d"]
 
 @pytest.fixture()
 def model_and_dir(tmp_path):
-    keras.utils.set_random_seed(8)
-    inp = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="first_conv")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(x))
+    model = two_conv_model(32, 4, seed=8)
     d = tmp_path / "repo" / "two"
     (d / "1").mkdir(parents=True)
     model.save(d / "1" / "model.keras")

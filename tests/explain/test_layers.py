@@ -5,9 +5,9 @@ averaged, then rescaled to a peak of 1."""
 from __future__ import annotations
 
 import cv2
-import keras
 import numpy as np
 import pytest
+from models_for_tests import two_conv_model
 
 from camserve.errors import InvalidArgument
 from camserve.explain import Explainer
@@ -17,13 +17,7 @@ IMAGES = np.random.default_rng(11).random((3, 16, 16, 3), dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def model():
-    keras.utils.set_random_seed(2)
-    inp = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="block1")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="block2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x))
+    return two_conv_model(16, 3, seed=2, names=("block1", "block2"), channels=(6, 8))
 
 
 def peak_one(m: np.ndarray) -> np.ndarray:

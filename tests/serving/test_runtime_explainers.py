@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from models_for_tests import two_conv_model
 
 from camserve.errors import InvalidArgument
 from camserve.explain import Explainer
@@ -63,23 +64,13 @@ def test_served_explainers_drop_the_configured_prefix_tokens(tmp_path: Path) -> 
         runtime(tmp_path, model, "prefix_tokens = 0\n").explainer("norm1")
 
 
-def two_conv_model() -> keras.Model:
-    keras.utils.set_random_seed(5)
-    inp = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="narrow")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="wide")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x))
-
-
 @pytest.mark.parametrize("max_channels", [None, 10])
 @pytest.mark.parametrize("layers", [("narrow", "wide"), ("wide", "narrow")])
 def test_fused_layers_cost_every_layers_channels(tmp_path: Path, layers, max_channels) -> None:
     """Score-CAM scores each fused layer's channels: the budget's count is their sum (it used
     to be the first layer's × the layer count, too low when a narrow layer came first); the
     map's size is the first layer's (the fused raw map's)."""
-    model = two_conv_model()
+    model = two_conv_model(16, 3, seed=5, names=("narrow", "wide"))
     rt = runtime(tmp_path, model, max_channels=max_channels)
     geo = rt.geometry(rt.explainer(",".join(layers)))
     shapes = [model.get_layer(name).output.shape for name in layers]
