@@ -80,6 +80,16 @@ class WireImage:
         return None if self.preprocessed else self.array
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorImage:
+    """A wire Image sent as a raw tensor whose ``data`` the server read in place, in the
+    request's bytes (:func:`camserve.protowire.detach_tensor_data`): ``tensor`` holds the dtype
+    and shape (its own ``data`` is empty), ``data`` the bytes. Decoded like the Image."""
+
+    tensor: pb.Tensor
+    data: memoryview
+
+
 # ------------------------------------------------------------------ tensors
 
 
@@ -97,8 +107,10 @@ def tensor_to_array(
     ndim: int | None = None,
     max_elements: int | None = None,
     what: str = "tensor",
+    data: bytes | memoryview | None = None,
 ) -> np.ndarray:
     """Validate and view a wire Tensor as numpy; errors say what was wrong and what is allowed.
+    ``data``: the tensor's bytes when they are not in the message (:class:`TensorImage`).
 
     NaN and Inf are refused in float tensors.
     """
@@ -114,7 +126,8 @@ def tensor_to_array(
     count = math.prod(shape)  # Python ints: an int64 product could wrap around to a small number
     if max_elements is not None and count > max_elements:
         raise InvalidArgument(f"{what}: {count} elements exceed the limit of {max_elements}")
-    data = t.data  # each read of a bytes field copies it out of the message: read it once
+    if data is None:
+        data = t.data  # each read of a bytes field copies it out of the message: read it once
     if len(data) != count * dtype.itemsize:
         raise InvalidArgument(
             f"{what}: {len(data)} data bytes do not match shape {list(shape)} of {t.dtype} "
@@ -130,12 +143,16 @@ def tensor_to_array(
 # ------------------------------------------------------------------ images
 
 
-def decode_image_proto(msg: pb.Image, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> WireImage:
-    """Check and decode one wire Image.
+def decode_image_proto(
+    msg: pb.Image | TensorImage, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image"
+) -> WireImage:
+    """Check and decode one wire Image (or a :class:`TensorImage`).
 
     Encoded bytes: the header's width x height is checked against ``max_pixels`` before
     decoding. Tensors: see :data:`TENSOR_DTYPES`. Raises InvalidArgument (ImageError).
     """
+    if isinstance(msg, TensorImage):
+        return _decode_tensor(msg.tensor, max_pixels, what, msg.data)
     source = msg.WhichOneof("source")
     if source is None:
         raise ImageError(f"{what} is empty: set `encoded` (PNG, JPEG, BMP, WebP bytes) or `tensor`")
@@ -153,10 +170,13 @@ def decode_image_proto(msg: pb.Image, max_pixels: int = DEFAULT_MAX_PIXELS, what
         # The header may lie (or EXIF may rotate); the decoded size is checked too.
         check_pixels(rgb.shape[1], rgb.shape[0], max_pixels, f"{what} (decoded)")
         return WireImage(rgb, preprocessed=False)
-    t = msg.tensor
+    return _decode_tensor(msg.tensor, max_pixels, what)
+
+
+def _decode_tensor(t: pb.Tensor, max_pixels: int, what: str, data: memoryview | None = None) -> WireImage:
     if len(t.shape) == 3 and t.shape[0] > 0 and t.shape[1] > 0:
         check_pixels(int(t.shape[1]), int(t.shape[0]), max_pixels, f"{what} (tensor)")
-    a = tensor_to_array(t, ndim=3, what=f"{what} tensor (H, W, C)")
+    a = tensor_to_array(t, ndim=3, what=f"{what} tensor (H, W, C)", data=data)
     if a.dtype == np.uint8:
         c = a.shape[2]
         if c == 1:

@@ -47,7 +47,18 @@ NDJSON = "application/x-ndjson"
 #: Unary methods and their request types (ExplainStream is handled on its own).
 _SERVICE = pb.DESCRIPTOR.services_by_name["CamService"]
 METHODS: dict[str, Any] = {m.name: getattr(pb, m.input_type.name) for m in _SERVICE.methods if not m.client_streaming}
+#: Method name -> response message type (the servicer may answer with its bytes).
+ANSWERS: dict[str, Any] = {m.name: getattr(pb, m.output_type.name) for m in _SERVICE.methods}
 STREAM_METHOD = "ExplainStream"
+
+
+def as_message(method: str, answer: Any) -> Any:
+    """The servicer's answer as a message: it sends some answers already serialized (bytes).
+
+    >>> as_message("GetModel", pb.GetModelResponse(model={"name": "m"}).SerializeToString()).model.name
+    'm'
+    """
+    return ANSWERS[method].FromString(answer) if isinstance(answer, bytes) else answer
 
 
 class UnsupportedMediaType(InvalidArgument, http_status=415):
@@ -125,8 +136,9 @@ async def call_unary(request: web.Request) -> web.StreamResponse:
         message = json_to_message(method, await read_json(request))
     answer = await getattr(ctx.servicer, method)(message, CallContext(deadline_of(request)))
     if kind == PROTO:
-        return web.Response(body=answer.SerializeToString(), content_type=PROTO)
-    return web.json_response(message_to_json(answer))
+        body = answer if isinstance(answer, bytes) else answer.SerializeToString()
+        return web.Response(body=body, content_type=PROTO)
+    return web.json_response(message_to_json(as_message(method, answer)))
 
 
 async def _requests_of(request: web.Request, kind: str) -> list[Any]:
@@ -170,7 +182,10 @@ async def call_stream(request: web.Request, ctx: HttpContext) -> web.StreamRespo
     up (their jobs abandoned), as when a gRPC stream ends."""
     requests = await _requests_of(request, media_type(request))
     context = CallContext(deadline_of(request))
-    handle = lambda req: ctx.servicer.Explain(req, context)
+
+    async def handle(req: Any) -> Any:
+        return as_message(STREAM_METHOD, await ctx.servicer.Explain(req, context))
+
     answers = cast(  # an async generator: closing it cancels the requests in progress
         AsyncGenerator[Any, None],
         completion_order(_iterate(requests), handle, ctx.config.stream_inflight, ctx.servicer.streams),

@@ -4,19 +4,25 @@ The per-object conversions shared with the client (images, predictions, explanat
 float maps) are in :mod:`camserve.wire`; this module builds whole responses from the
 :mod:`camserve.serving.dataplane` result types. Nothing here works element by element: float
 maps go as bytes (:func:`camserve.wire.floatmap_fields`), and nested messages are built from
-plain values in one constructor call (protobuf copies a message passed in).
+plain values in one constructor call (protobuf copies a message passed in). The gRPC server
+sends Explain answers as :func:`explain_response_bytes`: the same message, serialized with
+each float map copied once, from its array into the answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from camserve import wire
 from camserve.proto import pb
+from camserve.protowire import Pieces
 
 if TYPE_CHECKING:
     from camserve.dense import DenseResult
+    from camserve.explanation import Explanation
     from camserve.serving.dataplane import DenseScoresResult, ExplainResult, ModelDescription, PredictResult
 
 
@@ -38,31 +44,100 @@ def explain_response(
     """An ExplainResponse; maps and overlays only when asked for (overlays and heatmap PNGs
     are PNG encoding work: call it off the event loop). Each image carries its size as sent
     and each box also in that image's pixels (``image_box``)."""
-    inputs = result.prepared.inputs
-    input_size = (int(inputs.shape[1]), int(inputs.shape[2]))
-    images = []
-    for i, per_image in enumerate(result.explanations):
-        pixels = result.prepared.pixels[i]
-        size = input_size if pixels is None else (int(pixels.shape[0]), int(pixels.shape[1]))
-        pngs: list[bytes | None] = list(result.overlays(i)) if overlay else [None] * len(per_image)
-        explanations = [
-            wire.explanation_fields(
-                e,
-                raw=raw,
-                heatmap=heatmap,
-                heatmap_png=heatmap_png,
-                overlay_png=png,
-                image_box=None if e.box is None or size == input_size else wire.scale_box(e.box, input_size, size),
-            )
-            for e, png in zip(per_image, pngs)
-        ]
-        images.append({"explanations": explanations, "image_height": size[0], "image_width": size[1]})
+    images = [
+        {
+            "explanations": [
+                wire.explanation_fields(
+                    e, raw=raw, heatmap=heatmap, heatmap_png=heatmap_png, overlay_png=png, image_box=box
+                )
+                for e, png, box in explained
+            ],
+            "image_height": size[0],
+            "image_width": size[1],
+        }
+        for size, explained in _images(result, overlay)
+    ]
     return pb.ExplainResponse(
         model={"name": result.model, "version": int(result.version)},
         layer=result.layer,
         images=images,
         request_id=request_id,
     )
+
+
+_IMAGES = pb.ExplainResponse.DESCRIPTOR.fields_by_name["images"].number
+_EXPLANATIONS = pb.ImageExplanations.DESCRIPTOR.fields_by_name["explanations"].number
+_RAW = pb.Explanation.DESCRIPTOR.fields_by_name["raw"].number
+_HEATMAP = pb.Explanation.DESCRIPTOR.fields_by_name["heatmap"].number
+_DATA = pb.FloatMap.DESCRIPTOR.fields_by_name["data"].number
+
+
+def explain_response_bytes(
+    result: ExplainResult,
+    *,
+    raw: bool = False,
+    heatmap: bool = False,
+    heatmap_png: bool = False,
+    overlay: bool = False,
+    request_id: str = "",
+) -> bytes:
+    """:func:`explain_response` serialized (the same message once parsed), with each float map
+    copied once, from its array into the answer, not into ``bytes``, into a message and out."""
+    out = Pieces()
+    out.raw(
+        pb.ExplainResponse(
+            model={"name": result.model, "version": int(result.version)}, layer=result.layer, request_id=request_id
+        ).SerializeToString()
+    )
+    for size, explained in _images(result, overlay):
+        image = Pieces()
+        for e, png, box in explained:
+            fields = wire.explanation_fields(e, heatmap_png=heatmap_png, overlay_png=png, image_box=box)
+            one = Pieces()
+            one.raw(pb.Explanation(**fields).SerializeToString())
+            if raw and e.raw is not None:
+                one.message_field(_RAW, floatmap_pieces(e.raw))
+            if heatmap and e.heatmap is not None:
+                one.message_field(_HEATMAP, floatmap_pieces(e.heatmap))
+            image.message_field(_EXPLANATIONS, one)
+        image.raw(pb.ImageExplanations(image_height=size[0], image_width=size[1]).SerializeToString())
+        out.message_field(_IMAGES, image)
+    return out.join()
+
+
+def floatmap_pieces(a: np.ndarray) -> Pieces:
+    """A FloatMap of ``a`` (as :func:`camserve.wire.floatmap_fields`) whose data is ``a``'s own
+    memory (converted to little-endian float32 in C order first when it is not that already).
+
+    >>> m = pb.FloatMap.FromString(floatmap_pieces(np.eye(2, dtype=np.float32)).join())
+    >>> wire.floatmap_to_array(m).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    a = np.ascontiguousarray(a, wire.MAP_DTYPE)
+    p = Pieces()
+    p.raw(pb.FloatMap(shape=a.shape).SerializeToString())
+    p.bytes_field(_DATA, a.reshape(-1).data.cast("B"))
+    return p
+
+
+def _images(
+    result: ExplainResult, overlay: bool
+) -> Iterator[tuple[tuple[int, int], list[tuple[Explanation, bytes | None, tuple[int, int, int, int] | None]]]]:
+    """Per image: its size as sent and, per explanation, (explanation, PNG overlay or None, box
+    in the image's pixels or None when it had the model's input size)."""
+    inputs = result.prepared.inputs
+    input_size = (int(inputs.shape[1]), int(inputs.shape[2]))
+    for i, per_image in enumerate(result.explanations):
+        pixels = result.prepared.pixels[i]
+        size = input_size if pixels is None else (int(pixels.shape[0]), int(pixels.shape[1]))
+        pngs: list[bytes | None] = list(result.overlays(i)) if overlay else [None] * len(per_image)
+        yield (
+            size,
+            [
+                (e, png, None if e.box is None or size == input_size else wire.scale_box(e.box, input_size, size))
+                for e, png in zip(per_image, pngs)
+            ],
+        )
 
 
 def dense_response(result: DenseScoresResult) -> Any:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ImageInput", "decode_image", "declared_size", "dense_input", "inline_ok", "prepare"]
 
-#: One image of a request: a wire Image (encoded bytes or a tensor) or a decoded WireImage.
-ImageInput = Union["pb.Image", wire.WireImage]
+#: One image of a request: a wire Image (encoded bytes or a tensor), a raw tensor read in place
+#: in the request's bytes (TensorImage) or a decoded WireImage.
+ImageInput = Union["pb.Image", wire.TensorImage, wire.WireImage]
 
 #: Raw tensors up to this many bytes in all are prepared on the event loop (they are viewed,
 #: not copied or decoded: cheaper than a thread hop, see :func:`inline_ok`).
@@ -50,7 +51,7 @@ def declared_size(image: ImageInput) -> tuple[int, int]:
     shape (0 when it has none) or the array."""
     if isinstance(image, wire.WireImage):
         return int(image.array.shape[1]), int(image.array.shape[0])
-    if image.WhichOneof("source") == "encoded":
+    if isinstance(image, pb.Image) and image.WhichOneof("source") == "encoded":
         _, width, height = wire.encoded_size(image.encoded)
         return width, height
     height, width = (list(image.tensor.shape) + [0, 0])[:2]
@@ -67,7 +68,7 @@ def inline_ok(images: Sequence[ImageInput]) -> bool:
     for m in images:
         if isinstance(m, wire.WireImage):
             total += m.array.nbytes
-        elif m.WhichOneof("source") == "tensor":
+        elif isinstance(m, wire.TensorImage) or m.WhichOneof("source") == "tensor":
             t = m.tensor  # its declared size (reading ``data`` would copy the bytes out of the message)
             total += math.prod(t.shape) * (4 if t.dtype == "float32" else 1)
         else:

@@ -51,12 +51,15 @@ def targets_of(request: Any) -> list[list[Any]] | None:
     return [[wire.target_from_proto(t) for t in tl.targets] for tl in request.targets]
 
 
-async def explain_answer(plane: DataPlane, result: Any, outputs: Outputs, request_id: str = "") -> Any:
+async def explain_answer(
+    plane: DataPlane, result: Any, outputs: Outputs, request_id: str = "", *, serialized: bool = False
+) -> Any:
     """The ExplainResponse of a data-plane explain result with the ``outputs`` asked for (gRPC
-    and HTTP alike): maps are bytes (cheap, built on the event loop); PNG overlays and heatmap
-    PNGs are encoding work (built in the data plane's pool)."""
+    and HTTP alike; ``serialized``: as bytes, :func:`convert.explain_response_bytes`): maps are
+    bytes (cheap, built on the event loop); PNG overlays and heatmap PNGs are encoding work
+    (built in the data plane's pool)."""
     build = functools.partial(
-        convert.explain_response,
+        convert.explain_response_bytes if serialized else convert.explain_response,
         result,
         raw=outputs.raw,
         heatmap=outputs.heatmap,
@@ -196,7 +199,7 @@ class CamServicer(pb_grpc.CamServiceServicer):
             aug_smooth=request.aug_smooth,
             eigen_smooth=request.eigen_smooth,
         )
-        response = await explain_answer(plane, result, outputs, request.request_id)
+        response = await explain_answer(plane, result, outputs, request.request_id, serialized=True)
         return self._checked(response, result.answer_bytes)
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -216,14 +219,15 @@ class CamServicer(pb_grpc.CamServiceServicer):
         return self._checked(response, result.answer_bytes)
 
     def _checked(self, response: Any, estimate: int) -> Any:
-        """``response``, or RESOURCE_EXHAUSTED (counted as such) when it is larger than the
-        server sends. The data plane refused, before compute, any request whose answer's upper
-        estimate exceeds the limit; this is the backstop, measured only when the estimate is
-        within a factor 2 of the limit (``ByteSize`` encodes the whole message)."""
+        """``response`` (a message or its bytes), or RESOURCE_EXHAUSTED (counted as such) when
+        it is larger than the server sends. The data plane refused, before compute, any request
+        whose answer's upper estimate exceeds the limit; this is the backstop, measured only
+        when the estimate is within a factor 2 of the limit (``ByteSize`` encodes the whole
+        message)."""
         limit = self.plane.config.max_message_bytes
         if 0 < estimate <= limit // 2:
             return response
-        size = response.ByteSize()
+        size = len(response) if isinstance(response, bytes) else response.ByteSize()
         if size > limit:
             raise ResponseTooLarge(
                 f"the answer is {size} bytes, more than the largest message the server sends "

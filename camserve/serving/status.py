@@ -103,13 +103,18 @@ def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
 
 
 def with_behavior(
-    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], request_deserializer: Any = _SAME
+    handler: grpc.RpcMethodHandler,
+    behavior: Callable[..., Any],
+    request_deserializer: Any = _SAME,
+    response_serializer: Any = _SAME,
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and response serializer as ``handler`` that runs ``behavior``
-    (and, when given, parses requests with ``request_deserializer``; None: the raw bytes)."""
+    """A handler of the same kind as ``handler`` that runs ``behavior`` (and, when given, parses
+    requests with ``request_deserializer`` and writes responses with ``response_serializer``;
+    None: raw bytes; not given: ``handler``'s)."""
     make = _MAKE_HANDLER[(bool(handler.request_streaming), bool(handler.response_streaming))]
     deserializer = handler.request_deserializer if request_deserializer is _SAME else request_deserializer
-    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+    serializer = handler.response_serializer if response_serializer is _SAME else response_serializer
+    return make(behavior, request_deserializer=deserializer, response_serializer=serializer)
 
 
 def forget_tracebacks(exc: BaseException | None) -> None:

@@ -79,6 +79,40 @@ def test_heatmap_png_only_when_asked_and_within_one_step() -> None:
     assert float(np.abs(gray / 255.0 - heat).max()) <= 1 / 255
 
 
+OUTPUTS = [
+    {},
+    {"raw": True},
+    {"heatmap": True, "request_id": "r9"},
+    {"raw": True, "heatmap": True, "heatmap_png": True},
+    {"raw": True, "heatmap": True, "overlay": True},
+]
+
+
+@pytest.mark.parametrize("outputs", OUTPUTS, ids=lambda o: "+".join(o) or "none")
+def test_the_answer_as_bytes_parses_to_the_answer_as_a_message(outputs) -> None:
+    """The gRPC server sends explain_response_bytes: joined from pieces, the float maps from the
+    arrays' own memory; it must read back as the message explain_response builds."""
+    images = [np.full((90, 50, 3), 7, np.uint8), None, np.zeros((MODEL, MODEL, 3), np.uint8)]
+    result = _result(images, [(0, 0, 8, 8), None, (3, 4, 30, 40)])
+    result.explanations[1].append(_explanation(9, (1, 1, 2, 2)))  # two explanations for one image
+    data = convert.explain_response_bytes(result, **outputs)
+    assert pb.ExplainResponse.FromString(data) == convert.explain_response(result, **outputs)
+
+
+def test_maps_that_are_not_little_endian_float32_in_c_order_are_converted_in_the_bytes() -> None:
+    heat = np.asfortranarray(np.random.default_rng(4).random((MODEL, MODEL)))  # float64, column-major
+    result = ExplainResult(
+        "m",
+        1,
+        "conv",
+        [[Explanation("cam", 0, "a", 0.5, heat[:4, :4].astype(">f4"), heat, None)]],
+        Prepared(np.zeros((1, MODEL, MODEL, 3), np.float32), [None]),
+    )
+    e = pb.ExplainResponse.FromString(convert.explain_response_bytes(result, raw=True, heatmap=True)).images[0]
+    np.testing.assert_array_equal(wire.floatmap_to_array(e.explanations[0].heatmap), heat.astype(np.float32))
+    np.testing.assert_array_equal(wire.floatmap_to_array(e.explanations[0].raw), heat[:4, :4].astype(np.float32))
+
+
 def test_predict_response_scores_as_one_map() -> None:
     scores = np.random.default_rng(1).random((2, 5), dtype=np.float32)
     resp = convert.predict_response(PredictResult("m", 1, tuple("abcde"), scores), top_k=2)

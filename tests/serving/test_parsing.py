@@ -12,7 +12,9 @@ import pytest
 from helpers_serving import RunningServer, local_config, metric_value, save_model, tiny_gap
 
 from camserve import wire
+from camserve.errors import InvalidArgument
 from camserve.proto import pb, pb_grpc
+from camserve.serving.parsing import DETACH_MIN_BYTES, WithTensorData, request_parser
 
 TOKEN = "s3cret-t0ken"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -149,3 +151,64 @@ def test_health_keeps_grpc_parsing(served) -> None:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert metric_value(served.metrics_text(), "camserve_requests_total", method="Check") == 0
+
+
+# ---------------------------------------------------------------- large raw tensors, read in place
+
+BIG = np.random.default_rng(5).integers(0, 256, (120, 100, 3), dtype=np.uint8)  # 36 KB of pixels
+assert BIG.nbytes >= DETACH_MIN_BYTES > IMAGE.nbytes
+
+
+def test_large_raw_tensors_reach_the_handler_as_views_of_the_request_bytes() -> None:
+    data = pb.PredictRequest(
+        model=pb.ModelSpec(name="gap"), images=[wire.image_to_proto(BIG), pb.Image(encoded=b"png")], top_k=2
+    ).SerializeToString()
+    request = request_parser("Predict", pb.PredictRequest.FromString)(data)
+    assert isinstance(request, WithTensorData)
+    assert (request.model.name, request.top_k, len(request.images)) == ("gap", 2, 2)
+    viewed, encoded = request.images
+    assert isinstance(viewed, wire.TensorImage) and viewed.data.obj is data  # not copied
+    assert encoded == pb.Image(encoded=b"png")
+    np.testing.assert_array_equal(wire.decode_image_proto(viewed).array, BIG)
+    assert not isinstance(request_parser("Predict", pb.PredictRequest.FromString)(VALID), WithTensorData)
+
+
+def test_a_large_tensor_with_a_wrong_size_is_still_refused_by_name() -> None:
+    tensor = wire.array_to_tensor(BIG)
+    tensor.data = tensor.data[:-1]
+    data = pb.DenseScoresRequest(image=pb.Image(tensor=tensor)).SerializeToString()
+    request = request_parser("DenseScores", pb.DenseScoresRequest.FromString)(data)
+    assert isinstance(request.image, wire.TensorImage)
+    with pytest.raises(InvalidArgument, match=r"35999 data bytes do not match shape \[120, 100, 3\]"):
+        wire.decode_image_proto(request.image)
+
+
+def test_large_raw_tensors_get_the_answers_of_the_same_image_sent_encoded(channel) -> None:
+    """The server reads large tensors in place: every RPC taking images answers exactly as it
+    does for the same pixels sent as a (lossless) PNG, which goes through the parser whole."""
+    stub = pb_grpc.CamServiceStub(channel)
+    png = pb.Image(encoded=_png(BIG))
+    tensor = wire.image_to_proto(BIG)
+    model = pb.ModelSpec(name="gap")
+
+    def predict(image):
+        return stub.Predict(pb.PredictRequest(model=model, images=[image, image], top_k=1), timeout=30, metadata=AUTH)
+
+    def explain(image):
+        request = pb.ExplainRequest(model=model, images=[image], return_heatmap=True, return_raw=True)
+        return stub.Explain(request, timeout=30, metadata=AUTH)
+
+    def dense(image):
+        return stub.DenseScores(pb.DenseScoresRequest(model=model, image=image), timeout=30, metadata=AUTH)
+
+    for rpc in (predict, explain, dense):
+        assert rpc(tensor) == rpc(png), rpc.__name__
+    assert explain(tensor).images[0].image_width == 100
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
