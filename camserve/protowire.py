@@ -91,7 +91,11 @@ def fields(buf: Buffer, start: int = 0, end: int | None = None) -> Iterator[tupl
     pos = start
     while pos < end:
         field_start = pos
-        tag, pos = read_varint(buf, pos, end)
+        tag = buf[pos]
+        if tag < 0x80:  # the usual one-byte tag, read inline (this loop is on the request path)
+            pos += 1
+        else:
+            tag, pos = read_varint(buf, pos, end)
         number, wire_type = tag >> 3, tag & 7
         if number == 0:
             raise WireFormatError("field number 0")

@@ -33,6 +33,8 @@ HTTP_IDLE_TIMEOUT_S = 30.0
 #: Seconds a stopping HTTP listener gives requests in progress (the data plane drains before).
 SHUTDOWN_TIMEOUT_S = 2.0
 #: Histogram buckets (seconds) of request latencies, gRPC and HTTP alike.
+#: Labelled metric children kept for reuse (methods x codes and operations are far fewer).
+MAX_CACHED_CHILDREN = 1024
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -75,23 +77,35 @@ class ServerMetrics:
         self.dropped = Counter("camserve_dropped_total", "requests dropped before compute", ["reason"], registry=r)
         self.model_ready = Gauge("camserve_model_ready", "1 when the model serves", ["model", "version"], registry=r)
         self.http: MetricsHTTP | None = None
+        # The labelled children, looked up once: ``labels()`` takes a lock and builds a key on
+        # every call, several times per request otherwise.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _labels(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < MAX_CACHED_CHILDREN:  # label values are few; bounded all the same
+                self._children[key] = child
+        return child
 
     def batcher_hooks(self) -> BatcherMetrics[BatchKey]:
         """Hooks for the :class:`~camserve.serving.batching.Batcher`, labelled by the batch
         key's ``operation``."""
         return BatcherMetrics(
             queue_depth=self.queue_depth.set,
-            batch=lambda key, n: self.batch_size.labels(key.operation).observe(n),
-            queue_time=lambda key, s: self.queue_time.labels(key.operation).observe(s),
+            batch=lambda key, n: self._labels(self.batch_size, key.operation).observe(n),
+            queue_time=lambda key, s: self._labels(self.queue_time, key.operation).observe(s),
             dropped=lambda key, reason: self.dropped.labels(reason).inc(),
         )
 
     def record(self, method: str, code: str, seconds: float) -> None:
         """One finished call: ``code`` is the status code's name (``"OK"``, ``"NOT_FOUND"``, ...)."""
-        self.requests.labels(method, code).inc()
+        self._labels(self.requests, method, code).inc()
         if code != "OK":
-            self.errors.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+            self._labels(self.errors, method, code).inc()
+        self._labels(self.latency, method).observe(seconds)
 
     def model_is_ready(self, name: str, version: int) -> None:
         self.model_ready.labels(name, str(version)).set(1)

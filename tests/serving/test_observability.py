@@ -302,3 +302,20 @@ def _unchunk(data: bytes) -> bytes:
             break
         out, data = out + rest[:n], rest[n + 2 :]
     return out
+
+
+def test_labelled_children_are_reused_and_their_cache_is_bounded(monkeypatch) -> None:
+    import camserve.serving.observability as obs
+
+    monkeypatch.setattr(obs, "MAX_CACHED_CHILDREN", 4)
+    m = obs.ServerMetrics()
+    for _ in range(3):
+        m.record("Predict", "OK", 0.001)
+    for i in range(10):  # more label values than the cache keeps: all still counted
+        m.record(f"M{i}", "NOT_FOUND", 0.001)
+        m.record(f"M{i}", "NOT_FOUND", 0.001)
+    sample = m.registry.get_sample_value
+    assert sample("camserve_requests_total", {"method": "Predict", "code": "OK"}) == 3
+    assert sample("camserve_request_latency_seconds_count", {"method": "Predict"}) == 3
+    assert [sample("camserve_errors_total", {"method": f"M{i}", "code": "NOT_FOUND"}) for i in range(10)] == [2] * 10
+    assert len(m._children) == 4
