@@ -50,14 +50,29 @@ def encode_varint(n: int) -> bytes:
     >>> encode_varint(1), encode_varint(300)
     (b'\\x01', b'\\xac\\x02')
     """
-    if n < 0x80:
-        return bytes((n,))
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
+    if 0 <= n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def _len_header(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field."""
+    tag = number << 3 | LEN
+    return (_ONE_BYTE[tag] if tag < 0x80 else encode_varint(tag)) + (
+        _ONE_BYTE[length] if length < 0x80 else encode_varint(length)
+    )
 
 
 def read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
@@ -135,25 +150,28 @@ class Pieces:
         self.size = 0
 
     def raw(self, data: Buffer) -> None:
-        """Bytes of whole fields, e.g. a message's ``SerializeToString()``."""
+        """Bytes of whole fields, e.g. a message's ``SerializeToString()`` (a one-dimensional
+        byte buffer: ``len`` is its size)."""
         self.parts.append(data)
-        self.size += len(data) if not isinstance(data, memoryview) else data.nbytes
+        self.size += len(data)
 
     def varint_field(self, number: int, value: int) -> None:
         self.raw(encode_varint(number << 3 | VARINT) + encode_varint(value))
 
     def bytes_field(self, number: int, data: Buffer) -> None:
-        """A bytes (or string) field holding ``data`` (a C-contiguous buffer, kept by reference)."""
-        length = data.nbytes if isinstance(data, memoryview) else len(data)
-        self.raw(encode_varint(number << 3 | LEN) + encode_varint(length))
-        self.parts.append(data)
-        self.size += length
+        """A bytes (or string) field holding ``data`` (a one-dimensional byte buffer, e.g. a
+        numpy array's ``data.cast("B")``, kept by reference until :meth:`join`)."""
+        length = len(data)
+        header = _len_header(number, length)
+        self.parts += (header, data)
+        self.size += len(header) + length
 
     def message_field(self, number: int, message: Pieces) -> None:
         """A nested message field holding ``message`` (its pieces are taken over)."""
-        self.raw(encode_varint(number << 3 | LEN) + encode_varint(message.size))
-        self.parts.extend(message.parts)
-        self.size += message.size
+        header = _len_header(number, message.size)
+        self.parts.append(header)
+        self.parts += message.parts
+        self.size += len(header) + message.size
 
     def join(self) -> bytes:
         """The serialized message."""

@@ -11,6 +11,7 @@ each float map copied once, from its array into the answer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from camserve import wire
 from camserve.proto import pb
-from camserve.protowire import Pieces
+from camserve.protowire import Pieces, encode_varint
 
 if TYPE_CHECKING:
     from camserve.dense import DenseResult
@@ -70,6 +71,9 @@ _EXPLANATIONS = pb.ImageExplanations.DESCRIPTOR.fields_by_name["explanations"].n
 _RAW = pb.Explanation.DESCRIPTOR.fields_by_name["raw"].number
 _HEATMAP = pb.Explanation.DESCRIPTOR.fields_by_name["heatmap"].number
 _DATA = pb.FloatMap.DESCRIPTOR.fields_by_name["data"].number
+_SHAPE = pb.FloatMap.DESCRIPTOR.fields_by_name["shape"].number
+_HEIGHT = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_height"].number
+_WIDTH = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_width"].number
 
 
 def explain_response_bytes(
@@ -84,12 +88,8 @@ def explain_response_bytes(
     """:func:`explain_response` serialized (the same message once parsed), with each float map
     copied once, from its array into the answer, not into ``bytes``, into a message and out."""
     out = Pieces()
-    out.raw(
-        pb.ExplainResponse(
-            model={"name": result.model, "version": int(result.version)}, layer=result.layer, request_id=request_id
-        ).SerializeToString()
-    )
-    for size, explained in _images(result, overlay):
+    out.raw(_response_head(result.model, int(result.version), result.layer, request_id))
+    for (height, width), explained in _images(result, overlay):
         image = Pieces()
         for e, png, box in explained:
             fields = wire.explanation_fields(e, heatmap_png=heatmap_png, overlay_png=png, image_box=box)
@@ -100,9 +100,18 @@ def explain_response_bytes(
             if heatmap and e.heatmap is not None:
                 one.message_field(_HEATMAP, floatmap_pieces(e.heatmap))
             image.message_field(_EXPLANATIONS, one)
-        image.raw(pb.ImageExplanations(image_height=size[0], image_width=size[1]).SerializeToString())
+        image.varint_field(_HEIGHT, height)
+        image.varint_field(_WIDTH, width)
         out.message_field(_IMAGES, image)
     return out.join()
+
+
+@functools.lru_cache(maxsize=256)
+def _response_head(model: str, version: int, layer: str, request_id: str) -> bytes:
+    """An ExplainResponse's fields but its images (the same for every answer of a model's
+    layer, but ExplainStream's request ids)."""
+    head = pb.ExplainResponse(model={"name": model, "version": version}, layer=layer, request_id=request_id)
+    return head.SerializeToString()
 
 
 def floatmap_pieces(a: np.ndarray) -> Pieces:
@@ -115,7 +124,7 @@ def floatmap_pieces(a: np.ndarray) -> Pieces:
     """
     a = np.ascontiguousarray(a, wire.MAP_DTYPE)
     p = Pieces()
-    p.raw(pb.FloatMap(shape=a.shape).SerializeToString())
+    p.bytes_field(_SHAPE, b"".join(map(encode_varint, a.shape)))  # packed int64 (sizes are not negative)
     p.bytes_field(_DATA, a.reshape(-1).data.cast("B"))
     return p
 
