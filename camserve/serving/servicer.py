@@ -21,6 +21,7 @@ from camserve.proto import pb, pb_grpc
 from camserve.serving import convert
 from camserve.serving.budget import Outputs, ResponseTooLarge
 from camserve.serving.dataplane import DataPlane
+from camserve.serving.parsing import WithTensorData
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["CamService"].full_name
 
@@ -31,6 +32,13 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline as a ``time.monotonic()`` instant (None: none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def message_of(request: Any) -> Any:
+    """The request message itself (:class:`~camserve.serving.parsing.WithTensorData` wraps it
+    when the images' tensor data stayed in the request's bytes): its fields, read without the
+    wrapper's look-up."""
+    return request.message if type(request) is WithTensorData else request
 
 
 def outputs_of(request: Any) -> Outputs:
@@ -165,10 +173,9 @@ class CamServicer(pb_grpc.CamServiceServicer):
         self.streams = StreamCounters()
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        images, request = request.images, message_of(request)
         m = request.model
-        result = await self.plane.predict(
-            m.name, m.version, request.images, top_k=request.top_k, deadline=deadline_of(context)
-        )
+        result = await self.plane.predict(m.name, m.version, images, top_k=request.top_k, deadline=deadline_of(context))
         return convert.predict_response(result, request.top_k)
 
     async def Explain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -183,12 +190,13 @@ class CamServicer(pb_grpc.CamServiceServicer):
             yield response
 
     async def _explain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        images, request = request.images, message_of(request)
         plane, m = self.plane, request.model
         outputs = outputs_of(request)
         result = await plane.explain(
             m.name,
             m.version,
-            request.images,
+            images,
             layer=request.layer,
             methods=request.methods,
             targets=targets_of(request),
@@ -203,11 +211,13 @@ class CamServicer(pb_grpc.CamServiceServicer):
         return self._checked(response, result.answer_bytes)
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        image = request.image if request.HasField("image") else None
+        request = message_of(request)
         m = request.model
         result = await self.plane.dense_scores(
             m.name,
             m.version,
-            request.image if request.HasField("image") else None,
+            image,
             stride=request.stride,
             scales=request.scales,
             mode=request.mode,
