@@ -12,8 +12,9 @@ company while another batch computes: it starts when ``max_batch_size`` units wa
 oldest request has waited ``batch_timeout`` seconds, or when the device goes idle. So a lone
 request never waits for ``batch_timeout``, and under load batches are as large as the load
 allows. Given the ``batch_sizes`` compute runs without padding (the Explainer's buckets), a
-batch that padding would grow by more than it leaves behind is cut to the size below: of 17
-waiting, 16 go now and one with the next batch, rather than 17 padded to 32.
+batch that padding would grow by as much as or more than it leaves behind is cut to the size
+below: of 17 waiting, 16 go now and one with the next batch, rather than 17 padded to 32; of 24,
+16 and then 8 (padding to 32 would compute 8 images for nobody).
 
 The queue is bounded: :meth:`Batcher.submit` raises :class:`QueueFull` at once when
 ``max_queued`` requests are waiting. A request whose deadline has passed is dropped before
@@ -334,18 +335,19 @@ class Batcher(Generic[K, T]):
     def batch_units(self, waiting: int) -> int:
         """The units the next batch takes when ``waiting`` units wait: at most
         ``max_batch_size``; cut to the largest of ``batch_sizes`` below when padding up to the
-        next one would add more than the cut leaves for the next batch.
+        next one would add as many images as the cut leaves for the next batch, or more (on a
+        tie the padded images would be computed for nobody; the cut ones are computed later).
 
         >>> b = Batcher(lambda key, items: items, batch_sizes=(1, 2, 4, 8, 16, 32))
-        >>> [b.batch_units(n) for n in (3, 16, 17, 20, 24, 40)]
-        [3, 16, 16, 16, 24, 32]
+        >>> [b.batch_units(n) for n in (3, 13, 16, 17, 20, 24, 40)]
+        [2, 13, 16, 16, 16, 16, 32]
         """
         n = min(waiting, self.max_batch_size)
         below = [s for s in self.batch_sizes if s < n]
         above = [s for s in self.batch_sizes if s > n]
         if n in self.batch_sizes or not below or not above:
             return n
-        return below[-1] if n - below[-1] < above[0] - n else n
+        return below[-1] if n - below[-1] <= above[0] - n else n
 
     def _take(self, key: K, now: float) -> list[_Entry[K, T]]:
         q = self._pending[key]

@@ -93,7 +93,8 @@ def test_batch_closes_at_max_size_without_waiting_for_timeout() -> None:
     [
         (17, (1, 2, 4, 8, 16, 32), [16, 1]),  # 17 padded to 32 wastes 15; the cut leaves 1
         (20, (1, 2, 4, 8, 16, 32), [16, 4]),
-        (24, (1, 2, 4, 8, 16, 32), [24]),  # padding adds 8, the cut would leave 8: no cut
+        (24, (1, 2, 4, 8, 16, 32), [16, 8]),  # padding adds 8, the cut leaves 8: a tie cuts (no compute wasted)
+        (3, (1, 2, 4, 8, 16, 32), [2, 1]),
         (13, (1, 2, 4, 8, 16, 32), [13]),
         (16, (1, 2, 4, 8, 16, 32), [16]),
         (17, None, [17]),  # no sizes given: as many as wait, up to max_batch_size
@@ -103,8 +104,8 @@ def test_batch_sizes_cut_a_batch_that_padding_would_grow_more_than_it_leaves(
     waiting: int, sizes: tuple[int, ...] | None, expected: list[int]
 ) -> None:
     """Requests wait while a batch computes; when it ends, the next batch takes them all unless
-    padding up to the next allowed size would add more images than cutting down to the size
-    below leaves for the batch after (the oldest go first)."""
+    padding up to the next allowed size would add as many images as cutting down to the size
+    below leaves for the batch after, or more (the oldest go first)."""
     gate = threading.Event()
     rec = Recorder(gate)
 
