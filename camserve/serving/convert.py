@@ -66,6 +66,12 @@ def explain_response(
     )
 
 
+#: Answers estimated at this size or more are sent as :func:`explain_response_bytes`; smaller
+#: ones as messages, which protobuf's C code builds and serializes faster than the pieces are
+#: joined in Python (one image with raw + heatmap, quiet CPU, message + serialize / bytes:
+#: 64 px 9.7 / 11.2 µs, 128 px 13.6 / 13.3 µs, 224 px 25.2 / 16.2 µs).
+BYTES_ANSWER_FROM = 64 * 1024
+
 _IMAGES = pb.ExplainResponse.DESCRIPTOR.fields_by_name["images"].number
 _EXPLANATIONS = pb.ImageExplanations.DESCRIPTOR.fields_by_name["explanations"].number
 _RAW = pb.Explanation.DESCRIPTOR.fields_by_name["raw"].number

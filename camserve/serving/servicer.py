@@ -207,7 +207,8 @@ class CamServicer(pb_grpc.CamServiceServicer):
             aug_smooth=request.aug_smooth,
             eigen_smooth=request.eigen_smooth,
         )
-        response = await explain_answer(plane, result, outputs, request.request_id, serialized=True)
+        large = result.answer_bytes >= convert.BYTES_ANSWER_FROM
+        response = await explain_answer(plane, result, outputs, request.request_id, serialized=large)
         return self._checked(response, result.answer_bytes)
 
     async def DenseScores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -212,3 +212,31 @@ def _png(pixels: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
     assert ok
     return buf.tobytes()
+
+
+def test_explain_answers_sent_as_bytes_read_back_as_the_messages_would(channel, monkeypatch) -> None:
+    """Large Explain answers leave the server as bytes it wrote itself (convert.BYTES_ANSWER_FROM),
+    smaller ones as messages gRPC serializes: a client reads the same answer either way."""
+    from camserve.serving import convert
+
+    stub = pb_grpc.CamServiceStub(channel)
+    request = pb.ExplainRequest(
+        model=pb.ModelSpec(name="gap"),
+        images=[wire.image_to_proto(BIG), wire.image_to_proto(IMAGE)],
+        methods=["gradcam", "cam"],
+        top_k=2,
+        return_raw=True,
+        return_heatmap=True,
+        request_id="r1",
+    )
+    built = []
+    real = convert.explain_response_bytes
+    monkeypatch.setattr(convert, "explain_response_bytes", lambda *a, **k: built.append(1) or real(*a, **k))
+    answers = []
+    for threshold in (0, 1 << 40):  # every answer as bytes, then none
+        monkeypatch.setattr(convert, "BYTES_ANSWER_FROM", threshold)
+        answers.append(stub.Explain(request, timeout=30, metadata=AUTH))
+    assert len(built) == 1
+    assert answers[0] == answers[1]
+    assert len(answers[0].images) == 2 and len(answers[0].images[0].explanations) == 4
+    assert answers[0].request_id == "r1" and answers[0].images[0].explanations[0].heatmap.data
