@@ -54,7 +54,7 @@ def encode_varint(n: int) -> bytes:
         return _ONE_BYTE[n]
     if 0 <= n < 0x4000:
         return bytes((n & 0x7F | 0x80, n >> 7))
-    if n < 0x200000:
+    if 0 <= n < 0x200000:
         return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
     out = bytearray()
     while n >= 0x80:

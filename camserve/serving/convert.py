@@ -5,8 +5,8 @@ float maps) are in :mod:`camserve.wire`; this module builds whole responses from
 :mod:`camserve.serving.dataplane` result types. Nothing here works element by element: float
 maps go as bytes (:func:`camserve.wire.floatmap_fields`), and nested messages are built from
 plain values in one constructor call (protobuf copies a message passed in). The gRPC server
-sends Explain answers as :func:`explain_response_bytes`: the same message, serialized with
-each float map copied once, from its array into the answer.
+sends large Explain answers (:data:`BYTES_ANSWER_FROM`) as :func:`explain_response_bytes`: the
+same message, serialized with each float map copied once, from its array into the answer.
 """
 
 from __future__ import annotations

@@ -232,11 +232,12 @@ def test_explain_answers_sent_as_bytes_read_back_as_the_messages_would(channel, 
     built = []
     real = convert.explain_response_bytes
     monkeypatch.setattr(convert, "explain_response_bytes", lambda *a, **k: built.append(1) or real(*a, **k))
-    answers = []
+    answers, streamed = [], []
     for threshold in (0, 1 << 40):  # every answer as bytes, then none
         monkeypatch.setattr(convert, "BYTES_ANSWER_FROM", threshold)
         answers.append(stub.Explain(request, timeout=30, metadata=AUTH))
-    assert len(built) == 1
-    assert answers[0] == answers[1]
+        streamed.append(list(stub.ExplainStream(iter([request, request]), timeout=30, metadata=AUTH)))
+    assert len(built) == 3  # Explain's answer and the stream's two, when the threshold was 0
+    assert answers[0] == answers[1] == streamed[0][0] == streamed[0][1] == streamed[1][0] == streamed[1][1]
     assert len(answers[0].images) == 2 and len(answers[0].images[0].explanations) == 4
     assert answers[0].request_id == "r1" and answers[0].images[0].explanations[0].heatmap.data
