@@ -201,7 +201,14 @@ def test_large_raw_tensors_get_the_answers_of_the_same_image_sent_encoded(channe
     def dense(image):
         return stub.DenseScores(pb.DenseScoresRequest(model=model, image=image), timeout=30, metadata=AUTH)
 
-    for rpc in (predict, explain, dense):
+    def stream(image):
+        requests = [
+            pb.ExplainRequest(model=model, images=[image], return_heatmap=True, request_id=f"r{i}") for i in range(3)
+        ]
+        answers = stub.ExplainStream(iter(requests), timeout=30, metadata=AUTH)
+        return sorted((a.request_id, a.SerializeToString()) for a in answers)
+
+    for rpc in (predict, explain, dense, stream):
         assert rpc(tensor) == rpc(png), rpc.__name__
     assert explain(tensor).images[0].image_width == 100
 
