@@ -5,8 +5,9 @@ float maps) are in :mod:`camserve.wire`; this module builds whole responses from
 :mod:`camserve.serving.dataplane` result types. Nothing here works element by element: float
 maps go as bytes (:func:`camserve.wire.floatmap_fields`), and nested messages are built from
 plain values in one constructor call (protobuf copies a message passed in). The gRPC server
-sends large Explain answers (:data:`BYTES_ANSWER_FROM`) as :func:`explain_response_bytes`: the
-same message, serialized with each float map copied once, from its array into the answer.
+sends large Explain and DenseScores answers (:data:`BYTES_ANSWER_FROM`) serialized here
+(:func:`serialized_explain_response`, :func:`serialized_dense_response`): the same messages,
+with each float map copied once, from its array into the answer.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def explain_response(
     )
 
 
-#: Answers estimated at this size or more are sent as :func:`explain_response_bytes`; smaller
-#: ones as messages, which protobuf's C code builds and serializes faster than the pieces are
+#: Answers whose maps are estimated at this size or more are sent serialized here; smaller ones
+#: as messages, which protobuf's C code builds and serializes faster than the pieces are
 #: joined in Python (one image with raw + heatmap, quiet CPU, message + serialize / bytes:
 #: 64 px 9.7 / 11.2 µs, 128 px 13.6 / 13.3 µs, 224 px 25.2 / 16.2 µs).
 BYTES_ANSWER_FROM = 64 * 1024
@@ -82,7 +83,7 @@ _HEIGHT = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_height"].number
 _WIDTH = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_width"].number
 
 
-def explain_response_bytes(
+def serialized_explain_response(
     result: ExplainResult,
     *,
     raw: bool = False,
@@ -155,10 +156,36 @@ def _images(
         )
 
 
-def dense_response(result: DenseScoresResult) -> Any:
+def dense_response(result: DenseScoresResult, *, maps: bool = True) -> Any:
+    """A DenseScoresResponse (``maps`` False: without its scales, for
+    :func:`serialized_dense_response`)."""
     return dense_to_proto(
-        result.result, result.model, result.version, result.class_names, result.detections, result.background_class
+        result.result,
+        result.model,
+        result.version,
+        result.class_names,
+        result.detections,
+        result.background_class,
+        maps=maps,
     )
+
+
+def serialized_dense_response(result: DenseScoresResult) -> bytes:
+    """:func:`dense_response` serialized (the same message once parsed), each scale's score and
+    box maps copied once, from their arrays into the answer."""
+    out = Pieces()
+    out.raw(dense_response(result, maps=False).SerializeToString())
+    for level in result.result:
+        one = Pieces()
+        one.raw(pb.ScaleScores(scale=float(level.scale)).SerializeToString())
+        one.message_field(_SCALE["scores"], floatmap_pieces(level.scores))
+        one.message_field(_SCALE["boxes"], floatmap_pieces(level.boxes))
+        out.message_field(_DENSE_SCALES, one)
+    return out.join()
+
+
+_SCALE = {f.name: f.number for f in pb.ScaleScores.DESCRIPTOR.fields}
+_DENSE_SCALES = pb.DenseScoresResponse.DESCRIPTOR.fields_by_name["scales"].number
 
 
 def dense_to_proto(
@@ -168,9 +195,11 @@ def dense_to_proto(
     class_names: tuple[str, ...] | list[str],
     detections: Sequence[Any] | None = None,
     background_class: str | None = None,
+    *,
+    maps: bool = True,
 ) -> Any:
     """A :func:`camserve.dense.dense_scores` result (and :func:`camserve.dense.detect`'s
-    detections) as a DenseScoresResponse."""
+    detections) as a DenseScoresResponse (``maps`` False: without its scales)."""
     sy, sx = (int(v) for v in result.strides)
     return pb.DenseScoresResponse(
         model={"name": model, "version": int(version)},
@@ -186,7 +215,7 @@ def dense_to_proto(
                 "scores": wire.floatmap_fields(level.scores),
                 "boxes": wire.floatmap_fields(level.boxes),
             }
-            for level in result
+            for level in (result if maps else ())
         ],
         detections=[wire.detection_fields(d) for d in detections or ()],
         background_class=background_class or "",

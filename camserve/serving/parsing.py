@@ -107,7 +107,7 @@ def request_parser(
 
 def serialized_as_given(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
     """A response serializer that sends ``bytes`` as they are (an answer the handler serialized
-    itself, e.g. :func:`camserve.serving.convert.explain_response_bytes`) and serializes
+    itself, e.g. :func:`camserve.serving.convert.serialized_explain_response`) and serializes
     messages with ``serialize``.
 
     >>> from camserve.proto import pb

@@ -63,11 +63,11 @@ async def explain_answer(
     plane: DataPlane, result: Any, outputs: Outputs, request_id: str = "", *, serialized: bool = False
 ) -> Any:
     """The ExplainResponse of a data-plane explain result with the ``outputs`` asked for (gRPC
-    and HTTP alike; ``serialized``: as bytes, :func:`convert.explain_response_bytes`): maps are
+    and HTTP alike; ``serialized``: as bytes, :func:`convert.serialized_explain_response`): maps are
     bytes (cheap, built on the event loop); PNG overlays and heatmap PNGs are encoding work
     (built in the data plane's pool)."""
     build = functools.partial(
-        convert.explain_response_bytes if serialized else convert.explain_response,
+        convert.serialized_explain_response if serialized else convert.explain_response,
         result,
         raw=outputs.raw,
         heatmap=outputs.heatmap,
@@ -226,7 +226,9 @@ class CamServicer(pb_grpc.CamServiceServicer):
             detection=wire.detection_options(request),
         )
         cells = sum(level.scores.size + level.boxes.size for level in result.result)
-        response = await self.plane.in_pool(convert.dense_response, result, inline=cells <= 1 << 16)
+        large = cells * 4 >= convert.BYTES_ANSWER_FROM
+        build = convert.serialized_dense_response if large else convert.dense_response
+        response = await self.plane.in_pool(build, result, inline=cells <= 1 << 16)
         return self._checked(response, result.answer_bytes)
 
     def _checked(self, response: Any, estimate: int) -> Any:

@@ -90,12 +90,12 @@ OUTPUTS = [
 
 @pytest.mark.parametrize("outputs", OUTPUTS, ids=lambda o: "+".join(o) or "none")
 def test_the_answer_as_bytes_parses_to_the_answer_as_a_message(outputs) -> None:
-    """The gRPC server sends explain_response_bytes: joined from pieces, the float maps from the
+    """The gRPC server sends serialized_explain_response: joined from pieces, the float maps from the
     arrays' own memory; it must read back as the message explain_response builds."""
     images = [np.full((90, 50, 3), 7, np.uint8), None, np.zeros((MODEL, MODEL, 3), np.uint8)]
     result = _result(images, [(0, 0, 8, 8), None, (3, 4, 30, 40)])
     result.explanations[1].append(_explanation(9, (1, 1, 2, 2)))  # two explanations for one image
-    data = convert.explain_response_bytes(result, **outputs)
+    data = convert.serialized_explain_response(result, **outputs)
     assert pb.ExplainResponse.FromString(data) == convert.explain_response(result, **outputs)
 
 
@@ -108,7 +108,7 @@ def test_maps_that_are_not_little_endian_float32_in_c_order_are_converted_in_the
         [[Explanation("cam", 0, "a", 0.5, heat[:4, :4].astype(">f4"), heat, None)]],
         Prepared(np.zeros((1, MODEL, MODEL, 3), np.float32), [None]),
     )
-    e = pb.ExplainResponse.FromString(convert.explain_response_bytes(result, raw=True, heatmap=True)).images[0]
+    e = pb.ExplainResponse.FromString(convert.serialized_explain_response(result, raw=True, heatmap=True)).images[0]
     np.testing.assert_array_equal(wire.floatmap_to_array(e.explanations[0].heatmap), heat.astype(np.float32))
     np.testing.assert_array_equal(wire.floatmap_to_array(e.explanations[0].raw), heat[:4, :4].astype(np.float32))
 
@@ -126,3 +126,33 @@ def test_predict_response_lists_top_k_classes(top_k: int) -> None:
     scores = np.array([[0.1, 0.4, 0.2, 0.05, 0.25]], np.float32)
     resp = convert.predict_response(PredictResult("m", 1, tuple("abcde"), scores), top_k=top_k)
     assert [c.label for c in resp.predictions[0].top] == list("becad")[:top_k]
+
+
+@pytest.mark.parametrize("detected", [False, True])
+def test_the_dense_answer_as_bytes_parses_to_the_answer_as_a_message(detected: bool) -> None:
+    """Large DenseScores answers go as serialized_dense_response: it must read back as the
+    message dense_response builds (scales, maps, detections and the rest)."""
+    from camserve.dense.detections import Detection
+    from camserve.dense.scores import DenseResult, DenseScores
+    from camserve.serving.dataplane import DenseScoresResult
+
+    rng = np.random.default_rng(6)
+    levels = [
+        DenseScores(
+            s,
+            rng.random((h, w, 3), dtype=np.float32),
+            rng.random((h, w, 4), dtype=np.float32) * 90,
+            (8, 8),
+            (32, 32),
+            (h * 8 + 24, w * 8 + 24),
+            margin=4,
+        )
+        for s, (h, w) in ((1.0, (9, 7)), (0.5, (4, 3)))
+    ]
+    dense = DenseResult(levels, (8, 8), True, "fcn", (32, 32))
+    found = [Detection(2, "c", 0.9, (1, 2, 33, 34), 1.0, (5, 6, 20, 21))] if detected else None
+    result = DenseScoresResult("m", 3, ("a", "b", "c"), dense, 0, found, "a" if detected else None)
+    data = convert.serialized_dense_response(result)
+    assert pb.DenseScoresResponse.FromString(data) == convert.dense_response(result)
+    scales = pb.DenseScoresResponse.FromString(data).scales
+    np.testing.assert_array_equal(wire.floatmap_to_array(scales[1].scores), levels[1].scores)

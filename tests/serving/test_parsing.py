@@ -221,9 +221,10 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def test_explain_answers_sent_as_bytes_read_back_as_the_messages_would(channel, monkeypatch) -> None:
-    """Large Explain answers leave the server as bytes it wrote itself (convert.BYTES_ANSWER_FROM),
-    smaller ones as messages gRPC serializes: a client reads the same answer either way."""
+def test_answers_sent_as_bytes_read_back_as_the_messages_would(channel, monkeypatch) -> None:
+    """Large Explain and DenseScores answers leave the server as bytes it wrote itself
+    (convert.BYTES_ANSWER_FROM), smaller ones as messages gRPC serializes: a client reads the
+    same answer either way."""
     from camserve.serving import convert
 
     stub = pb_grpc.CamServiceStub(channel)
@@ -237,14 +238,19 @@ def test_explain_answers_sent_as_bytes_read_back_as_the_messages_would(channel, 
         request_id="r1",
     )
     built = []
-    real = convert.explain_response_bytes
-    monkeypatch.setattr(convert, "explain_response_bytes", lambda *a, **k: built.append(1) or real(*a, **k))
-    answers, streamed = [], []
+    for name in ("serialized_explain_response", "serialized_dense_response"):
+        real = getattr(convert, name)
+        monkeypatch.setattr(convert, name, lambda *a, real=real, name=name, **k: built.append(name) or real(*a, **k))
+    answers, streamed, dense = [], [], []
+    dense_request = pb.DenseScoresRequest(model=pb.ModelSpec(name="gap"), image=wire.image_to_proto(BIG))
     for threshold in (0, 1 << 40):  # every answer as bytes, then none
         monkeypatch.setattr(convert, "BYTES_ANSWER_FROM", threshold)
         answers.append(stub.Explain(request, timeout=30, metadata=AUTH))
         streamed.append(list(stub.ExplainStream(iter([request, request]), timeout=30, metadata=AUTH)))
-    assert len(built) == 3  # Explain's answer and the stream's two, when the threshold was 0
+        dense.append(stub.DenseScores(dense_request, timeout=30, metadata=AUTH))
+    assert dense[0] == dense[1] and dense[0].scales[0].scores.data
+    # Explain's answer, the stream's two and DenseScores', when the threshold was 0
+    assert sorted(built) == ["serialized_dense_response"] + ["serialized_explain_response"] * 3
     assert answers[0] == answers[1] == streamed[0][0] == streamed[0][1] == streamed[1][0] == streamed[1][1]
     assert len(answers[0].images) == 2 and len(answers[0].images[0].explanations) == 4
     assert answers[0].request_id == "r1" and answers[0].images[0].explanations[0].heatmap.data
