@@ -210,7 +210,7 @@ def _image_without_data(buf: bytes, start: int, end: int) -> tuple[bytes, memory
     kept, data = tensor
     head = buf[start:field_start]  # the image's other fields (unknown ones), kept as sent
     tail = buf[value_end:end]
-    return head + encode_varint(IMAGE_TENSOR << 3 | LEN) + encode_varint(len(kept)) + kept + tail, data
+    return head + _len_header(IMAGE_TENSOR, len(kept)) + kept + tail, data
 
 
 def detach_tensor_data(
