@@ -93,6 +93,12 @@ class ServerConfig:
     gpu_memory_growth: bool = _field(
         True, "allocate GPU memory as it is needed, not all of it at start-up (tf.config set_memory_growth)"
     )
+    gc_freeze: bool = _field(
+        True,
+        "after warm-up, collect garbage once and leave every object then alive (models, graphs) out of later "
+        "collections (Python's gc.freeze): a full collection otherwise walks all of them holding the GIL, "
+        "0.1 s and more during which no request moves",
+    )
     intra_op_threads: int = _field(
         0,
         "threads one TensorFlow op may use (0: TensorFlow's choice, one per core); TF Serving "
