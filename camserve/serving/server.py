@@ -27,7 +27,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,6 +56,7 @@ from camserve.serving.status import CallStatus
 __all__ = ["SERVICE_NAME", "CamServer", "configure_logging", "serve"]
 
 log = logging.getLogger("camserve.serving.server")
+T = TypeVar("T")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -132,23 +134,34 @@ class CamServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
+        credentials = None
         if cfg.tls_cert:
             with open(cfg.tls_key, "rb") as f:
                 key = f.read()
             with open(cfg.tls_cert, "rb") as f:
                 cert = f.read()
-            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = server.add_insecure_port(address)
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+        try:  # gRPC raises RuntimeError("Failed to bind to address ...") for a port in use
+            if credentials is not None:
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"could not listen on {address} (--port): {e}") from None
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"could not listen on {address} (--port)")
         await server.start()
         self._server = server
-        await self.dataplane.start()
-        if cfg.metrics_port >= 0:
-            await self.metrics.serve_http(cfg.host, cfg.metrics_port, token=token if cfg.metrics_auth else "")
-        if cfg.http_port >= 0:
-            self.http = await http_server.start_for(self)
+        try:
+            await self.dataplane.start()
+            if cfg.metrics_port >= 0:
+                metrics = self.metrics.serve_http(cfg.host, cfg.metrics_port, token=token if cfg.metrics_auth else "")
+                await _listening(metrics, cfg.host, cfg.metrics_port, "--metrics-port")
+            if cfg.http_port >= 0:
+                self.http = await _listening(http_server.start_for(self), cfg.host, cfg.http_port, "--http-port")
+        except BaseException:  # nothing left running behind the error (gRPC's server would complain at exit)
+            await self.stop(grace=0)
+            raise
         log.info(
             "listening",
             extra={
@@ -217,6 +230,15 @@ class CamServer:
             self._frozen = False
         self._server = None
         log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3)})
+
+
+async def _listening(start: Awaitable[T], host: str, port: int, flag: str) -> T:
+    """``start`` awaited; an OSError (the port in use, an address not on this machine) names
+    the address and the flag that set it."""
+    try:
+        return await start
+    except OSError as e:
+        raise OSError(f"could not listen on {host}:{port} ({flag}; -1 turns it off): {e.strerror or e}") from e
 
 
 def freeze_heap() -> int:

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -188,30 +189,18 @@ def test_tls_and_token(repo_root: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ SIGTERM through `camserve serve`
 
 
+def _serve_command(root: Path, *extra: str) -> list[str]:
+    """``camserve serve`` on loopback, every port free (0); ``extra`` flags win over these."""
+    ports = ["--port", "0", "--metrics-port", "0", "--http-port", "0"]
+    return [sys.executable, "-m", "camserve", "serve", "--models", str(root), "--host", "127.0.0.1", *ports, *extra]
+
+
+_CLI_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json")
+
+
 def _start_cli(root: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CAMSERVE_LOG_FORMAT="json")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "camserve",
-            "serve",
-            "--models",
-            str(root),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
+        _serve_command(root, *extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_CLI_ENV
     )
     lines: list[str] = []
     listening: dict = {}
@@ -339,6 +328,24 @@ def _health(c: Client) -> str:
 
 
 # ------------------------------------------------------------------ configuration sources
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
+def test_a_port_in_use_is_named_and_nothing_is_left_running(repo_root: Path, flag: str) -> None:
+    """A port already taken: exit 2 with one line naming the address and the flag. For the
+    metrics and HTTP ports it said only "[Errno 98] Address already in use" (the HTTP API's
+    8080 is taken by a second server started with only --port changed), and the gRPC server
+    already started was left behind: a traceback at exit ("Event loop is closed")."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            _serve_command(repo_root, flag, str(port)), capture_output=True, text=True, env=_CLI_ENV, timeout=300
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"camserve serve: error: could not listen on 127.0.0.1:{port} ({flag}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "never awaited" not in done.stderr, done.stderr[-2000:]
 
 
 def _tracked(obj) -> bool:
