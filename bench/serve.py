@@ -369,9 +369,9 @@ async def _measure(args, send) -> None:
                     continue
                 latencies.append(time.perf_counter() - t)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(min(args.clients, n))))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         q = sorted(latencies) or [float("nan")]
         pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
         return {
@@ -383,6 +383,7 @@ async def _measure(args, send) -> None:
             "p50_ms": statistics.median(q) * 1000,
             "p90_ms": pick(0.90),
             "p99_ms": pick(0.99),
+            "loadgen_cpu_ms_per_request": cpu / max(len(latencies), 1) * 1000,  # the cores it shares
             "response_bytes": len(last),
             "_last": last,
         }
@@ -1206,6 +1207,7 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
                             f"{r['rps']:.0f}",
                             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}",
                             f"{r['cpu_ms_per_request']:.3f} ({r['cpu_ticks_ms_per_request']:.2f})",
+                            f"{r['loadgen_cpu_ms_per_request']:.3f}" if "loadgen_cpu_ms_per_request" in r else "",
                             r["response_bytes"],
                         ]
                     )
@@ -1277,6 +1279,7 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
                 "req/s",
                 "p50 / p99 ms",
                 "server CPU ms / request (from clock ticks)",
+                "load generator CPU ms / request",
                 "response bytes",
             ],
             detail,
