@@ -415,6 +415,96 @@ def load_main(argv: list[str]) -> int:
     return 0
 
 
+#: ``--loadgen``: "python" (this script's ``_load``: grpc.aio, ~0.3-0.4 ms of CPU a request) or
+#: "h2load" (nghttp2's HTTP/2 load generator, C: ~0.01 ms a request), for the gRPC runs.
+LOAD_GENERATOR = "python"
+
+
+def run_h2load(
+    pid: int, target: str, method: str, request: Path, clients: int, count: int, warmup: int, save=None
+) -> dict:
+    """``count`` gRPC calls of ``method`` by h2load (one connection, ``clients`` streams in
+    flight) after ``warmup`` uncounted ones; the figures of :func:`run_load`. h2load does
+    not read gRPC's trailers: every call must bring back exactly as many bytes as the answer
+    one grpcio call gets first (``save``: written there), or this raises."""
+    import grpc
+
+    body = request.read_bytes()
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        answer = channel.unary_unary(f"/{SERVICE}/{method}")(body, timeout=120)
+    expected = len(answer)
+    if save:
+        Path(save).write_bytes(answer)
+    with tempfile.TemporaryDirectory() as tmp:
+        framed, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.tsv"
+        framed.write_bytes(b"\0" + len(body).to_bytes(4, "big") + body)  # gRPC's length-prefixed message
+
+        def h2load(n: int, log_file: Path | None = None) -> tuple[str, object]:
+            cmd = ["h2load", "-n", str(n), "-c", "1", "-t", "1", "-m", str(min(clients, n)), "-d", str(framed)]
+            cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+            cmd += [f"--log-file={log_file}"] if log_file else []
+            proc = subprocess.Popen([*cmd, f"http://{target}/{SERVICE}/{method}"], stdout=subprocess.PIPE, text=True)
+            out = proc.stdout.read()  # type: ignore[union-attr]
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                raise RuntimeError(f"h2load exited {proc.returncode}:\n{out[-2000:]}")
+            return out, usage
+
+        if warmup:
+            h2load(warmup)
+        cpu0, fine0, main0 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        out, usage = h2load(count, log)
+        cpu1, fine1, main1 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        latencies = sorted(int(line.split("\t")[2]) / 1e6 for line in log.read_text().splitlines() if line)
+    ok = int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
+    data = int(re.search(r"\((\d+)\) data", out).group(1))  # type: ignore[union-attr]
+    if ok != count or data != count * (5 + expected):
+        raise RuntimeError(f"h2load: {ok} of {count} HTTP 200, {data} DATA bytes for {count} x {5 + expected}:\n{out}")
+    wall = float(re.search(r"finished in ([\d.]+)(m?s)", out).group(1))  # type: ignore[union-attr]
+    wall /= 1000 if re.search(r"finished in [\d.]+ms", out) else 1
+    pick = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000
+    return {
+        "count": count,
+        "errors": {},
+        "first_error": "",
+        "wall_s": wall,
+        "rps": count / wall,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p90_ms": pick(0.90),
+        "p99_ms": pick(0.99),
+        "loadgen_cpu_ms_per_request": (usage.ru_utime + usage.ru_stime) / count * 1000,  # type: ignore[attr-defined]
+        "response_bytes": expected,
+        "warmup_errors": {},
+        **cpu_figures(count, (cpu0, fine0, main0), (cpu1, fine1, main1)),
+    }
+
+
+def load_generator() -> str:
+    """The load generator of the gRPC runs, in words (for the results)."""
+    if LOAD_GENERATOR == "h2load":
+        return "h2load (nghttp2, C; one HTTP/2 connection; each answer's bytes checked against a grpcio call's answer)"
+    return "this script's `_load` (grpc.aio, one channel)"
+
+
+def cpu_figures(count: int, before: tuple[float, float, float], after: tuple[float, float, float]) -> dict:
+    """The server's CPU per request from (process ticks, threads' schedstat, main thread)
+    read before and after ``count`` requests."""
+    (cpu0, fine0, main0), (cpu1, fine1, main1) = before, after
+    # The threads' schedstat sum is exact to the ns but misses threads that ended during the run;
+    # the process's clock ticks count every thread, to 10 ms. The finer one unless they disagree.
+    n = max(count, 1)
+    res = {
+        "cpu_ticks_ms_per_request": (cpu1 - cpu0) / n * 1000,
+        "cpu_ms_per_request": (fine1 - fine0) / n * 1000,
+        "main_cpu_ms_per_request": (main1 - main0) / n * 1000,
+    }
+    if abs((fine1 - fine0) - (cpu1 - cpu0)) > 0.03 + 0.05 * (cpu1 - cpu0):
+        print(f"  (threads' CPU {fine1 - fine0:.3f} s, process ticks {cpu1 - cpu0:.2f} s: using the ticks)", flush=True)
+        res["cpu_ms_per_request"] = res["cpu_ticks_ms_per_request"]
+    return res
+
+
 def run_load(
     pid: int,
     target: str,
@@ -429,6 +519,8 @@ def run_load(
     """One load-generator process against server ``pid``; the server's CPU seconds across the
     counted requests go in ``cpu_s``. ``http``: (URL, content type, extra headers) to POST the
     request over HTTP instead of calling ``method`` over gRPC."""
+    if LOAD_GENERATOR == "h2load" and not http:
+        return run_h2load(pid, target, method, request, clients, count, warmup, save)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_load", "--target", target, "--method", method]
     cmd += ["--request", str(request), "--clients", str(clients), "--count", str(count), "--warmup", str(warmup)]
     if save:
@@ -441,24 +533,16 @@ def run_load(
         ready = json.loads(proc.stdout.readline() or "{}")  # type: ignore[union-attr]
         if not ready.get("ready"):
             raise RuntimeError(f"load generator failed to start ({method} {target})")
-        cpu0, fine0, main0 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        before = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         proc.stdin.write("go\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        cpu1, fine1, main1 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        after = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         res = json.loads(line)
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(60)
-    # The threads' schedstat sum is exact to the ns but misses threads that ended during the run;
-    # the process's clock ticks count every thread, to 10 ms. The finer one unless they disagree.
-    n = max(res["count"], 1)
-    res["cpu_ticks_ms_per_request"] = (cpu1 - cpu0) / n * 1000
-    res["cpu_ms_per_request"] = (fine1 - fine0) / n * 1000
-    res["main_cpu_ms_per_request"] = (main1 - main0) / n * 1000
-    if abs((fine1 - fine0) - (cpu1 - cpu0)) > 0.03 + 0.05 * (cpu1 - cpu0):
-        print(f"  (threads' CPU {fine1 - fine0:.3f} s, process ticks {cpu1 - cpu0:.2f} s: using the ticks)", flush=True)
-        res["cpu_ms_per_request"] = res["cpu_ticks_ms_per_request"]
+    res.update(cpu_figures(res["count"], before, after))
     res["warmup_errors"] = ready.get("warmup_errors", {})
     return res
 
@@ -781,7 +865,18 @@ def main(argv: list[str] | None = None) -> int:
         help="TensorFlow's thread pools in every server and the in-process measurement (TF_NUM_INTRAOP_THREADS, "
         "TF_NUM_INTEROP_THREADS: what camserve serve --intra-op-threads / --inter-op-threads set); default TF's choice",
     )
+    p.add_argument(
+        "--loadgen",
+        choices=("python", "h2load"),
+        default="python",
+        help="load generator of the gRPC runs: this script's grpc.aio client (~0.3-0.4 ms of CPU a request, on the "
+        "cores the server uses) or nghttp2's h2load (C, ~0.01 ms; Debian/Ubuntu: apt-get install nghttp2-client)",
+    )
     args = p.parse_args(argv)
+    global LOAD_GENERATOR
+    LOAD_GENERATOR = args.loadgen
+    if args.loadgen == "h2load" and not shutil.which("h2load"):
+        p.error("--loadgen h2load needs h2load on PATH (apt-get install nghttp2-client)")
     if args.tf_threads:
         intra, _, inter = args.tf_threads.partition(",")
         # The environment reaches every process (code before the flags too); servers whose code
@@ -1030,7 +1125,7 @@ def compare_report(args, argv, notes, rows: list[dict], base: Path, code: Path, 
         + (args.note + " " if args.note else "")
         + f"Three servers up at once (bare, before, after: batching, max_batch_size={args.max_batch_size}, "
         f"batch_timeout_ms={args.batch_timeout_ms:g}), loaded in turn by a separate load-generator process "
-        f"({args.clients} requests in flight, {args.count} counted after a warm-up), {args.rounds} rounds per "
+        f"({load_generator()}; {args.clients} requests in flight, {args.count} counted after a warm-up), {args.rounds} rounds per "
         "model and op; figures are the medians. Main thread: the server process's main thread alone "
         "(the asyncio loop with gRPC's Python side and camserve's handlers; the batch worker, TensorFlow's "
         "threads and gRPC's C++ threads are the rest). Server CPU per request, model CPU (in-process, batch "
@@ -1186,6 +1281,7 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
                     f"**{b['many']['rps'] / model['images_per_s']:.0%}** (≥ 60 %)",
                     f"{u['many']['rps']:.0f}",
                     f"**{b['many']['rps'] / u['many']['rps']:.1f}×** (≥ 3×)",
+                    f"{model['images_per_s'] / u['many']['rps']:.1f}×",
                 ]
             )
             for label in ("batching", "unbatched", "bare", "paced"):
@@ -1223,7 +1319,7 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
         "image tensor of the model's input size; Predict with top_k=1; Explain with gradcam, "
         "return_raw and return_heatmap. Servers: `camserve serve` with max_batch_size="
         f"{args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g} (batching) or max_batch_size=1 "
-        "(unbatched), metrics off; `bench/bare_grpc.py` (bare). Load: a separate process per "
+        "(unbatched), metrics off; `bench/bare_grpc.py` (bare). Load: " + load_generator() + ", a separate process per "
         f"measurement, {args.clients} requests in flight for {args.count} counted requests (CPU and "
         f"throughput), 1 in flight for {args.latency_count} (latency), after a warm-up.",
         f"### Host path: server CPU per request at {args.clients} clients (batching server)",
@@ -1252,6 +1348,9 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
             host,
         ),
         f"### Latency and throughput ({args.clients} clients unless said)",
+        "Batching's ceiling here: the in-process batched throughput over the unbatched server's, what "
+        "batching / no batching would be if serving cost nothing beside the model (the load generator "
+        "and the server share the cores).",
         table(
             [
                 "model",
@@ -1264,6 +1363,7 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
                 "served / in-process",
                 "req/s, max_batch_size=1",
                 "batching / no batching",
+                "in-process / no batching (batching's ceiling here)",
             ],
             lat,
         ),
