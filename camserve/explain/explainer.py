@@ -35,7 +35,7 @@ from camserve.accelerator import resolve_device
 from camserve.errors import InvalidArgument
 from camserve.explain import heads, passes, pixel, tokens
 from camserve.explain import layer_pass as lp
-from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, ByShape, GraphCache, bucket_sizes, width_bucket
+from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, ByShape, GraphCache, bucket_sizes, padded_size, width_bucket
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import PREPROCESSORS, heatmap_box
@@ -335,8 +335,7 @@ class Explainer:
         largest = self.buckets[-1]
         for start in range(0, len(images), largest):
             part = images[start : start + largest]
-            size = next(b for b in self.buckets if b >= len(part))
-            yield start, tf.constant(self._pad(part, size)), len(part)
+            yield start, tf.constant(self._pad(part, padded_size(len(part), self.buckets))), len(part)
 
     @staticmethod
     def _pad(array: np.ndarray, size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from camserve.errors import InvalidArgument
@@ -38,6 +38,19 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
         raise InvalidArgument(f"max_batch_size must be ≥ 1, got {max_batch_size}")
     sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
     return tuple(sizes + [max_batch_size])
+
+
+def padded_size(n: int, buckets: Sequence[int]) -> int:
+    """Images computed for a batch of ``n``: chunks of the largest bucket, the last one padded
+    up to the smallest bucket that holds it (as :meth:`Explainer.predict
+    <camserve.explain.Explainer.predict>` and ``explain`` run them).
+
+    >>> [padded_size(n, (1, 2, 4, 8, 16)) for n in (0, 3, 5, 16, 21)]
+    [0, 4, 8, 16, 24]
+    """
+    largest = buckets[-1]
+    whole, rest = divmod(n, largest)
+    return whole * largest + (next(b for b in buckets if b >= rest) if rest else 0)
 
 
 def width_bucket(width: int, num_classes: int) -> int:

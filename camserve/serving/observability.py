@@ -21,8 +21,10 @@ import logging
 import socket
 import ssl
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+from camserve.explain.graphs import padded_size
 from camserve.serving.auth import check_bearer
 from camserve.serving.batching import BatcherMetrics
 from camserve.serving.jobs import BatchKey
@@ -35,6 +37,9 @@ SHUTDOWN_TIMEOUT_S = 2.0
 #: Labelled metric children kept for reuse (methods x codes and operations are far fewer).
 MAX_CACHED_CHILDREN = 1024
 #: Histogram buckets (seconds) of request latencies, gRPC and HTTP alike.
+#: Operations whose batches are padded up to a compiled batch size (DenseScores' are not).
+PADDED_OPERATIONS = frozenset({"predict", "explain"})
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -73,6 +78,12 @@ class ServerMetrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        self.batch_padding = Counter(
+            "camserve_batch_padding_images",
+            "images computed for nobody: batches padded up to the next compiled batch size",
+            ["operation"],
+            registry=r,
+        )
         self.queue_depth = Gauge("camserve_queue_depth", "requests waiting for a batch", registry=r)
         self.dropped = Counter("camserve_dropped_total", "requests dropped before compute", ["reason"], registry=r)
         self.model_ready = Gauge("camserve_model_ready", "1 when the model serves", ["model", "version"], registry=r)
@@ -90,12 +101,21 @@ class ServerMetrics:
                 self._children[key] = child
         return child
 
-    def batcher_hooks(self) -> BatcherMetrics[BatchKey]:
+    def batcher_hooks(self, buckets: Sequence[int] = ()) -> BatcherMetrics[BatchKey]:
         """Hooks for the :class:`~camserve.serving.batching.Batcher`, labelled by the batch
-        key's ``operation``."""
+        key's ``operation``; ``buckets``: the compiled batch sizes Predict and Explain batches
+        are padded to (counted in ``camserve_batch_padding_images_total``)."""
+
+        def batch(key: BatchKey, n: int) -> None:
+            self._labels(self.batch_size, key.operation).observe(n)
+            if buckets and key.operation in PADDED_OPERATIONS:
+                padding = padded_size(n, buckets) - n
+                if padding:
+                    self._labels(self.batch_padding, key.operation).inc(padding)
+
         return BatcherMetrics(
             queue_depth=self.queue_depth.set,
-            batch=lambda key, n: self._labels(self.batch_size, key.operation).observe(n),
+            batch=batch,
             queue_time=lambda key, s: self._labels(self.queue_time, key.operation).observe(s),
             dropped=lambda key, reason: self.dropped.labels(reason).inc(),
         )

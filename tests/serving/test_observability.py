@@ -35,6 +35,21 @@ def test_batcher_hooks_label_batches_by_operation() -> None:
     assert _sample(m, "camserve_queue_depth") == 5
 
 
+def test_batch_padding_counts_images_computed_for_nobody() -> None:
+    """Batches go to graphs compiled for (1, 2, 4, 8) images: 3 are computed as 4, 5 as 8, 11
+    as 8 + 4; DenseScores batches are not padded. The batch-size histogram showed requests per
+    batch only, so padding (a quarter of the work, at one point of issue 9) was invisible."""
+    m = ServerMetrics()
+    hooks = m.batcher_hooks(buckets=(1, 2, 4, 8))
+    for n in (3, 5, 8, 11):
+        hooks.batch(PredictKey("gap", 1, (32, 32, 3)), n)
+    hooks.batch(ExplainKey("gap", 1, "last_conv", ("gradcam",), (32, 32, 3), 1), 6)
+    hooks.batch(DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn"), 3)
+    assert _sample(m, "camserve_batch_padding_images_total", operation="predict") == 1 + 3 + 0 + 1
+    assert _sample(m, "camserve_batch_padding_images_total", operation="explain") == 2
+    assert _sample(m, "camserve_batch_padding_images_total", operation="dense") == 0
+
+
 def test_record_counts_requests_errors_and_latency() -> None:
     m = ServerMetrics()
     m.record("Predict", "OK", 0.01)
