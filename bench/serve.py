@@ -866,6 +866,12 @@ def main(argv: list[str] | None = None) -> int:
         "TF_NUM_INTEROP_THREADS: what camserve serve --intra-op-threads / --inter-op-threads set); default TF's choice",
     )
     p.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="whole measurement passes (servers restarted each time); every figure is the median of the passes'",
+    )
+    p.add_argument(
         "--loadgen",
         choices=("python", "h2load"),
         default="python",
@@ -931,9 +937,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"## {args.label}{body}")
             return 0
         if not args.profile_only:
-            inproc, results, imported = measure_all(
-                args, models, ops, work, calls, root, responses, work_dir, env, code
-            )
+            passes = [
+                measure_all(args, models, ops, work, calls, root, responses, work_dir, env, code)
+                for _ in range(args.passes)
+            ]
+            inproc, results, imported = median_of(passes)
         if args.profile:
             profile_server(args, argv, work, calls, root, work_dir, env, code, started)
         if not args.profile_only:
@@ -952,6 +960,26 @@ def checked_import(server: BenchServer, code: Path) -> str:
     if Path(found).resolve() != expected:
         raise RuntimeError(f"the server imported {found}, not {expected}")
     return found
+
+
+def median_of(passes: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    """Several whole passes of :func:`measure_all` as one: every number the median of the
+    passes' (error counts summed; texts: the first that says something)."""
+    if len(passes) == 1:
+        return passes[0]
+
+    def merge(values: list, key: object = None) -> object:
+        first = values[0]
+        if key in ("errors", "warmup_errors"):  # {status code: count}
+            return {k: sum(v.get(k, 0) for v in values) for k in set().union(*values)}
+        if isinstance(first, dict):
+            return {k: merge([v[k] for v in values], k) for k in first}
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            return next((v for v in values if v), first)  # e.g. the first error said
+        return statistics.median(values)
+
+    inprocs, results, imported = zip(*passes, strict=True)
+    return merge(list(inprocs)), merge(list(results)), imported[0]  # type: ignore[return-value]
 
 
 def measure_all(args, models, ops, work, calls, root, responses, work_dir, env, code):
@@ -1321,7 +1349,12 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
         f"{args.max_batch_size}, batch_timeout_ms={args.batch_timeout_ms:g} (batching) or max_batch_size=1 "
         "(unbatched), metrics off; `bench/bare_grpc.py` (bare). Load: " + load_generator() + ", a separate process per "
         f"measurement, {args.clients} requests in flight for {args.count} counted requests (CPU and "
-        f"throughput), 1 in flight for {args.latency_count} (latency), after a warm-up.",
+        f"throughput), 1 in flight for {args.latency_count} (latency), after a warm-up."
+        + (
+            f" Every figure is the median of {args.passes} whole passes (servers restarted each time)."
+            if args.passes > 1
+            else ""
+        ),
         f"### Host path: server CPU per request at {args.clients} clients (batching server)",
         "Server CPU = CPU time of the server's threads (/proc/<pid>/task/*/schedstat; checked against "
         "the process's utime + stime in clock ticks) over the counted requests / their number; "
