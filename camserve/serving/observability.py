@@ -36,10 +36,9 @@ HTTP_IDLE_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 2.0
 #: Labelled metric children kept for reuse (methods x codes and operations are far fewer).
 MAX_CACHED_CHILDREN = 1024
-#: Histogram buckets (seconds) of request latencies, gRPC and HTTP alike.
 #: Operations whose batches are padded up to a compiled batch size (DenseScores' are not).
 PADDED_OPERATIONS = frozenset({"predict", "explain"})
-
+#: Histogram buckets (seconds) of request latencies, gRPC and HTTP alike.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
