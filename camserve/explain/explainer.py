@@ -36,6 +36,7 @@ from camserve.errors import InvalidArgument
 from camserve.explain import heads, passes, pixel, tokens
 from camserve.explain import layer_pass as lp
 from camserve.explain.graphs import DEFAULT_MAX_GRAPHS, ByShape, GraphCache, bucket_sizes, padded_size, width_bucket
+from camserve.explain.host_batches import padded_batch, shareable, to_tensor
 from camserve.explain.methods import METHODS, Method, UnknownMethod, weighted_sum
 from camserve.explanation import Explanation
 from camserve.imaging import PREPROCESSORS, heatmap_box
@@ -331,11 +332,15 @@ class Explainer:
 
     # ----------------------------------------------------------------- batching
     def _batches(self, images: np.ndarray):
-        """(start, padded batch, real count) over chunks of at most the largest bucket."""
+        """(start, padded batch as a tensor, real count) over chunks of at most the largest
+        bucket. A chunk that fills its bucket and lies aligned is read in place, the others are
+        copied once with their padding (:mod:`~camserve.explain.host_batches`)."""
         largest = self.buckets[-1]
         for start in range(0, len(images), largest):
             part = images[start : start + largest]
-            yield start, tf.constant(self._pad(part, padded_size(len(part), self.buckets))), len(part)
+            size = padded_size(len(part), self.buckets)
+            batch = part if len(part) == size and shareable(part) else padded_batch(part, size)
+            yield start, to_tensor(batch), len(part)
 
     @staticmethod
     def _pad(array: np.ndarray, size: int) -> np.ndarray:
