@@ -11,7 +11,8 @@ throughput, and with batching against ``max_batch_size=1``. Not a test; results 
 
 Processes: the server (``camserve serve``, or ``bench/bare_grpc.py``) runs on its own; every
 measurement starts a separate load-generator process (this script's ``_load`` command: one
-asyncio loop, K requests in flight, raw bytes in and out, no protobuf work); the in-process cost
+asyncio loop, K requests in flight, raw bytes in and out, no protobuf work; or, with ``--loadgen
+h2load``, nghttp2's C load generator, which leaves the cores to the server); the in-process cost
 of the model is measured in a third process (``_inproc``) with the same code as the server.
 
 Figures:
@@ -415,8 +416,9 @@ def load_main(argv: list[str]) -> int:
     return 0
 
 
-#: ``--loadgen``: "python" (this script's ``_load``: grpc.aio, ~0.3-0.4 ms of CPU a request) or
-#: "h2load" (nghttp2's HTTP/2 load generator, C: ~0.01 ms a request), for the gRPC runs.
+#: ``--loadgen``: "python" (this script's ``_load``: grpc.aio, 0.1-0.5 ms of CPU a request in
+#: bench/results/serve.md) or "h2load" (nghttp2's HTTP/2 load generator, C: 0.02-0.14 ms), for the
+#: gRPC runs.
 LOAD_GENERATOR = "python"
 
 
@@ -869,14 +871,15 @@ def main(argv: list[str] | None = None) -> int:
         "--passes",
         type=int,
         default=1,
-        help="whole measurement passes (servers restarted each time); every figure is the median of the passes'",
+        help="whole measurement passes (servers restarted each time); every measured figure is the median of the "
+        "passes' (ratios are taken between the medians)",
     )
     p.add_argument(
         "--loadgen",
         choices=("python", "h2load"),
         default="python",
-        help="load generator of the gRPC runs: this script's grpc.aio client (~0.3-0.4 ms of CPU a request, on the "
-        "cores the server uses) or nghttp2's h2load (C, ~0.01 ms; Debian/Ubuntu: apt-get install nghttp2-client)",
+        help="load generator of the gRPC runs: this script's grpc.aio client (0.1-0.5 ms of CPU a request, on the "
+        "cores the server uses) or nghttp2's h2load (C, 0.02-0.14 ms; Debian/Ubuntu: apt-get install nghttp2-client)",
     )
     args = p.parse_args(argv)
     global LOAD_GENERATOR
@@ -1351,7 +1354,8 @@ def report(args, argv, models, ops, notes, inproc, results, imported, code, star
         f"measurement, {args.clients} requests in flight for {args.count} counted requests (CPU and "
         f"throughput), 1 in flight for {args.latency_count} (latency), after a warm-up."
         + (
-            f" Every figure is the median of {args.passes} whole passes (servers restarted each time)."
+            f" Every measured figure is the median of {args.passes} whole passes (servers restarted each "
+            "time); ratios are taken between the medians."
             if args.passes > 1
             else ""
         ),
