@@ -344,10 +344,7 @@ class Explainer:
 
     @staticmethod
     def _pad(array: np.ndarray, size: int) -> np.ndarray:
-        if len(array) == size:
-            return array
-        pad = np.zeros((size - len(array),) + array.shape[1:], array.dtype)
-        return np.concatenate([array, pad])
+        return array if len(array) == size else padded_batch(array, size)
 
     @property
     def graph_count(self) -> int:
