@@ -81,6 +81,8 @@ _DATA = pb.FloatMap.DESCRIPTOR.fields_by_name["data"].number
 _SHAPE = pb.FloatMap.DESCRIPTOR.fields_by_name["shape"].number
 _HEIGHT = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_height"].number
 _WIDTH = pb.ImageExplanations.DESCRIPTOR.fields_by_name["image_width"].number
+_SCALE = {f.name: f.number for f in pb.ScaleScores.DESCRIPTOR.fields}
+_DENSE_SCALES = pb.DenseScoresResponse.DESCRIPTOR.fields_by_name["scales"].number
 
 
 def serialized_explain_response(
@@ -182,10 +184,6 @@ def serialized_dense_response(result: DenseScoresResult) -> bytes:
         one.message_field(_SCALE["boxes"], floatmap_pieces(level.boxes))
         out.message_field(_DENSE_SCALES, one)
     return out.join()
-
-
-_SCALE = {f.name: f.number for f in pb.ScaleScores.DESCRIPTOR.fields}
-_DENSE_SCALES = pb.DenseScoresResponse.DESCRIPTOR.fields_by_name["scales"].number
 
 
 def dense_to_proto(
