@@ -373,17 +373,13 @@ async def _measure(args, send) -> None:
         t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(min(args.clients, n))))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        q = sorted(latencies) or [float("nan")]
-        pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
         return {
             "count": len(latencies),
             "errors": errors,
             "first_error": first_error,
             "wall_s": wall,
             "rps": len(latencies) / wall,
-            "p50_ms": statistics.median(q) * 1000,
-            "p90_ms": pick(0.90),
-            "p99_ms": pick(0.99),
+            **latency_figures(latencies),
             "loadgen_cpu_ms_per_request": cpu / max(len(latencies), 1) * 1000,  # the cores it shares
             "response_bytes": len(last),
             "_last": last,
@@ -397,6 +393,13 @@ async def _measure(args, send) -> None:
     print(json.dumps(res), flush=True)
     if args.save and last:
         args.save.write_bytes(last)
+
+
+def latency_figures(latencies: list[float]) -> dict[str, float]:
+    """p50, p90 and p99 in ms of ``latencies`` (seconds; NaN when there are none)."""
+    q = sorted(latencies) or [float("nan")]
+    pick = lambda f: q[min(len(q) - 1, int(f * len(q)))] * 1000
+    return {"p50_ms": statistics.median(q) * 1000, "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
 
 
 def load_main(argv: list[str]) -> int:
@@ -458,23 +461,20 @@ def run_h2load(
         cpu0, fine0, main0 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         out, usage = h2load(count, log)
         cpu1, fine1, main1 = process_cpu_seconds(pid), threads_cpu_seconds(pid), main_thread_cpu_seconds(pid)
-        latencies = sorted(int(line.split("\t")[2]) / 1e6 for line in log.read_text().splitlines() if line)
+        latencies = [int(line.split("\t")[2]) / 1e6 for line in log.read_text().splitlines() if line]
     ok = int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
     data = int(re.search(r"\((\d+)\) data", out).group(1))  # type: ignore[union-attr]
     if ok != count or data != count * (5 + expected):
         raise RuntimeError(f"h2load: {ok} of {count} HTTP 200, {data} DATA bytes for {count} x {5 + expected}:\n{out}")
     wall = float(re.search(r"finished in ([\d.]+)(m?s)", out).group(1))  # type: ignore[union-attr]
     wall /= 1000 if re.search(r"finished in [\d.]+ms", out) else 1
-    pick = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000
     return {
         "count": count,
         "errors": {},
         "first_error": "",
         "wall_s": wall,
         "rps": count / wall,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p90_ms": pick(0.90),
-        "p99_ms": pick(0.99),
+        **latency_figures(latencies),
         "loadgen_cpu_ms_per_request": (usage.ru_utime + usage.ru_stime) / count * 1000,  # type: ignore[attr-defined]
         "response_bytes": expected,
         "warmup_errors": {},
