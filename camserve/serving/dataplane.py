@@ -77,6 +77,21 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ExplainPlan:
+    """What an Explain request's parameters resolve to: the layer (its explainer's key) and
+    its explainer, the methods (checked, in the request's order), the targets per image
+    (None: the key's ``top_k``), the work and answer size (checked) and the batch key."""
+
+    layer: str
+    explainer: Explainer
+    methods: tuple[str, ...]
+    targets: list[list[Any]] | None
+    cost: Cost
+    answer_bytes: int
+    key: ExplainKey
+
+
 # ---------------------------------------------------------------------------- the data plane
 
 
@@ -230,11 +245,45 @@ class DataPlane:
         rt = self.runtime(model, version)
         n = len(images)
         self.check_count(n)
-        layer = layer_key(layer, layers)
-        ex = rt.cached_explainer(layer)
+        # Requests without targets of their own or overlays (whose size depends on each
+        # image's) resolve to the same plan whenever their parameters are the same.
+        same_every_time = targets is None and not outputs.overlay
+        memo = (layer, tuple(layers), tuple(methods), top_k, outputs, aug_smooth, eigen_smooth, n)
+        plan = rt.plans.get(memo) if same_every_time else None
+        if plan is None:
+            plan = await self._explain_plan(
+                rt, images, layer, layers, methods, targets, top_k, outputs, aug_smooth, eigen_smooth
+            )
+            if same_every_time:
+                rt.remember_plan(memo, plan)
+        else:
+            rt.cached_explainer(plan.layer)  # used: the layer's explainer stays cached
+        with self.budget.reserve(plan.cost):
+            prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
+            job = ExplainJob(rt, plan.explainer, prepared.inputs, plan.targets, deadline, methods=plan.methods)
+            results = await self._submit(plan.key, job, n)
+        return ExplainResult(rt.name, rt.version, plan.explainer.layer_name, list(results), prepared, plan.answer_bytes)
+
+    async def _explain_plan(
+        self,
+        rt: ModelRuntime,
+        images: Sequence[ImageInput],
+        layer: str,
+        layers: Sequence[str],
+        methods: Sequence[str],
+        targets: Sequence[Sequence[Any]] | None,
+        top_k: int,
+        outputs: Outputs,
+        aug_smooth: bool,
+        eigen_smooth: bool,
+    ) -> ExplainPlan:
+        """An Explain request's parameters checked and resolved (see :meth:`explain`)."""
+        n = len(images)
+        key = layer_key(layer, layers)
+        ex = rt.cached_explainer(key)
         if ex is None:  # a look-up may search the layers for close names, and building is work
-            ex = await self.in_pool(rt.explainer, layer)
-        methods = ex.check_methods(tuple(methods) or ("gradcam",))  # before batching
+            ex = await self.in_pool(rt.explainer, key)
+        checked = ex.check_methods(tuple(methods) or ("gradcam",))  # before batching
         top_k = top_k or 1
         if targets is not None and len(targets) not in (1, n):
             # Said in the wire's words (``repeated TargetList targets``) before the library checks the rest.
@@ -243,23 +292,18 @@ class DataPlane:
             )
         per_image = ex.resolve_targets(n, None if targets is None else [list(t) for t in targets], top_k)
         views = AUG_SMOOTH_VIEWS if aug_smooth else 1
-        cost, answer_bytes = self._explain_cost(rt, ex, images, methods, per_image, top_k, outputs, views)
-        with self.budget.reserve(cost):
-            prepared = await self.in_pool(self.prepare, rt, images, inline=inline_ok(images))
-            ordered = tuple(sorted(methods))
-            key = ExplainKey(
-                rt.name,
-                rt.version,
-                ex.layer_name,
-                ordered,
-                rt.input_shape,
-                top_k if per_image is None else None,
-                bool(aug_smooth),
-                bool(eigen_smooth),
-            )
-            job = ExplainJob(rt, ex, prepared.inputs, per_image, deadline, methods=methods)
-            results = await self._submit(key, job, n)
-        return ExplainResult(rt.name, rt.version, ex.layer_name, list(results), prepared, answer_bytes)
+        cost, answer_bytes = self._explain_cost(rt, ex, images, checked, per_image, top_k, outputs, views)
+        batch_key = ExplainKey(
+            rt.name,
+            rt.version,
+            ex.layer_name,
+            tuple(sorted(checked)),
+            rt.input_shape,
+            top_k if per_image is None else None,
+            bool(aug_smooth),
+            bool(eigen_smooth),
+        )
+        return ExplainPlan(key, ex, checked, per_image, cost, answer_bytes, batch_key)
 
     def _explain_cost(
         self,

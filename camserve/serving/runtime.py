@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from camserve.errors import InvalidArgument
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from camserve.serving.observability import ServerMetrics
 
 log = logging.getLogger("camserve.serving.runtime")
+
+#: Resolved request parameters kept per runtime (:meth:`ModelRuntime.remember_plan`).
+MAX_PLANS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,9 @@ class ModelRuntime:
     _geometry: weakref.WeakKeyDictionary[Explainer, LayerGeometry] = dataclasses.field(
         default_factory=weakref.WeakKeyDictionary, repr=False
     )
+    #: The data plane's resolved Explain parameters (:meth:`remember_plan`), dropped with
+    #: the explainers they name.
+    plans: dict[Hashable, Any] = dataclasses.field(default_factory=dict, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -166,7 +172,15 @@ class ModelRuntime:
                 extra = [k for k in self.explainers if k]
                 for old in extra[: max(0, len(extra) - self.settings.max_layers_cached)]:
                     del self.explainers[old]
+                    self.plans.clear()  # a plan may hold the explainer dropped here
         return ex
+
+    def remember_plan(self, key: Hashable, plan: Any) -> None:
+        """Keep ``plan`` (what the parameters ``key`` of a request resolve to) for the next
+        request with the same parameters; at most :data:`MAX_PLANS`, the oldest dropped first."""
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.pop(next(iter(self.plans)), None)
+        self.plans[key] = plan
 
     def geometry(self, ex: Explainer) -> LayerGeometry:
         """The explained layer's (h, w) (the first layer's when several are fused: the raw
