@@ -1,7 +1,8 @@
 """The protocol-independent request path of the server.
 
-validate → cost (:mod:`~camserve.serving.budget`: work units against ``max_work_units``, the
-answer's size against ``max_message_mb``) → decode → prepare (pixels resized to the model's
+validate → cost (:mod:`~camserve.serving.plans`: work units against ``max_work_units``, the
+answer's size against ``max_message_mb``; an Explain request's resolved parameters are kept
+for the next request with the same ones) → decode → prepare (pixels resized to the model's
 input; preprocessing runs once per batch in the worker) → batch (the
 :class:`~camserve.serving.batching.Batcher`) → compute (:mod:`~camserve.serving.compute`, in a
 worker thread, stopping between chunks when nobody waits any more) → results as library
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +34,11 @@ from camserve import wire
 from camserve.errors import InvalidArgument, Unavailable
 from camserve.serving import budget, compute, inputs
 from camserve.serving.batching import Batcher, BatcherMetrics
-from camserve.serving.budget import AUG_SMOOTH_VIEWS, Cost, Outputs, WorkBudget, target_count
+from camserve.serving.budget import Cost, Outputs, WorkBudget
 from camserve.serving.config import ServerConfig
 from camserve.serving.inputs import ImageInput, declared_size, decode_image, inline_ok
-from camserve.serving.jobs import BatchKey, DenseJob, DenseKey, ExplainJob, ExplainKey, Job, PredictJob, PredictKey
+from camserve.serving.jobs import BatchKey, DenseJob, DenseKey, ExplainJob, Job, PredictJob, PredictKey
+from camserve.serving.plans import Limits, dense_cost, explain_plan, plural
 from camserve.serving.repository import ModelNotFound, ModelRepository
 from camserve.serving.results import (
     DenseScoresResult,
@@ -50,7 +51,7 @@ from camserve.serving.results import (
 from camserve.serving.runtime import ModelRuntime, ModelRuntimes, layer_key
 
 if TYPE_CHECKING:
-    from camserve.explain import Explainer
+    pass
 
 __all__ = [
     "DataPlane",
@@ -71,25 +72,6 @@ MAX_SCALES = 16
 NO_MAPS = Outputs()
 
 R = TypeVar("R")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-@dataclasses.dataclass(frozen=True)
-class ExplainPlan:
-    """What an Explain request's parameters resolve to: the layer (its explainer's key) and
-    its explainer, the methods (checked, in the request's order), the targets per image
-    (None: the key's ``top_k``), the work and answer size (checked) and the batch key."""
-
-    layer: str
-    explainer: Explainer
-    methods: tuple[str, ...]
-    targets: list[list[Any]] | None
-    cost: Cost
-    answer_bytes: int
-    key: ExplainKey
 
 
 # ---------------------------------------------------------------------------- the data plane
@@ -113,6 +95,7 @@ class DataPlane:
         self.runtimes = runtimes
         self.repository: ModelRepository = runtimes.repository
         self.budget = WorkBudget(config.max_work_units)
+        self.limits = Limits(self.budget, config.max_message_bytes)
         self._pool = pool
         self._draining = False
         self._stop_at: float | None = None
@@ -180,10 +163,6 @@ class DataPlane:
                 f"{n} {what} in one request; at most {self.config.max_images} are allowed (max_images)"
             )
 
-    def check_response(self, estimate: int, what: str | Callable[[], str], change: str) -> None:
-        """RESOURCE_EXHAUSTED, before any compute, for an answer larger than max_message_mb."""
-        budget.check_response(estimate, self.config.max_message_bytes, what, change)
-
     async def _submit(self, key: BatchKey, job: Job, size: int) -> Any:
         """Queue ``job``; when its caller stops waiting (cancelled, deadline), the job is
         marked abandoned so that compute can stop early."""
@@ -206,10 +185,10 @@ class DataPlane:
         classes = rt.entry.config.class_names
         if not 0 <= top_k <= len(classes):
             raise InvalidArgument(f"top_k must be between 0 and {len(classes)} (the class count), got {top_k}")
-        cost = Cost(budget.predict_units(n), lambda: _plural(n, "image"), "send fewer images")
+        cost = Cost(budget.predict_units(n), lambda: plural(n, "image"), "send fewer images")
         self.budget.check(cost)
         listed = top_k or len(classes)
-        self.check_response(
+        self.limits.check_response(
             budget.predict_response_bytes(n, listed, rt.label_bytes, len(classes)),
             lambda: f"{n} x {listed} scores",
             "use top_k",
@@ -251,8 +230,12 @@ class DataPlane:
         memo = (layer, tuple(layers), tuple(methods), top_k, outputs, aug_smooth, eigen_smooth, n)
         plan = rt.plans.get(memo) if same_every_time else None
         if plan is None:
-            plan = await self._explain_plan(
-                rt, images, layer, layers, methods, targets, top_k, outputs, aug_smooth, eigen_smooth
+            key = layer_key(layer, layers)
+            ex = rt.cached_explainer(key)
+            if ex is None:  # a look-up may search the layers for close names, and building is work
+                ex = await self.in_pool(rt.explainer, key)
+            plan = explain_plan(
+                rt, ex, key, images, methods, targets, top_k, outputs, aug_smooth, eigen_smooth, self.limits
             )
             if same_every_time:
                 rt.remember_plan(memo, plan)
@@ -263,103 +246,6 @@ class DataPlane:
             job = ExplainJob(rt, plan.explainer, prepared.inputs, plan.targets, deadline, methods=plan.methods)
             results = await self._submit(plan.key, job, n)
         return ExplainResult(rt.name, rt.version, plan.explainer.layer_name, list(results), prepared, plan.answer_bytes)
-
-    async def _explain_plan(
-        self,
-        rt: ModelRuntime,
-        images: Sequence[ImageInput],
-        layer: str,
-        layers: Sequence[str],
-        methods: Sequence[str],
-        targets: Sequence[Sequence[Any]] | None,
-        top_k: int,
-        outputs: Outputs,
-        aug_smooth: bool,
-        eigen_smooth: bool,
-    ) -> ExplainPlan:
-        """An Explain request's parameters checked and resolved (see :meth:`explain`)."""
-        n = len(images)
-        key = layer_key(layer, layers)
-        ex = rt.cached_explainer(key)
-        if ex is None:  # a look-up may search the layers for close names, and building is work
-            ex = await self.in_pool(rt.explainer, key)
-        checked = ex.check_methods(tuple(methods) or ("gradcam",))  # before batching
-        top_k = top_k or 1
-        if targets is not None and len(targets) not in (1, n):
-            # Said in the wire's words (``repeated TargetList targets``) before the library checks the rest.
-            raise InvalidArgument(
-                f"{len(targets)} target lists for {n} images: give none (top_k), one for all images, or one per image"
-            )
-        per_image = ex.resolve_targets(n, None if targets is None else [list(t) for t in targets], top_k)
-        views = AUG_SMOOTH_VIEWS if aug_smooth else 1
-        cost, answer_bytes = self._explain_cost(rt, ex, images, checked, per_image, top_k, outputs, views)
-        batch_key = ExplainKey(
-            rt.name,
-            rt.version,
-            ex.layer_name,
-            tuple(sorted(checked)),
-            rt.input_shape,
-            top_k if per_image is None else None,
-            bool(aug_smooth),
-            bool(eigen_smooth),
-        )
-        return ExplainPlan(key, ex, checked, per_image, cost, answer_bytes, batch_key)
-
-    def _explain_cost(
-        self,
-        rt: ModelRuntime,
-        ex: Explainer,
-        images: Sequence[ImageInput],
-        methods: tuple[str, ...],
-        per_image: list[list[Any]] | None,
-        top_k: int,
-        outputs: Outputs,
-        views: int = 1,
-    ) -> tuple[Cost, int]:
-        """The work of an Explain request (checked against the budget) and its answer's
-        estimated size (checked against max_message_mb)."""
-        n = len(images)
-        geo = rt.geometry(ex)
-        counts = [target_count(t, ex.num_classes) for t in per_image] if per_image is not None else [top_k]
-        channel_methods = [m for m in methods if budget.per_channel(m)]
-
-        def counted() -> str:
-            words = f"{_plural(n, 'image')} × {_plural(max(counts), 'target')} × {_plural(len(methods), 'method')}"
-            if views > 1:
-                words += f" × {views} augmented views"
-            if channel_methods:
-                words += f", {', '.join(channel_methods)} by {geo.channels} channels per image"
-            return words
-
-        cost = Cost(
-            budget.explain_units(n, counts, methods, geo.channels, views=views),
-            counted,
-            "send fewer images, targets or methods"
-            + (" (or a server with a smaller max_channels)" if channel_methods else ""),
-        )
-        self.budget.check(cost)
-        cfg = rt.entry.config
-        if outputs.overlay:
-            sizes = [(h, w) if h and w else cfg.input_size for w, h in map(declared_size, images)]
-        else:
-            sizes = [cfg.input_size] * n
-        answer_bytes = budget.explain_response_bytes(
-            targets=counts,
-            methods=len(methods),
-            layer_size=budget.raw_size(methods, geo.size, cfg.input_size),  # pixel methods: the input's
-            input_size=cfg.input_size,
-            overlay_sizes=sizes,
-            outputs=outputs,
-            label_bytes=rt.label_bytes,
-        )
-        self.check_response(
-            answer_bytes,
-            lambda: (
-                f"{counted()} with {', '.join(k for k, v in dataclasses.asdict(outputs).items() if v) or 'no maps'}"
-            ),
-            "ask for fewer maps or overlays, or fewer images, targets or methods per request",
-        )
-        return cost, answer_bytes
 
     async def dense_scores(
         self,
@@ -407,7 +293,9 @@ class DataPlane:
             raise InvalidArgument(f"mode must be 'fcn' or 'crops', got {mode!r}")
         pad = int(np.ceil(2 * margin / min(scales))) if margin else 0  # the margin's windows, counted
         detections = settings.max_detections if settings is not None else 0
-        cost, answer_bytes = self._dense_cost(rt, (height + pad, width + pad), stride, scales, detections, explained)
+        cost, answer_bytes = dense_cost(
+            rt, (height + pad, width + pad), stride, scales, detections, explained, self.limits
+        )
         with self.budget.reserve(cost):
             x = await self.in_pool(self.dense_input, rt, image, inline=inline_ok([image]))
             key = DenseKey(rt.name, rt.version, x.shape, stride or None, scales, mode)
@@ -419,62 +307,6 @@ class DataPlane:
         return DenseScoresResult(
             rt.name, rt.version, names, result.scores, answer_bytes, result.detections, settings.background_class
         )
-
-    def _dense_cost(
-        self,
-        rt: ModelRuntime,
-        size: tuple[int, int],
-        stride: int,
-        scales: tuple[float, ...],
-        detections: int = 0,
-        explained_per_window: int = 0,
-    ) -> tuple[Cost, int]:
-        """The windows a DenseScores request scores and the tight-box explanations of up to
-        ``explained_per_window`` candidates each (checked against the budget) and its answer's
-        estimated size with at most ``detections`` objects (checked); 0 and 0 when the model's
-        geometry is unknown (the engine then decides)."""
-        geo = rt.dense
-        total = geo.stride if geo is not None else None
-        step = (stride, stride) if stride else total
-        if geo is None or step is None:
-            return Cost(0, "geometry unknown", ""), 0
-        units = budget.dense_units(
-            size, window=geo.window, stride=step, scales=scales, explained_per_window=explained_per_window
-        )
-        windows = units // (1 + explained_per_window)
-        tight = ""
-        if explained_per_window:
-            tight = f", each with up to {_plural(explained_per_window, 'candidate')} explained for its tight box"
-        shifts = ""
-        if total is not None and all(t % s == 0 for t, s in zip(total, step)):
-            n_shifts = (total[0] // step[0]) * (total[1] // step[1])
-            if n_shifts > 1:
-                shifts = f" ({n_shifts} shifted passes at the total stride {total[0]})"
-        cost = Cost(
-            units,
-            lambda: (
-                f"{windows} windows of {geo.window[1]}x{geo.window[0]} at stride {step[0]} over "
-                f"{_plural(len(scales), 'scale')}{shifts}{tight}"
-            ),
-            "use a coarser stride, fewer or smaller scales, or a smaller image"
-            + (" (or turn tight boxes off)" if explained_per_window else ""),
-        )
-        self.budget.check(cost)
-        answer_bytes = budget.dense_response_bytes(
-            size,
-            window=geo.window,
-            stride=step,
-            scales=scales,
-            classes=len(rt.entry.config.class_names),
-            detections=detections,
-            label_bytes=rt.label_bytes,
-        )
-        self.check_response(
-            answer_bytes,
-            lambda: f"scores and boxes of {units} windows",
-            "use a coarser stride, fewer or smaller scales, or a smaller image",
-        )
-        return cost, answer_bytes
 
     def list_models(self) -> list[ModelDescription]:
         return [self.describe(name) for name in self.repository.names()]

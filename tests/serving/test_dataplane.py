@@ -275,3 +275,68 @@ def test_requests_naming_methods_in_another_order_share_a_batch(served) -> None:
         assert [(e.method, e.class_index) for e in got[0]] == [(e.method, e.class_index) for e in want[0]]
         for g, w in zip(got[0], want[0]):
             np.testing.assert_allclose(g.heatmap, w.heatmap, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ resolved parameters, kept
+
+
+def test_explain_parameters_resolve_once_for_requests_alike(served, batches, monkeypatch) -> None:
+    """Requests with the same parameters (no targets, no overlays) reuse the first one's plan:
+    the library checks the methods once, and the batch key and answers are those of a fresh
+    resolution; requests with targets resolve every time."""
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap", 2)
+    rt.plans.clear()
+    ex = rt.default_explainer
+    checked: list = []
+    check = ex.check_methods
+    monkeypatch.setattr(ex, "check_methods", lambda methods: checked.append(methods) or check(methods))
+
+    def explain(picture, **kw):
+        return served.run(plane.explain("gap", 2, [_pixels(picture)], methods=["gradcam", "cam"], **kw))
+
+    explain(PICTURES[0], top_k=2)
+    kept = explain(PICTURES[1], top_k=2)
+    assert len(checked) == 1 and len(rt.plans) == 1
+    rt.plans.clear()
+    fresh = explain(PICTURES[1], top_k=2)
+    assert len(checked) == 2
+    keys = [key for key, _ in batches]
+    assert keys == [ExplainKey("gap", 2, "last_conv", ("cam", "gradcam"), (32, 32, 3), top_k=2)] * 3
+    assert [(e.method, e.class_index) for e in kept.explanations[0]] == [
+        (e.method, e.class_index) for e in fresh.explanations[0]
+    ]
+    for k, f in zip(kept.explanations[0], fresh.explanations[0]):
+        np.testing.assert_array_equal(k.heatmap, f.heatmap)
+    assert kept.answer_bytes == fresh.answer_bytes > 0
+    explain(PICTURES[0], targets=[[1]])
+    explain(PICTURES[0], targets=[[1]])
+    assert len(checked) == 4 and len(rt.plans) == 1  # targets: resolved each time, not kept
+
+
+def test_a_kept_plan_still_waits_for_the_work_budget(served) -> None:
+    plane = served.server.dataplane
+    served.run(plane.explain("gap", 2, [_pixels(PICTURES[0])]))  # the plan is kept now
+    with plane.budget.reserve(plane.budget.limit):
+        with pytest.raises(errors.ResourceExhausted, match="held by requests in progress"):
+            served.run(plane.explain("gap", 2, [_pixels(PICTURES[0])]))
+
+
+def test_kept_plans_are_bounded_and_dropped_with_their_explainer(served, monkeypatch) -> None:
+    from camserve.serving import runtime
+
+    plane = served.server.dataplane
+    rt = served.server.runtimes.get("gap", 2)
+    rt.plans.clear()
+    monkeypatch.setattr(runtime, "MAX_PLANS", 2)
+    for top_k in (1, 2, 3):
+        served.run(plane.explain("gap", 2, [_pixels(PICTURES[0])], top_k=top_k))
+    assert [memo[3] for memo in rt.plans] == [2, 3]  # the oldest went first
+    # An explainer evicted from the layer cache takes the plans (which hold it) with it.
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, max_layers_cached=1))
+    first, second = [name for name in rt.layers if name != rt.default_explainer.layer_name][:2]
+    served.run(plane.explain("gap", 2, [_pixels(PICTURES[0])], layer=first))
+    assert any(p.explainer is rt.explainers[first] for p in rt.plans.values())
+    served.run(plane.explain("gap", 2, [_pixels(PICTURES[0])], layer=second))
+    assert first not in rt.explainers
+    assert [p.layer for p in rt.plans.values()] == [second]
