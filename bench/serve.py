@@ -819,6 +819,7 @@ def profile_report(prof: Path, out: Path, heading: str, top: int = 25) -> None:
         body = body[body.find("   ncalls") :] if "   ncalls" in body else body
         parts.append(f"## Top {top} by {key} time\n\n```\n{body.rstrip()}\n```\n")
     out.write_text("\n".join(parts))
+    shutil.copyfile(prof, out.with_suffix(".prof"))  # the whole profile, for pstats
 
 
 def main(argv: list[str] | None = None) -> int:
