@@ -81,13 +81,15 @@ class BatcherClosed(BatcherError, Unavailable):
 class BatcherMetrics(Generic[K]):
     """Optional hooks, called on the event loop thread.
 
-    ``queue_depth(n)``: requests waiting, after every change. ``batch(key, size)``: a batch
-    of ``size`` units went to compute. ``queue_time(key, seconds)``: per request, from submit
+    ``queue_depth(n)``: requests waiting, after every change. ``batch(key, size, padded)``: a
+    batch of ``size`` units went to compute, which runs it at ``padded`` units (the smallest of
+    ``batch_sizes`` that holds it; ``size`` without them) where its compute pads batches (the
+    hook knows which keys' do). ``queue_time(key, seconds)``: per request, from submit
     to the start of its batch's compute. ``dropped(key, reason)``: "deadline" or "cancelled".
     """
 
     queue_depth: Callable[[int], None] | None = None
-    batch: Callable[[K, int], None] | None = None
+    batch: Callable[[K, int, int], None] | None = None
     queue_time: Callable[[K, float], None] | None = None
     dropped: Callable[[K, str], None] | None = None
 
@@ -349,6 +351,15 @@ class Batcher(Generic[K, T]):
             return n
         return below[-1] if n - below[-1] <= above[0] - n else n
 
+    def padded_size(self, units: int) -> int:
+        """The smallest of ``batch_sizes`` that holds ``units`` (``units`` without them, or
+        beyond the largest).
+
+        >>> Batcher(lambda key, items: items, batch_sizes=(1, 2, 4, 8)).padded_size(5)
+        8
+        """
+        return next((s for s in self.batch_sizes if s >= units), units)
+
     def _take(self, key: K, now: float) -> list[_Entry[K, T]]:
         q = self._pending[key]
         batch: list[_Entry[K, T]] = []
@@ -378,7 +389,8 @@ class Batcher(Generic[K, T]):
     def _launch(self, key: K, batch: list[_Entry[K, T]], now: float) -> None:
         m = self.metrics
         if m.batch:
-            m.batch(key, sum(e.size for e in batch))
+            size = sum(e.size for e in batch)
+            m.batch(key, size, self.padded_size(size))
         if m.queue_time:
             for e in batch:
                 m.queue_time(key, now - e.enqueued)

@@ -26,7 +26,7 @@ import concurrent.futures
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -49,9 +49,6 @@ from camserve.serving.results import (
     display_pixels,
 )
 from camserve.serving.runtime import ModelRuntime, ModelRuntimes, layer_key
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "DataPlane",

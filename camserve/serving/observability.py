@@ -21,10 +21,8 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-from camserve.explain.graphs import padded_size
 from camserve.serving.auth import check_bearer
 from camserve.serving.batching import BatcherMetrics
 from camserve.serving.jobs import BatchKey
@@ -100,17 +98,15 @@ class ServerMetrics:
                 self._children[key] = child
         return child
 
-    def batcher_hooks(self, buckets: Sequence[int] = ()) -> BatcherMetrics[BatchKey]:
+    def batcher_hooks(self) -> BatcherMetrics[BatchKey]:
         """Hooks for the :class:`~camserve.serving.batching.Batcher`, labelled by the batch
-        key's ``operation``; ``buckets``: the compiled batch sizes Predict and Explain batches
-        are padded to (counted in ``camserve_batch_padding_images_total``)."""
+        key's ``operation``; the images Predict and Explain batches are padded with (up to the
+        batcher's next compiled batch size) are counted in ``camserve_batch_padding_images_total``."""
 
-        def batch(key: BatchKey, n: int) -> None:
+        def batch(key: BatchKey, n: int, padded: int) -> None:
             self._labels(self.batch_size, key.operation).observe(n)
-            if buckets and key.operation in PADDED_OPERATIONS:
-                padding = padded_size(n, buckets) - n
-                if padding:
-                    self._labels(self.batch_padding, key.operation).inc(padding)
+            if padded > n and key.operation in PADDED_OPERATIONS:
+                self._labels(self.batch_padding, key.operation).inc(padded - n)
 
         return BatcherMetrics(
             queue_depth=self.queue_depth.set,

@@ -37,7 +37,6 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from camserve import accelerator
-from camserve.explain.graphs import bucket_sizes
 from camserve.http import server as http_server
 from camserve.http.server import HttpServer
 from camserve.oip import grpc_service as oip_grpc_service
@@ -82,9 +81,7 @@ class CamServer:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="camserve-io"
         )
-        self.dataplane = DataPlane(
-            config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks(bucket_sizes(config.max_batch_size))
-        )
+        self.dataplane = DataPlane(config, self.runtimes, self._pool, metrics=self.metrics.batcher_hooks())
         self.servicer = CamServicer(self.dataplane)
         self.oip_servicer = oip_grpc_service.InferenceServicer(self.dataplane, ready=self.serving)
         self._services = (SERVICE_NAME, oip_grpc_service.SERVICE_NAME)  # both behind the same gate

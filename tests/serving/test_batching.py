@@ -150,7 +150,10 @@ def test_lone_request_on_an_idle_device_runs_at_once() -> None:
 
     async def main():
         b = Batcher(
-            rec, max_batch_size=100, batch_timeout=30.0, metrics=BatcherMetrics(batch=lambda k, n: sizes.append(n))
+            rec,
+            max_batch_size=100,
+            batch_timeout=30.0,
+            metrics=BatcherMetrics(batch=lambda k, n, padded: sizes.append(n)),
         )
         out = [await asyncio.wait_for(b.submit("k", i), 10) for i in range(3)]  # one after the other
         await b.close()
@@ -158,6 +161,36 @@ def test_lone_request_on_an_idle_device_runs_at_once() -> None:
 
     assert run(main()) == [("k", 0), ("k", 1), ("k", 2)]
     assert sizes == [1, 1, 1]
+
+
+def test_the_batch_hook_hears_the_size_compute_pads_the_batch_to() -> None:
+    """With compiled sizes (1, 2, 4, 8), 7 waiting requests go as one batch padded to 8, and
+    3 as 2 (a tie: padding to 4 would add as many as the cut leaves) then 1; no sizes: none."""
+    gate = threading.Event()
+    heard: list[tuple[int, int]] = []
+
+    async def main(waiting: int, sizes: tuple[int, ...]):
+        rec = Recorder(gate)
+        hooks = BatcherMetrics(batch=lambda k, n, padded: heard.append((n, padded)))
+        b = Batcher(rec, max_batch_size=8, batch_timeout=30.0, metrics=hooks, batch_sizes=sizes)
+        first = asyncio.create_task(b.submit("k", -1))  # keeps the device busy while the rest queue
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit("k", i)) for i in range(waiting)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        gate.clear()
+        await b.close()
+
+    run(main(7, (1, 2, 4, 8)))
+    assert heard == [(1, 1), (7, 8)]
+    heard.clear()
+    run(main(3, (1, 2, 4, 8)))
+    assert heard == [(1, 1), (2, 2), (1, 1)]
+    heard.clear()
+    run(main(7, ()))
+    assert heard == [(1, 1), (7, 7)]
 
 
 def test_arrivals_during_compute_merge_and_start_when_the_device_frees() -> None:
@@ -201,7 +234,7 @@ def test_free_worker_waits_for_company_while_another_batch_computes() -> None:
             max_batch_size=4,
             batch_timeout=0.05,
             workers=2,
-            metrics=BatcherMetrics(batch=lambda k, n: sizes.append((k, n))),
+            metrics=BatcherMetrics(batch=lambda k, n, padded: sizes.append((k, n))),
         )
         slow = asyncio.create_task(b.submit("slow", 0))
         await asyncio.sleep(0.01)

@@ -137,6 +137,16 @@ def test_predict_batch_is_typed_and_labelled(served, batches) -> None:
     assert metric_value(served.metrics_text(), "camserve_batch_size_count", operation="predict") == before + 1
 
 
+def test_a_padded_batch_shows_its_padding_in_the_metrics(served) -> None:
+    """3 images go to the graph compiled for 4 (max_batch_size 4: sizes 1, 2, 4): one padded."""
+    padding = "camserve_batch_padding_images_total"
+    before = metric_value(served.metrics_text(), padding, operation="predict")
+    served.run(served.server.dataplane.predict("gap", 0, [_pixels(PICTURES[0])] * 3))
+    assert metric_value(served.metrics_text(), padding, operation="predict") == before + 1
+    served.run(served.server.dataplane.predict("gap", 0, [_pixels(PICTURES[0])] * 4))
+    assert metric_value(served.metrics_text(), padding, operation="predict") == before + 1
+
+
 @pytest.mark.parametrize(
     "kw,kind,message",
     [

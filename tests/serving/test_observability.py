@@ -23,8 +23,8 @@ def _sample(m: ServerMetrics, name: str, **labels: str) -> float:
 def test_batcher_hooks_label_batches_by_operation() -> None:
     m = ServerMetrics()
     hooks = m.batcher_hooks()
-    hooks.batch(PredictKey("gap", 1, (32, 32, 3)), 3)
-    hooks.batch(DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn"), 1)
+    hooks.batch(PredictKey("gap", 1, (32, 32, 3)), 3, 3)
+    hooks.batch(DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn"), 1, 1)
     hooks.queue_time(ExplainKey("gap", 1, "last_conv", ("gradcam",), (32, 32, 3), 1), 0.002)
     hooks.dropped(PredictKey("gap", 1, (32, 32, 3)), "deadline")
     hooks.queue_depth(5)
@@ -36,18 +36,20 @@ def test_batcher_hooks_label_batches_by_operation() -> None:
 
 
 def test_batch_padding_counts_images_computed_for_nobody() -> None:
-    """Batches go to graphs compiled for (1, 2, 4, 8) images: 3 are computed as 4, 5 as 8, 11
-    as 8 + 4; DenseScores batches are not padded. The batch-size histogram showed requests per
-    batch only, so padding (a quarter of the work, at one point of issue 9) was invisible."""
+    """Batches go to graphs compiled for (1, 2, 4, 8) images (the batcher says what each batch
+    is padded to): 3 are computed as 4, 5 and 7 as 8; DenseScores batches are not padded. The
+    batch-size histogram showed requests per batch only, so padding (a quarter of the work, at
+    one point of issue 9) was invisible."""
     m = ServerMetrics()
-    hooks = m.batcher_hooks(buckets=(1, 2, 4, 8))
-    for n in (3, 5, 8, 11):
-        hooks.batch(PredictKey("gap", 1, (32, 32, 3)), n)
-    hooks.batch(ExplainKey("gap", 1, "last_conv", ("gradcam",), (32, 32, 3), 1), 6)
-    hooks.batch(DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn"), 3)
+    hooks = m.batcher_hooks()
+    for n, padded in ((3, 4), (5, 8), (8, 8), (7, 8)):
+        hooks.batch(PredictKey("gap", 1, (32, 32, 3)), n, padded)
+    hooks.batch(ExplainKey("gap", 1, "last_conv", ("gradcam",), (32, 32, 3), 1), 6, 8)
+    hooks.batch(DenseKey("fc", 1, (40, 48, 3), None, (1.0,), "fcn"), 3, 4)
     assert _sample(m, "camserve_batch_padding_images_total", operation="predict") == 1 + 3 + 0 + 1
     assert _sample(m, "camserve_batch_padding_images_total", operation="explain") == 2
     assert _sample(m, "camserve_batch_padding_images_total", operation="dense") == 0
+    assert _sample(m, "camserve_batch_size_sum", operation="predict") == 3 + 5 + 8 + 7
 
 
 def test_record_counts_requests_errors_and_latency() -> None:
