@@ -62,6 +62,9 @@ TENSOR_DTYPES = {
 MAX_MAP_DIMS = 8
 MAX_MAP_DIM = 2**31 - 1
 
+#: The little-endian numpy dtype of each wire tensor dtype.
+_LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in TENSOR_DTYPES}
+
 #: Float maps on the wire: little-endian float32.
 MAP_DTYPE = np.dtype("<f4")
 
@@ -117,12 +120,12 @@ def tensor_to_array(
     dtypes = tuple(dtypes)
     if t.dtype not in dtypes:
         raise InvalidArgument(f"{what}: dtype {t.dtype!r} not allowed; allowed: {list(dtypes)}")
-    shape = tuple(int(s) for s in t.shape)
+    shape = tuple(t.shape)  # Python ints already
     if ndim is not None and len(shape) != ndim:
         raise InvalidArgument(f"{what}: shape {list(shape)} has {len(shape)} dimensions, expected {ndim}")
-    if any(s <= 0 for s in shape):
+    if min(shape, default=1) <= 0:
         raise InvalidArgument(f"{what}: shape {list(shape)} has an empty or negative dimension")
-    dtype = np.dtype(t.dtype).newbyteorder("<")
+    dtype = _LITTLE_ENDIAN.get(t.dtype) or np.dtype(t.dtype).newbyteorder("<")
     count = math.prod(shape)  # Python ints: an int64 product could wrap around to a small number
     if max_elements is not None and count > max_elements:
         raise InvalidArgument(f"{what}: {count} elements exceed the limit of {max_elements}")
@@ -134,6 +137,8 @@ def tensor_to_array(
             f"({count * dtype.itemsize} bytes expected)"
         )
     a = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if dtype.itemsize == 1:
+        return a  # bytes have no byte order, and no NaN
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise InvalidArgument(f"{what}: {bad} values are NaN or Inf; only finite values are allowed")

@@ -212,6 +212,20 @@ def test_top_classes_and_predictions() -> None:
     np.testing.assert_allclose([s for _, _, s in top], [0.6, 0.25, 0.1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_the_best_class_is_the_same_for_every_top_k(top_k) -> None:
+    """The one best class (taken by argmax) is the head of the longer lists (a stable sort):
+    ties go to the lower index, and NaN (a broken model) is never the best while a number is."""
+    rng = np.random.default_rng(3)
+    for scores in [
+        np.array([0.1, 0.5, 0.2, 0.5]),
+        np.array([np.nan, 0.2, 0.7, 0.7]),
+        *rng.integers(0, 3, (20, 4)).astype(np.float32),
+    ]:
+        by_sort = sorted(range(4), key=lambda i: (np.isnan(scores[i]), -scores[i], i))
+        assert [c.index for c in wire.top_classes(scores, top_k, "abcd")] == by_sort[:top_k]
+
+
 def test_predict_scores_travel_as_one_map_of_bytes() -> None:
     # Issue 9: every class's score went value by value into each Prediction; they are one
     # (images, classes) float map of bytes now, and each Prediction keeps only its top classes.
