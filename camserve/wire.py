@@ -125,7 +125,9 @@ def tensor_to_array(
         raise InvalidArgument(f"{what}: shape {list(shape)} has {len(shape)} dimensions, expected {ndim}")
     if min(shape, default=1) <= 0:
         raise InvalidArgument(f"{what}: shape {list(shape)} has an empty or negative dimension")
-    dtype = _LITTLE_ENDIAN.get(t.dtype) or np.dtype(t.dtype).newbyteorder("<")
+    dtype = _LITTLE_ENDIAN.get(t.dtype)
+    if dtype is None:
+        dtype = np.dtype(t.dtype).newbyteorder("<")
     count = math.prod(shape)  # Python ints: an int64 product could wrap around to a small number
     if max_elements is not None and count > max_elements:
         raise InvalidArgument(f"{what}: {count} elements exceed the limit of {max_elements}")
