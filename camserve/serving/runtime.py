@@ -179,7 +179,7 @@ class ModelRuntime:
         """Keep ``plan`` (what the parameters ``key`` of a request resolve to) for the next
         request with the same parameters; at most :data:`MAX_PLANS`, the oldest dropped first."""
         if len(self.plans) >= MAX_PLANS:
-            self.plans.pop(next(iter(self.plans)), None)
+            self.plans.pop(next(iter(self.plans), None), None)  # (another thread may clear them meanwhile)
         self.plans[key] = plan
 
     def geometry(self, ex: Explainer) -> LayerGeometry:
