@@ -811,13 +811,18 @@ def profile_report(prof: Path, out: Path, heading: str, top: int = 25) -> None:
     import pstats
 
     parts = [f"# {heading}\n"]
-    for key in ("cumulative", "tottime"):
+    for key, only, title in (
+        ("cumulative", (), f"Top {top} by cumulative time"),
+        ("tottime", (), f"Top {top} by tottime time"),
+        ("cumulative", ("camserve/",), f"camserve's own functions, top {top} by cumulative time"),
+    ):
         s = io.StringIO()
         st = pstats.Stats(str(prof), stream=s)
-        st.strip_dirs().sort_stats(key).print_stats(top)
+        st.sort_stats(key).print_stats(*only, top) if only else st.strip_dirs().sort_stats(key).print_stats(top)
         body = s.getvalue()
         body = body[body.find("   ncalls") :] if "   ncalls" in body else body
-        parts.append(f"## Top {top} by {key} time\n\n```\n{body.rstrip()}\n```\n")
+        body = re.sub(r"\S*/camserve/", "camserve/", body)  # the checkout's path is in the heading
+        parts.append(f"## {title}\n\n```\n{body.rstrip()}\n```\n")
     out.write_text("\n".join(parts))
     shutil.copyfile(prof, out.with_suffix(".prof"))  # the whole profile, for pstats
 
