@@ -223,9 +223,10 @@ class DataPlane:
         self.check_count(n)
         # Requests without targets of their own or overlays (whose size depends on each
         # image's) resolve to the same plan whenever their parameters are the same.
-        same_every_time = targets is None and not outputs.overlay
-        memo = (layer, tuple(layers), tuple(methods), top_k, outputs, aug_smooth, eigen_smooth, n)
-        plan = rt.plans.get(memo) if same_every_time else None
+        memo = None
+        if targets is None and not outputs.overlay:
+            memo = (layer, tuple(layers), tuple(methods), top_k, outputs, aug_smooth, eigen_smooth, n)
+        plan = rt.plans.get(memo) if memo is not None else None
         if plan is None:
             key = layer_key(layer, layers)
             ex = rt.cached_explainer(key)
@@ -234,7 +235,7 @@ class DataPlane:
             plan = explain_plan(
                 rt, ex, key, images, methods, targets, top_k, outputs, aug_smooth, eigen_smooth, self.limits
             )
-            if same_every_time:
+            if memo is not None:
                 rt.remember_plan(memo, plan)
         else:
             rt.cached_explainer(plan.layer)  # used: the layer's explainer stays cached
