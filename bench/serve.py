@@ -818,7 +818,10 @@ def profile_report(prof: Path, out: Path, heading: str, top: int = 25) -> None:
     ):
         s = io.StringIO()
         st = pstats.Stats(str(prof), stream=s)
-        st.sort_stats(key).print_stats(*only, top) if only else st.strip_dirs().sort_stats(key).print_stats(top)
+        if only:
+            st.sort_stats(key).print_stats(*only, top)
+        else:
+            st.strip_dirs().sort_stats(key).print_stats(top)
         body = s.getvalue()
         body = body[body.find("   ncalls") :] if "   ncalls" in body else body
         body = re.sub(r"\S*/camserve/", "camserve/", body)  # the checkout's path is in the heading

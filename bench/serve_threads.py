@@ -3,8 +3,8 @@ sections of ``bench/results/serve.md``): a batching server (or the bare ``grpc.a
 loaded by h2load at 32 streams, every thread's ``/proc/<pid>/task/*/schedstat`` read before and
 after, µs per request grouped by thread name: the event loop (``MAIN``: gRPC's Python side and
 camserve's handlers), the batch worker (``python``: the Explainer's host side), TensorFlow
-(``tf_Compute``), gRPC's C++ threads (``event_engine``); and from /metrics the batches formed, their mean size and the images
-they were padded with. Prints one line per run; no results file.
+(``tf_Compute``), gRPC's C++ threads (``event_engine``); and from /metrics the batches formed,
+their mean size and the images they were padded with. Prints one line per run; no results file.
 
     python bench/serve_threads.py                          # shapes_gap explain, this checkout
     python bench/serve_threads.py --code /tmp/base --model gap224 --op predict --runs 3
